@@ -1,0 +1,3 @@
+from alignloop.cli import main
+
+raise SystemExit(main())

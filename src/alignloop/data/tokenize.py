@@ -1,0 +1,208 @@
+"""Turning SFT records into token ids and loss labels, with truncation, packing and collation.
+
+Loss is only on what the model should learn to write: the completion, or the assistant turns of
+a conversation. Every other position carries the label -100.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from alignloop.data.formats import Conversation, PlainText, PromptCompletion, SFTExample
+
+IGNORE = -100
+
+# Used only when a tokenizer ships without a chat template. Each turn ends with the EOS token so
+# that a model fine-tuned on it learns where an answer stops.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+
+def ensure_chat_template(tokenizer, override: str | None = None) -> None:
+    if override:
+        tokenizer.chat_template = override
+    elif not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+
+
+@dataclass
+class TokenizedExample:
+    input_ids: list[int]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class TruncationStats:
+    counts: Counter = field(default_factory=Counter)
+
+    def as_dict(self) -> dict:
+        return dict(self.counts)
+
+
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def render_prompt(tokenizer, prompt: str | list[dict]) -> str:
+    """Text the model is conditioned on at generation time: raw prompt, or chat messages through the
+    template with the assistant header appended."""
+    if isinstance(prompt, str):
+        return prompt
+    return _render(tokenizer, prompt, add_generation_prompt=True)
+
+
+def _conversation_ids(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """Token ids of the whole conversation and labels that keep only the assistant turns.
+
+    Assistant spans are found as character ranges in the rendered text (each turn runs from the
+    start of its content to the end of the text rendered up to and including that turn, which
+    covers the template's end-of-turn marker), then mapped onto tokens through offsets.
+    """
+    full = _render(tokenizer, messages, add_generation_prompt=False)
+    spans: list[tuple[int, int]] = []
+    cursor = 0
+    for i, msg in enumerate(messages):
+        if msg["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
+        start_search = len(before) if full.startswith(before) else cursor
+        start = full.find(msg["content"], start_search) if msg["content"] else start_search
+        if start < 0:
+            start = start_search
+        upto = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        end = len(upto) if full.startswith(upto) and len(upto) > start else start + len(msg["content"])
+        spans.append((start, end))
+        cursor = end
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    labels = [IGNORE] * len(ids)
+    for t, (a, b) in enumerate(enc["offset_mapping"]):
+        if b > a and any(s <= a < e for s, e in spans):
+            labels[t] = ids[t]
+    return ids, labels
+
+
+def _truncate(ids: list[int], labels: list[int], max_len: int, min_completion: int, stats: Counter):
+    if len(ids) <= max_len:
+        return ids, labels
+    stats["examples_truncated"] += 1
+    first = next((i for i, lab in enumerate(labels) if lab != IGNORE), len(ids))
+    completion_len = len(ids) - first
+    must_keep = min(completion_len, min_completion, max_len)
+    if max_len - first >= must_keep:
+        # The prompt fits with enough completion: cut the completion's tail.
+        stats["completion_tokens_cut"] += len(ids) - max_len
+        stats["completions_shortened"] += 1
+        return ids[:max_len], labels[:max_len]
+    # Otherwise shorten the prompt from the left so the completion keeps `must_keep` tokens.
+    prompt_keep = max_len - must_keep
+    stats["prompts_shortened"] += 1
+    stats["prompt_tokens_cut"] += first - prompt_keep
+    cut_completion = completion_len - must_keep
+    if cut_completion:
+        stats["completions_shortened"] += 1
+        stats["completion_tokens_cut"] += cut_completion
+    keep = list(range(first - prompt_keep, first)) + list(range(first, first + must_keep))
+    return [ids[i] for i in keep], [labels[i] for i in keep]
+
+
+def tokenize_sft(
+    example: SFTExample,
+    tokenizer,
+    max_len: int,
+    min_completion_tokens: int,
+    stats: Counter,
+    chat: bool = False,
+) -> TokenizedExample:
+    eos = tokenizer.eos_token_id
+    if isinstance(example, PromptCompletion) and chat:
+        example = Conversation(messages=[{"role": "user", "content": example.prompt},
+                                         {"role": "assistant", "content": example.completion}])
+    if isinstance(example, PromptCompletion):
+        prompt_ids = tokenizer(example.prompt, add_special_tokens=True)["input_ids"]
+        completion_ids = tokenizer(example.completion, add_special_tokens=False)["input_ids"] + [eos]
+        ids = prompt_ids + completion_ids
+        labels = [IGNORE] * len(prompt_ids) + completion_ids
+    elif isinstance(example, Conversation):
+        ids, labels = _conversation_ids(tokenizer, [m.model_dump() for m in example.messages])
+    elif isinstance(example, PlainText):
+        ids = tokenizer(example.text, add_special_tokens=True)["input_ids"] + [eos]
+        labels = list(ids)
+    else:  # pragma: no cover - parse_sft returns one of the three
+        raise TypeError(type(example))
+    ids, labels = _truncate(ids, labels, max_len, min_completion_tokens, stats)
+    # The first token is never predicted (nothing precedes it); in a packed row this keeps the
+    # previous example's last token from being trained to predict it.
+    labels = [IGNORE] + labels[1:]
+    if all(lab == IGNORE for lab in labels):
+        stats["examples_without_loss_tokens"] += 1
+    return TokenizedExample(ids, labels)
+
+
+def pack_examples(examples: list[TokenizedExample], row_len: int) -> list[list[TokenizedExample]]:
+    """Best-fit-decreasing bin packing of examples into rows of at most ``row_len`` tokens."""
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]))
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in order:
+        n = len(examples[i])
+        best = -1
+        for r, room in enumerate(free):
+            if room >= n and (best < 0 or room < free[best]):
+                best = r
+        if best < 0:
+            rows.append([i])
+            free.append(row_len - n)
+        else:
+            rows[best].append(i)
+            free[best] -= n
+    # Keep the original relative order inside a row so packing is reproducible and readable.
+    return [[examples[i] for i in sorted(row)] for row in rows]
+
+
+def collate_padded(examples: list[TokenizedExample], pad_id: int) -> dict:
+    """Right-padded batch with an attention mask."""
+    width = max(len(e) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for r, e in enumerate(examples):
+        n = len(e)
+        ids[r, :n] = torch.tensor(e.input_ids)
+        labels[r, :n] = torch.tensor(e.labels)
+        mask[r, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels,
+            "loss_units": int((labels != IGNORE).sum()), "tokens": int(mask.sum())}
+
+
+def collate_packed(rows: list[list[TokenizedExample]], pad_id: int) -> dict:
+    """Rows of several examples each. No attention mask: position ids restart at every example, which
+    transformers turns into a block-diagonal causal mask, so examples never attend to each other.
+    Row padding forms its own isolated segment with no loss."""
+    width = max(sum(len(e) for e in row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    tokens = 0
+    for r, row in enumerate(rows):
+        at = 0
+        for e in row:
+            n = len(e)
+            ids[r, at : at + n] = torch.tensor(e.input_ids)
+            labels[r, at : at + n] = torch.tensor(e.labels)
+            pos[r, at : at + n] = torch.arange(n)
+            at += n
+        tokens += at
+        pos[r, at:] = torch.arange(width - at)
+    return {"input_ids": ids, "position_ids": pos, "labels": labels,
+            "loss_units": int((labels != IGNORE).sum()), "tokens": tokens}

@@ -1,0 +1,58 @@
+"""Causal-LM forward passes that compute the vocabulary projection only where it is needed.
+
+The output projection is a large share of a small model's compute (vocab x hidden per token)
+and its logits dominate activation memory. SFT needs it only at completion tokens and PPO only
+at response tokens, so we run the transformer body once and project just the selected
+positions. Wrapped models (DDP) and heads that post-process logits take the plain path.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE = -100
+
+
+def _body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return None  # its forward must run so gradients get synchronised
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(inner, "config", None)
+    if config is None or getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        return None
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    body = getattr(inner, getattr(inner, "base_model_prefix", ""), None)
+    if head is None or body is None or body is inner:
+        return None
+    return body, head
+
+
+def selected_next_token_logits(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    select: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Logits [N, vocab] for the token after each position t with ``select[b, t]`` (select is [B, T-1])."""
+    parts = _body_and_head(model)
+    if parts is None:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=False).logits
+        return logits[:, :-1][select]
+    body, head = parts
+    hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                  use_cache=False).last_hidden_state
+    return head(hidden[:, :-1][select])
+
+
+def causal_lm_loss_sum(model: nn.Module, batch: dict, label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
+    """Summed token cross-entropy over labelled positions, and how many there were."""
+    targets = batch["labels"][:, 1:]
+    select = targets != IGNORE
+    logits = selected_next_token_logits(model, batch["input_ids"], select, batch.get("attention_mask"),
+                                        batch.get("position_ids"))
+    loss = F.cross_entropy(logits.float(), targets[select], reduction="sum", label_smoothing=label_smoothing)
+    return loss, int(select.sum())

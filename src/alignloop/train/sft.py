@@ -1,0 +1,154 @@
+"""Supervised fine-tuning of a causal language model, top to bottom.
+
+read + validate data -> clean -> split -> load model -> tokenize (completion-only labels,
+truncation, optional packing) -> fit -> evaluate on validation and test -> save -> FINISHED.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from alignloop.config import DataConfig, SFTConfig, dump_config
+from alignloop.data.clean import clean_records
+from alignloop.data.io import read_records
+from alignloop.data.split import split_by_seed
+from alignloop.data.tokenize import (
+    TokenizedExample,
+    collate_packed,
+    collate_padded,
+    ensure_chat_template,
+    pack_examples,
+    tokenize_sft,
+)
+from alignloop.errors import UserError
+from alignloop.models.forward import causal_lm_loss_sum
+from alignloop.models.load import count_parameters, load_pretrained, prepare_for_training, save_model
+from alignloop.runs import RunDir, atomic_write_json
+from alignloop.train.core import fit, make_accelerator
+
+log = logging.getLogger(__name__)
+
+
+def load_splits(data: DataConfig, seed: int, parse) -> tuple[dict[str, list], dict]:
+    """Read, clean, validate (``parse`` maps a Record to a typed example) and split the data.
+
+    Returns {"train", "validation", "test"} lists and a report of what cleaning did per file.
+    """
+    report: dict = {}
+
+    def load(path: str | None, name: str) -> list:
+        if not path:
+            return []
+        records = read_records(path, data.format, data.column_map)
+        for rec in records:  # validate everything (original line numbers) before cleaning touches it
+            parse(rec)
+        kept, counts = clean_records(records, data.clean)
+        report[name] = {"file": str(path), **counts}
+        if not kept:
+            raise UserError(f"{path}: every record was removed by cleaning (see data.clean)")
+        return [parse(r) for r in kept]
+
+    train = load(data.train, "train")
+    val = load(data.eval, "validation")
+    test = load(data.test, "test")
+    if not val:
+        frac_test = 0.0 if test else data.split.test
+        train, val, split_test = split_by_seed(train, data.split.validation, frac_test, seed)
+        test = test or split_test
+        report["split"] = {"seed": seed, "train": len(train), "validation": len(val), "test": len(test)}
+    return {"train": train, "validation": val, "test": test}, report
+
+
+def tokenize_all(examples: list, tokenizer, data: DataConfig, stats: Counter, chat: bool) -> list[TokenizedExample]:
+    return [tokenize_sft(e, tokenizer, data.max_seq_len, data.min_completion_tokens, stats, chat) for e in examples]
+
+
+def lm_eval(model, examples: list[TokenizedExample], pad_id: int, batch_size: int, device) -> dict[str, float]:
+    """Token-averaged loss and perplexity over labelled tokens."""
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        batch = collate_padded(examples[i : i + batch_size], pad_id)
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        loss, n = causal_lm_loss_sum(model, batch)
+        total += loss.item()
+        count += n
+    mean = total / max(count, 1)
+    return {"eval_loss": mean, "eval_perplexity": math.exp(min(mean, 50.0)), "eval_tokens": count}
+
+
+def run_sft(cfg: SFTConfig, overwrite: bool = False) -> Path:
+    from alignloop.data.formats import parse_sft
+
+    run = RunDir(cfg.output_dir)
+    splits, data_report = load_splits(cfg.data, cfg.train.seed, parse_sft)
+    run.prepare(overwrite)
+    acc = make_accelerator(cfg.train, run)
+    model, tokenizer = load_pretrained(cfg.model, device=acc.device, for_training=True)
+    ensure_chat_template(tokenizer, cfg.data.chat_template)
+    model = prepare_for_training(model, cfg.model)
+
+    stats: Counter = Counter()
+    chat = False
+    train_ex = tokenize_all(splits["train"], tokenizer, cfg.data, stats, chat)
+    val_ex = tokenize_all(splits["validation"], tokenizer, cfg.data, stats, chat)
+    test_ex = tokenize_all(splits["test"], tokenizer, cfg.data, stats, chat)
+    data_report["truncation"] = dict(stats)
+    data_report["max_seq_len"] = cfg.data.max_seq_len
+    pad_id = tokenizer.pad_token_id
+
+    if cfg.data.packing:
+        items = pack_examples(train_ex, cfg.data.max_seq_len)
+        data_report["packing"] = {"examples": len(train_ex), "rows": len(items), "row_len": cfg.data.max_seq_len}
+
+        def collate(rows):
+            return collate_packed(rows, pad_id)
+
+        lengths = [sum(len(e) for e in row) for row in items]
+    else:
+        items = train_ex
+
+        def collate(batch):
+            return collate_padded(batch, pad_id)
+
+        lengths = [len(e) for e in items]
+
+    if acc.is_main_process:
+        dump_config(cfg, run.root / "config.yaml")
+        atomic_write_json(run.root / "data_report.json", data_report)
+    params = count_parameters(model)
+    log.info("model: %s parameters, %s trainable", f"{params['total']:,}", f"{params['trainable']:,}")
+
+    eval_bs = cfg.train.eval_batch_size or cfg.train.batch_size
+    label_smoothing = cfg.train.label_smoothing
+
+    def loss_fn(m, batch):
+        loss, n = causal_lm_loss_sum(m, batch, label_smoothing)
+        return loss, n, {}
+
+    result = fit(model, items, collate, loss_fn, cfg.train, run,
+                 evaluate=(lambda m: lm_eval(m, val_ex, pad_id, eval_bs, acc.device)) if val_ex else None,
+                 lengths=lengths if cfg.train.group_by_length else None, accelerator=acc,
+                 tracker_config=cfg.model_dump(mode="json"), description="sft")
+
+    final_model = acc.unwrap_model(model)
+    final_model.eval()
+    evaluation: dict = {"steps": result.state.step, "stopped_early": result.state.stopped_early,
+                        "best_step": result.state.best_step, "parameters": params}
+    with torch.no_grad(), acc.autocast():
+        if val_ex:
+            evaluation["validation"] = lm_eval(final_model, val_ex, pad_id, eval_bs, acc.device)
+        if test_ex:
+            evaluation["test"] = lm_eval(final_model, test_ex, pad_id, eval_bs, acc.device)
+    if acc.is_main_process:
+        atomic_write_json(run.root / "eval.json", evaluation)
+        save_model(final_model, tokenizer, run.model_dir,
+                   meta={"stage": "sft", "task": cfg.task, "base_model": cfg.model.name_or_path,
+                         "adapter": cfg.model.adapter})
+        run.mark_finished({"stage": "sft"})
+    acc.wait_for_everyone()
+    return run.root
