@@ -111,12 +111,16 @@ class TrainConfig(Strict):
     early_stopping_patience: int | None = Field(None, gt=0)
     load_best_at_end: bool = True
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    # classification: "balanced" weights each class's loss by n_examples / (n_classes * n_in_class).
+    class_weighting: Literal["none", "balanced"] = "none"
     seed: int = 42
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = ["tensorboard"]
 
 
 class SFTConfig(Strict):
-    task: Literal["causal_lm"] = "causal_lm"
+    # causal_lm: prompt/completion, messages or text; classification: {"text", "label"};
+    # tagging: {"tokens", "tags"} (BIO; CoNLL files too).
+    task: Literal["causal_lm", "classification", "tagging"] = "causal_lm"
     output_dir: str = "runs/sft"
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()

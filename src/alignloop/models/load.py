@@ -174,9 +174,13 @@ def load_pretrained(
     auto_cls: Any = None,
     device: torch.device | None = None,
     for_training: bool = True,
+    config_overrides: dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> tuple[nn.Module, Any]:
-    """(model, tokenizer) for cfg; an alignloop LoRA run folder loads its base and the adapter."""
+    """(model, tokenizer) for cfg; an alignloop LoRA run folder loads its base and the adapter.
+
+    ``config_overrides`` are set on the model config before the weights load (e.g. a classification
+    head's id2label / label2id, which decide the head's shape)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     auto_cls = auto_cls or AutoModelForCausalLM
@@ -193,6 +197,8 @@ def load_pretrained(
         config = AutoConfig.from_pretrained(base_source, trust_remote_code=cfg.trust_remote_code)
         if cfg.dropout is not None:
             _override_dropout(config, cfg.dropout)
+        for key, value in (config_overrides or {}).items():
+            setattr(config, key, value)
         extra: dict[str, Any] = {}
         if cfg.attn_implementation:
             extra["attn_implementation"] = cfg.attn_implementation

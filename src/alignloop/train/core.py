@@ -142,8 +142,12 @@ def fit(
     accelerator=None,
     tracker_config: dict | None = None,
     description: str = "train",
+    on_eval: Callable[[int, dict[str, float]], None] | None = None,
 ) -> FitResult:
-    """Train ``model`` in place. Resumes from ``run``'s latest checkpoint when there is one."""
+    """Train ``model`` in place. Resumes from ``run``'s latest checkpoint when there is one.
+
+    ``on_eval(step, metrics)`` is called after every evaluation; it may raise to stop training
+    (a hyperparameter sweep prunes a hopeless trial this way)."""
     from tqdm.auto import tqdm
 
     acc = accelerator or make_accelerator(cfg, run)
@@ -213,6 +217,8 @@ def fit(
         if main:
             metrics.write({"step": state.step, "epoch": round(state.step / steps_per_epoch, 4), **result})
             acc.log(result, step=state.step)
+        if on_eval is not None:
+            on_eval(state.step, result)
         value = result.get(cfg.metric)
         if value is None or not math.isfinite(value):
             return
@@ -318,7 +324,9 @@ def fit(
         if best and main:
             log.info("loaded the best checkpoint (step %s, %s=%s)", best["step"], cfg.metric, best.get(cfg.metric))
     acc.wait_for_everyone()
-    acc.end_training()
+    # Not acc.end_training(): it also tears down the process group the stage still needs to save.
+    for tracker in acc.trackers:
+        tracker.finish()
     return FitResult(state=state, last_eval=last_eval, best=best)
 
 

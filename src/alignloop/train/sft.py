@@ -81,7 +81,16 @@ def lm_eval(model, examples: list[TokenizedExample], pad_id: int, batch_size: in
     return {"eval_loss": mean, "eval_perplexity": math.exp(min(mean, 50.0)), "eval_tokens": count}
 
 
-def run_sft(cfg: SFTConfig, overwrite: bool = False) -> Path:
+def run_sft(cfg: SFTConfig, overwrite: bool = False, on_eval=None) -> Path:
+    """Train and evaluate; ``on_eval(step, metrics)`` is handed to ``fit`` (sweeps prune through it)."""
+    if cfg.task == "classification":
+        from alignloop.train.classification import run_classification
+
+        return run_classification(cfg, overwrite, on_eval)
+    if cfg.task == "tagging":
+        from alignloop.train.tagging import run_tagging
+
+        return run_tagging(cfg, overwrite, on_eval)
     from alignloop.data.formats import parse_sft
 
     run = RunDir(cfg.output_dir)
@@ -133,7 +142,7 @@ def run_sft(cfg: SFTConfig, overwrite: bool = False) -> Path:
     result = fit(model, items, collate, loss_fn, cfg.train, run,
                  evaluate=(lambda m: lm_eval(m, val_ex, pad_id, eval_bs, acc.device)) if val_ex else None,
                  lengths=lengths if cfg.train.group_by_length else None, accelerator=acc,
-                 tracker_config=cfg.model_dump(mode="json"), description="sft")
+                 tracker_config=cfg.model_dump(mode="json"), description="sft", on_eval=on_eval)
 
     final_model = acc.unwrap_model(model)
     final_model.eval()
