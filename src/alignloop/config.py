@@ -218,3 +218,146 @@ def dump_config(cfg: BaseModel, path: str | Path) -> None:
     from alignloop.runs import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+
+class PromptDataConfig(Strict):
+    """RL prompts: ``{"prompt"}`` or ``{"messages"}`` records; other fields reach reward functions."""
+
+    train: str | None = None
+    # Held-out prompts for the before/after reward in eval.json; without it a share of train is held out.
+    eval: str | None = None
+    eval_fraction: float = Field(0.1, ge=0, lt=1)
+    max_eval_prompts: int = Field(64, gt=0)
+    format: Literal["auto", "jsonl", "csv", "parquet", "dataset"] = "auto"
+    column_map: dict[str, str] = {}
+    chat_template: str | None = None
+    # Longer prompts are cut from the left (the end of a prompt is what the response follows).
+    max_prompt_len: int = Field(512, gt=0)
+    # PPO-ptx: SFT-format records whose LM loss is mixed into the policy update (see ppo.ptx_coef).
+    ptx: str | None = None
+
+
+class GenerationSettings(Strict):
+    """Sampling during rollouts. EOS is never suppressed (no minimum length); log-probabilities are
+    recomputed with the same temperature."""
+
+    max_new_tokens: int = Field(64, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    top_k: int = Field(0, ge=0)  # 0 = off
+    top_p: float = Field(1.0, gt=0, le=1)
+    # false: always sample max_new_tokens (fixed-length benchmarks); responses still end at their first EOS.
+    stop_on_eos: bool = True
+    batch_size: int | None = Field(None, gt=0)  # generation micro-batch; default: the whole rollout
+
+
+class RewardSettings(Strict):
+    """Reward = weighted sum of: the reward model's normalised score, Python functions named by import
+    path ("pkg.mod:fn"), and a remote scorer (POST <url>/v1/score). ``weights`` is keyed by source:
+    "model", "remote", or the function's import path (default weight 1)."""
+
+    model: str | None = None
+    functions: list[str] = []
+    remote_url: str | None = None
+    remote_timeout: float = Field(60.0, gt=0)
+    weights: dict[str, float] = {}
+    batch_size: int = Field(16, gt=0)
+
+
+class PPOSettings(Strict):
+    """Algorithm knobs. Defaults follow InstructGPT / "The N+ Implementation Details of RLHF with PPO":
+    clip 0.2, value clip 0.2, gamma 1, lambda 0.95, fixed KL coefficient 0.05 (adaptive when
+    ``kl_target`` is set, Ziegler et al.), advantage whitening on, 4 PPO epochs."""
+
+    algorithm: Literal["ppo", "grpo", "rloo"] = "ppo"
+    steps: int = Field(100, gt=0)  # rollouts (one rollout + its update = one step)
+    rollout_size: int = Field(32, gt=0)  # samples per rollout
+    samples_per_prompt: int = Field(1, gt=0)  # GRPO / RLOO need >= 2
+    mini_batch_size: int = Field(8, gt=0)  # samples per optimizer step
+    micro_batch_size: int = Field(8, gt=0)  # samples per forward/backward (gradient accumulation)
+    ppo_epochs: int = Field(4, gt=0)
+    clip_range: float = Field(0.2, gt=0)
+    value_clip_range: float | None = Field(0.2, gt=0)
+    vf_coef: float = Field(0.1, ge=0)
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    whiten_advantages: bool = True
+    # Scale (not shift) rewards by their std across the rollout.
+    whiten_rewards: bool = False
+    kl_coef: float = Field(0.05, ge=0)
+    kl_target: float | None = Field(None, gt=0)  # set -> adaptive coefficient
+    kl_horizon: int = Field(10_000, gt=0)
+    # k1 = log(p/p_ref) per token (InstructGPT); k3 = non-negative estimator (GRPO's loss term).
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    entropy_coef: float = Field(0.0, ge=0)
+    # Stop the rest of a rollout's PPO epochs when the approximate KL(old || new) exceeds this.
+    max_approx_kl: float | None = Field(None, gt=0)
+    # Added to the score of responses that hit max_new_tokens without EOS (e.g. -1.0).
+    missing_eos_penalty: float | None = None
+    reward_clip: float | None = Field(None, gt=0)  # clip scores to [-c, c]
+    ptx_coef: float = Field(0.0, ge=0)  # PPO-ptx: weight of the LM loss on data.ptx
+    ptx_batch_size: int = Field(8, gt=0)
+    ema_decay: float | None = Field(None, gt=0, lt=1)  # EMA of policy weights, saved as the final model
+    # Critic: "reward_model" = separate value model initialised from the reward model (needs reward.model);
+    # "policy_head" = a value head on the policy's hidden states.
+    critic: Literal["reward_model", "policy_head"] = "reward_model"
+    critic_lr: float | None = Field(None, gt=0)  # default: train.lr
+    # GRPO: divide group-centred scores by the group std.
+    grpo_scale_rewards: bool = True
+    # Negative mean KL for this many consecutive steps triggers a warning.
+    negative_kl_patience: int = Field(3, gt=0)
+
+
+class RLTrainSettings(Strict):
+    lr: float = Field(1e-6, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    adam_eps: float = Field(1e-5, gt=0)
+    schedule: Literal["linear", "cosine", "constant"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    log_steps: int = Field(1, gt=0)
+    save_steps: int = Field(10, gt=0)
+    save_total_limit: int = Field(2, ge=1)
+    sample_steps: int = Field(10, gt=0)  # append a few rollouts to samples.jsonl every N steps
+    samples_to_log: int = Field(4, ge=0)
+    seed: int = 42
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = ["tensorboard"]
+
+    def core(self) -> TrainConfig:
+        """The trainer-core config that optimizer, schedule and accelerator helpers take."""
+        return TrainConfig(lr=self.lr, weight_decay=self.weight_decay, adam_betas=self.adam_betas,
+                           adam_eps=self.adam_eps, schedule=self.schedule, warmup_steps=self.warmup_steps,
+                           max_grad_norm=self.max_grad_norm, mixed_precision=self.mixed_precision,
+                           seed=self.seed, report_to=self.report_to, save_total_limit=self.save_total_limit)
+
+
+class PPOConfig(Strict):
+    output_dir: str = "runs/ppo"
+    # The policy (usually an SFT run's model/); dropout is switched off in every model.
+    model: ModelConfig = ModelConfig()
+    data: PromptDataConfig = PromptDataConfig()
+    generation: GenerationSettings = GenerationSettings()
+    reward: RewardSettings = RewardSettings()
+    ppo: PPOSettings = PPOSettings()
+    train: RLTrainSettings = RLTrainSettings()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PPOConfig:
+        p = self.ppo
+        if not self.model.name_or_path:
+            raise ValueError("model.name_or_path is required (or pass --policy)")
+        if not self.data.train:
+            raise ValueError("data.train is required (or pass --prompts)")
+        if p.algorithm in ("grpo", "rloo") and p.samples_per_prompt < 2:
+            raise ValueError(f"ppo.samples_per_prompt must be >= 2 for {p.algorithm}")
+        if p.rollout_size % p.samples_per_prompt:
+            raise ValueError("ppo.rollout_size must be a multiple of ppo.samples_per_prompt")
+        if p.rollout_size % p.mini_batch_size or p.mini_batch_size % p.micro_batch_size:
+            raise ValueError("ppo.rollout_size must be a multiple of ppo.mini_batch_size, and that of "
+                             "ppo.micro_batch_size")
+        if p.algorithm == "ppo" and p.critic == "reward_model" and not self.reward.model:
+            raise ValueError("ppo.critic=reward_model needs reward.model (or set ppo.critic=policy_head)")
+        if p.ptx_coef > 0 and not self.data.ptx:
+            raise ValueError("ppo.ptx_coef > 0 needs data.ptx (SFT records)")
+        return self

@@ -75,3 +75,36 @@ def parse_sft(rec: Record) -> SFTExample:
         f"{rec.where}: an SFT record needs 'prompt' and 'completion', 'messages', or 'text' (found: {found}); "
         "use data.column_map to rename columns"
     )
+
+
+class RLPromptChat(RecordModel):
+    messages: list[Message]
+
+    @field_validator("messages")
+    @classmethod
+    def _not_empty(cls, v: list[Message]) -> list[Message]:
+        if not v:
+            raise ValueError("must hold at least one message")
+        return v
+
+
+class RLPromptText(RecordModel):
+    prompt: str
+
+
+def parse_rl_prompt(rec: Record) -> str | list[dict]:
+    """An RL prompt: plain text, or chat messages (rendered later through the chat template)."""
+    if "messages" in rec.data:
+        return [m.model_dump() for m in validate_record(RLPromptChat, rec).messages]
+    if "prompt" in rec.data:
+        return validate_record(RLPromptText, rec).prompt
+    found = ", ".join(sorted(map(str, rec.data.keys()))) or "none"
+    raise UserError(f"{rec.where}: an RL prompt record needs 'prompt' or 'messages' (found: {found}); "
+                    "use data.column_map to rename columns")
+
+
+class PromptResponse(RecordModel):
+    """A response to score (``alignloop score``)."""
+
+    prompt: Prompt
+    response: str
