@@ -21,6 +21,7 @@ from alignloop.errors import UserError
 
 # Modules that each define add_command(subparsers); imported lazily-light (no torch at import time).
 COMMAND_MODULES: list[str] = [
+    "alignloop.feedback.cli",
     "alignloop.train.ppo_cli",
 ]
 

@@ -1,0 +1,105 @@
+"""Credentials: argon2 password hashes, random tokens stored as SHA-256, CSRF tokens, role checks.
+
+Three kinds of token share one table: ``session`` (browser cookie), ``api`` (``Authorization:
+Bearer``) and ``invite`` (one-time link that lets a new person choose a password). Tokens are 256
+random bits, so a fast hash is enough to make a stolen database useless; passwords are low-entropy
+and get argon2. A browser form must carry a CSRF token derived (HMAC) from the session secret, which
+a cross-site page cannot read; bearer requests need none because browsers never attach them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import secrets
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from alignloop.errors import UserError
+from alignloop.feedback.db import ROLE_RANK, ROLES, Token, User, utcnow
+
+_hasher = PasswordHasher()
+# Verifying against this keeps a login for an unknown user as slow as one for a known user.
+_DUMMY_HASH = _hasher.hash("not-a-real-password")
+LIFETIMES = {"session": dt.timedelta(days=7), "api": dt.timedelta(days=30), "invite": dt.timedelta(days=7)}
+MIN_PASSWORD = 8
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def csrf_for(session_secret: str) -> str:
+    return hmac.new(session_secret.encode(), b"alignloop-csrf", hashlib.sha256).hexdigest()
+
+
+def check_csrf(session_secret: str, given: str | None) -> bool:
+    return bool(given) and hmac.compare_digest(csrf_for(session_secret), given)
+
+
+def check_password_rules(password: str) -> None:
+    if len(password) < MIN_PASSWORD:
+        raise UserError(f"password: must be at least {MIN_PASSWORD} characters")
+    if len(password) > 256:
+        raise UserError("password: must be at most 256 characters")
+
+
+def create_user(db: Session, username: str, role: str, password: str | None = None) -> User:
+    if role not in ROLES:
+        raise UserError(f"role: must be one of {', '.join(ROLES)} (got {role!r})")
+    if not username or len(username) > 64 or not all(c.isalnum() or c in "._-" for c in username):
+        raise UserError("username: 1-64 letters, digits, '.', '_' or '-'")
+    if db.scalar(select(User).where(User.username == username)) is not None:
+        raise UserError(f"username: {username!r} already exists")
+    if password is not None:
+        check_password_rules(password)
+    user = User(username=username, role=role, password_hash=_hasher.hash(password) if password else None)
+    db.add(user)
+    db.flush()
+    return user
+
+
+def set_password(user: User, password: str) -> None:
+    check_password_rules(password)
+    user.password_hash = _hasher.hash(password)
+
+
+def authenticate(db: Session, username: str, password: str) -> User | None:
+    user = db.scalar(select(User).where(User.username == username))
+    stored = user.password_hash if user is not None and user.active and user.password_hash else _DUMMY_HASH
+    try:
+        _hasher.verify(stored, password)
+    except (VerificationError, InvalidHashError):
+        return None
+    return user if stored is not _DUMMY_HASH else None
+
+
+def issue_token(db: Session, user: User, kind: str) -> str:
+    secret = secrets.token_urlsafe(32)
+    db.add(Token(token_hash=hash_secret(secret), kind=kind, user_id=user.id, expires_at=utcnow() + LIFETIMES[kind]))
+    db.flush()
+    return secret
+
+
+def lookup_token(db: Session, secret: str | None, kind: str) -> Token | None:
+    """The live token of ``kind`` with this secret (user active, not expired, invite not used)."""
+    if not secret or len(secret) > 200:
+        return None
+    tok = db.scalar(select(Token).where(Token.token_hash == hash_secret(secret), Token.kind == kind))
+    if tok is None or tok.expires_at < utcnow() or tok.used_at is not None or not tok.user.active:
+        return None
+    return tok
+
+
+def revoke(db: Session, secret: str) -> None:
+    tok = db.scalar(select(Token).where(Token.token_hash == hash_secret(secret)))
+    if tok is not None:
+        db.delete(tok)
+
+
+def has_role(user: User, minimum: str) -> bool:
+    return ROLE_RANK[user.role] >= ROLE_RANK[minimum]

@@ -1,0 +1,377 @@
+"""The feedback workflow on the database: rounds, prompt upload, the labelling queue with overlap,
+label submission, the review queue for policy samples and blind side-by-side votes.
+
+Both the JSON API and the HTML pages call these functions, so the rules live once. Every function
+works inside the caller's session and commits before returning when it changes something, so a
+200 answer always means the change is on disk.
+
+Assignment: an item (a prompt with its K candidates) may be handed to at most ``round.overlap``
+people. The free slots are counted in ``prompts.assigned`` and taken with one conditional UPDATE
+(``SET assigned = assigned + 1 WHERE assigned < overlap``), which both SQLite and PostgreSQL
+execute atomically, so concurrent requests never over-assign. Skipping gives the slot back.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from alignloop.feedback.db import (
+    FLAG_KINDS,
+    Assignment,
+    Candidate,
+    Comparison,
+    Flag,
+    Label,
+    Prompt,
+    Rating,
+    Review,
+    Round,
+    User,
+)
+
+MAX_PROMPT_CHARS = 20_000
+MAX_RESPONSE_CHARS = 50_000
+MAX_COMMENT_CHARS = 2_000
+MAX_CRITERIA = 10
+
+
+class NotFound(Exception):
+    pass
+
+
+class Forbidden(Exception):
+    pass
+
+
+class Invalid(Exception):
+    pass
+
+
+# ---------------------------------------------------------------- rounds and prompts
+
+
+def check_criteria(criteria: list[dict]) -> list[dict]:
+    if not 1 <= len(criteria) <= MAX_CRITERIA:
+        raise Invalid(f"criteria: give 1 to {MAX_CRITERIA} criteria")
+    out = []
+    for i, c in enumerate(criteria):
+        name = str(c.get("name", ""))
+        if not name or len(name) > 64 or not all(ch.isalnum() or ch == "_" for ch in name):
+            raise Invalid(f"criteria[{i}].name: 1-64 letters, digits or '_'")
+        lo, hi = c.get("min", 1), c.get("max", 7)
+        if not (isinstance(lo, int) and isinstance(hi, int) and lo < hi and hi - lo <= 100):
+            raise Invalid(f"criteria[{i}]: min and max must be integers with min < max")
+        out.append({"name": name, "min": lo, "max": hi, "guideline": str(c.get("guideline", ""))[:2000]})
+    if len({c["name"] for c in out}) != len(out):
+        raise Invalid("criteria: names must be unique")
+    return out
+
+
+def create_round(db: Session, name: str, criteria: list[dict], guidelines: str = "", overlap: int = 1) -> Round:
+    if not name or len(name) > 100:
+        raise Invalid("name: 1 to 100 characters")
+    if not 1 <= overlap <= 50:
+        raise Invalid("overlap: between 1 and 50")
+    if db.scalar(select(Round).where(Round.name == name)) is not None:
+        raise Invalid(f"round {name!r} already exists")
+    rnd = Round(name=name, criteria=check_criteria(criteria), guidelines=guidelines[:20_000], overlap=overlap)
+    db.add(rnd)
+    db.commit()
+    return rnd
+
+
+def get_round(db: Session, name: str) -> Round:
+    rnd = db.scalar(select(Round).where(Round.name == name))
+    if rnd is None:
+        raise NotFound(f"no round named {name!r}")
+    return rnd
+
+
+def add_items(db: Session, rnd: Round, items: list[dict], kind: str = "candidate") -> int:
+    """Add prompts with their responses. Each item: {"prompt", "responses": [...] or [{"text", "model",
+    "generation"}], optional "gold_ranking": [indices best..worst]}. Returns the number of prompts."""
+    for n, item in enumerate(items):
+        prompt = item.get("prompt")
+        if not isinstance(prompt, str) or not prompt or len(prompt) > MAX_PROMPT_CHARS:
+            raise Invalid(f"item {n}: 'prompt' must be text of 1 to {MAX_PROMPT_CHARS} characters")
+        responses = item.get("responses", [])
+        if not isinstance(responses, list) or len(responses) > 16:
+            raise Invalid(f"item {n}: 'responses' must be a list of at most 16")
+        if kind == "candidate" and len(responses) < 2:
+            raise Invalid(f"item {n}: 'responses' needs at least 2 candidates to rank")
+        cands = []
+        for r in responses:
+            r = {"text": r} if isinstance(r, str) else r
+            text = r.get("text") if isinstance(r, dict) else None
+            if not isinstance(text, str) or len(text) > MAX_RESPONSE_CHARS:
+                raise Invalid(f"item {n}: each response must be text of at most {MAX_RESPONSE_CHARS} characters")
+            cands.append(Candidate(text=text, model=str(r.get("model", ""))[:255], kind=kind,
+                                   generation=r.get("generation") or {}))
+        gold = item.get("gold_ranking")
+        if gold is not None and sorted(gold) != list(range(len(cands))):
+            raise Invalid(f"item {n}: 'gold_ranking' must list each response index once")
+        p = Prompt(round_id=rnd.id, text=prompt, candidates=cands)
+        db.add(p)
+        if gold is not None:
+            db.flush()
+            p.gold_ranking = [cands[i].id for i in gold]
+    db.commit()
+    return len(items)
+
+
+# ---------------------------------------------------------------- labelling queue
+
+
+def task_view(a: Assignment, rnd: Round) -> dict[str, Any]:
+    by_id = {c.id: c for c in a.prompt.candidates}
+    return {"task_id": a.id, "round": rnd.name, "status": a.status, "prompt": a.prompt.text,
+            "candidates": [{"id": cid, "text": by_id[cid].text} for cid in a.order],
+            "criteria": rnd.criteria, "guidelines": rnd.guidelines, "flag_kinds": list(FLAG_KINDS)}
+
+
+def open_assignment(db: Session, user: User, rnd: Round) -> Assignment | None:
+    return db.scalar(select(Assignment).join(Prompt).where(
+        Prompt.round_id == rnd.id, Assignment.user_id == user.id, Assignment.status == "open"
+    ).order_by(Assignment.id).limit(1))
+
+
+def next_task(db: Session, user: User, rnd: Round, seed: int | None = None) -> Assignment | None:
+    """The user's open task in this round, else a newly assigned item with a free slot, else None."""
+    current = open_assignment(db, user, rnd)
+    if current is not None:
+        return current
+    mine = select(Assignment.prompt_id).where(Assignment.user_id == user.id)
+    has_candidates = select(Candidate.prompt_id).where(Candidate.kind == "candidate")
+    # Fill items that already have labels first, so overlapping items complete and agreement is measurable.
+    pids = db.scalars(select(Prompt.id).where(
+        Prompt.round_id == rnd.id, Prompt.assigned < rnd.overlap, Prompt.id.not_in(mine),
+        Prompt.id.in_(has_candidates),
+    ).order_by(Prompt.assigned.desc(), Prompt.id).limit(25)).all()
+    for pid in pids:
+        took = db.execute(update(Prompt).where(Prompt.id == pid, Prompt.assigned < rnd.overlap)
+                          .values(assigned=Prompt.assigned + 1))
+        if took.rowcount != 1:
+            continue
+        prompt = db.get(Prompt, pid)
+        order = [c.id for c in prompt.candidates if c.kind == "candidate"]
+        random.Random(seed if seed is not None else random.random()).shuffle(order)
+        a = Assignment(prompt_id=pid, user_id=user.id, order=order)
+        db.add(a)
+        try:
+            db.commit()
+        except IntegrityError:  # the same user asked twice at once; the other request got this item
+            db.rollback()
+            return open_assignment(db, user, rnd)
+        return a
+    db.rollback()
+    return None
+
+
+def owned_assignment(db: Session, user: User, task_id: int) -> Assignment:
+    a = db.get(Assignment, task_id)
+    if a is None:
+        raise NotFound(f"no task {task_id}")
+    if a.user_id != user.id:
+        raise Forbidden("this task is assigned to someone else")
+    return a
+
+
+def _check_label(a: Assignment, rnd: Round, payload: dict) -> tuple[list[int], list[Rating], list[Flag]]:
+    ids = set(a.order)
+    ranking = [int(x) for x in payload.get("ranking") or []]
+    if sorted(ranking) != sorted(ids):
+        raise Invalid("ranking: must list every candidate id of the task exactly once, best first")
+    scales = {c["name"]: c for c in rnd.criteria}
+    ratings = []
+    for cid, scores in (payload.get("ratings") or {}).items():
+        cid = int(cid)
+        if cid not in ids:
+            raise Invalid(f"ratings: candidate {cid} is not part of this task")
+        for crit, value in scores.items():
+            scale = scales.get(crit)
+            if scale is None:
+                raise Invalid(f"ratings: unknown criterion {crit!r} (round has {', '.join(scales)})")
+            if not isinstance(value, int | float) or not scale["min"] <= value <= scale["max"]:
+                raise Invalid(f"ratings: {crit} must be between {scale['min']} and {scale['max']}")
+            ratings.append(Rating(candidate_id=cid, criterion=crit, value=float(value)))
+    flags = []
+    for f in payload.get("flags") or []:
+        if int(f.get("candidate_id", -1)) not in ids or f.get("kind") not in FLAG_KINDS:
+            raise Invalid(f"flags: each flag needs a candidate_id of this task and a kind in {FLAG_KINDS}")
+        flags.append(Flag(candidate_id=int(f["candidate_id"]), kind=f["kind"]))
+    return ranking, ratings, flags
+
+
+def submit_label(db: Session, user: User, task_id: int, payload: dict) -> tuple[Label, bool]:
+    """Store the label (or the skip) and commit. Returns (label, created); resubmitting a finished task
+    returns its stored label unchanged, so a client may safely retry after a lost answer."""
+    a = owned_assignment(db, user, task_id)
+    existing = db.scalar(select(Label).where(Label.assignment_id == a.id))
+    if existing is not None:
+        return existing, False
+    rnd = a.prompt.round
+    comment = str(payload.get("comment") or "")
+    if len(comment) > MAX_COMMENT_CHARS:
+        raise Invalid(f"comment: at most {MAX_COMMENT_CHARS} characters")
+    if payload.get("skip"):
+        label = Label(assignment_id=a.id, prompt_id=a.prompt_id, user_id=user.id, skipped=True, comment=comment)
+        a.status = "skipped"
+        # Give the slot back so someone else can label the item.
+        db.execute(update(Prompt).where(Prompt.id == a.prompt_id).values(assigned=Prompt.assigned - 1))
+    else:
+        ranking, ratings, flags = _check_label(a, rnd, payload)
+        label = Label(assignment_id=a.id, prompt_id=a.prompt_id, user_id=user.id, ranking=ranking,
+                      comment=comment, ratings=ratings, flags=flags)
+        a.status = "done"
+    db.add(label)
+    try:
+        db.commit()
+    except IntegrityError:  # a concurrent retry of the same submit won
+        db.rollback()
+        return db.scalar(select(Label).where(Label.assignment_id == a.id)), False
+    return label, True
+
+
+def user_progress(db: Session, user: User, rnd: Round) -> dict[str, int]:
+    done = db.scalar(select(func.count(Label.id)).join(Prompt).where(
+        Prompt.round_id == rnd.id, Label.user_id == user.id, Label.skipped.is_(False))) or 0
+    skipped = db.scalar(select(func.count(Label.id)).join(Prompt).where(
+        Prompt.round_id == rnd.id, Label.user_id == user.id, Label.skipped.is_(True))) or 0
+    total = db.scalar(select(func.count(Prompt.id)).where(Prompt.round_id == rnd.id)) or 0
+    return {"done": done, "skipped": skipped, "items": total}
+
+
+def round_progress(db: Session, rnd: Round) -> dict[str, Any]:
+    items = db.scalar(select(func.count(Prompt.id)).where(Prompt.round_id == rnd.id)) or 0
+    rows = db.execute(select(User.username, Label.skipped, func.count(Label.id)).join(Label.user).join(Prompt)
+                      .where(Prompt.round_id == rnd.id).group_by(User.username, Label.skipped)).all()
+    per_user: dict[str, dict[str, int]] = {}
+    for name, skipped, n in rows:
+        per_user.setdefault(name, {"done": 0, "skipped": 0})["skipped" if skipped else "done"] += n
+    done = sum(u["done"] for u in per_user.values())
+    policy = db.scalar(select(func.count(Candidate.id)).join(Prompt).where(
+        Prompt.round_id == rnd.id, Candidate.kind == "policy")) or 0
+    reviews = db.scalar(select(func.count(Review.id)).join(Candidate).join(Prompt).where(
+        Prompt.round_id == rnd.id)) or 0
+    return {"round": rnd.name, "items": items, "overlap": rnd.overlap, "slots": items * rnd.overlap,
+            "labels": done, "per_annotator": per_user, "policy_samples": policy, "reviews": reviews}
+
+
+# ---------------------------------------------------------------- review queue (policy samples)
+
+
+def next_review(db: Session, user: User, rnd: Round) -> Candidate | None:
+    reviewed = select(Review.candidate_id).where(Review.user_id == user.id)
+    counts = (select(Review.candidate_id, func.count(Review.id).label("n")).group_by(Review.candidate_id)
+              .subquery())
+    return db.scalar(select(Candidate).join(Prompt).outerjoin(counts, counts.c.candidate_id == Candidate.id)
+                     .where(Prompt.round_id == rnd.id, Candidate.kind == "policy",
+                            Candidate.id.not_in(reviewed), func.coalesce(counts.c.n, 0) < rnd.overlap)
+                     .order_by(Candidate.id).limit(1))
+
+
+def submit_review(db: Session, user: User, candidate_id: int, decision: str, reason: str = "") -> Review:
+    cand = db.get(Candidate, candidate_id)
+    if cand is None or cand.kind != "policy":
+        raise NotFound(f"no policy sample {candidate_id}")
+    if decision not in ("approve", "flag"):
+        raise Invalid("decision: 'approve' or 'flag'")
+    if decision == "flag" and not reason.strip():
+        raise Invalid("reason: say why the sample is flagged")
+    if len(reason) > MAX_COMMENT_CHARS:
+        raise Invalid(f"reason: at most {MAX_COMMENT_CHARS} characters")
+    existing = db.scalar(select(Review).where(Review.candidate_id == cand.id, Review.user_id == user.id))
+    if existing is not None:
+        return existing
+    review = Review(candidate_id=cand.id, user_id=user.id, decision=decision, reason=reason)
+    db.add(review)
+    db.commit()
+    return review
+
+
+# ---------------------------------------------------------------- blind side-by-side
+
+
+def round_models(db: Session, rnd: Round) -> list[str]:
+    return sorted(db.scalars(select(Candidate.model).join(Prompt).where(Prompt.round_id == rnd.id)
+                             .distinct()).all())
+
+
+def next_comparison(db: Session, user: User, rnd: Round, model_a: str, model_b: str) -> Comparison | None:
+    """A prompt answered by both models that this user has not judged for this pair, shown in random
+    order; the names stay hidden until the vote is in."""
+    if model_a == model_b:
+        raise Invalid("choose two different models")
+    pending = db.scalar(select(Comparison).join(Prompt).where(
+        Prompt.round_id == rnd.id, Comparison.user_id == user.id, Comparison.winner.is_(None),
+        Comparison.model_a == model_a, Comparison.model_b == model_b).limit(1))
+    if pending is not None:
+        return pending
+    done = select(Comparison.prompt_id).where(Comparison.user_id == user.id, Comparison.model_a == model_a,
+                                              Comparison.model_b == model_b)
+    for prompt in db.scalars(select(Prompt).where(Prompt.round_id == rnd.id, Prompt.id.not_in(done))
+                             .order_by(Prompt.id)):
+        a = next((c for c in prompt.candidates if c.model == model_a), None)
+        b = next((c for c in prompt.candidates if c.model == model_b), None)
+        if a is None or b is None:
+            continue
+        left, right = (a, b) if random.random() < 0.5 else (b, a)
+        comp = Comparison(prompt_id=prompt.id, user_id=user.id, left_id=left.id, right_id=right.id,
+                          model_a=model_a, model_b=model_b)
+        db.add(comp)
+        db.commit()
+        return comp
+    return None
+
+
+def vote(db: Session, user: User, comparison_id: int, winner: str) -> Comparison:
+    comp = db.get(Comparison, comparison_id)
+    if comp is None:
+        raise NotFound(f"no comparison {comparison_id}")
+    if comp.user_id != user.id:
+        raise Forbidden("this comparison belongs to someone else")
+    if winner not in ("left", "right", "tie"):
+        raise Invalid("winner: 'left', 'right' or 'tie'")
+    if comp.winner is None:
+        comp.winner = winner
+        db.commit()
+    return comp
+
+
+def wilson_interval(wins: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    if n == 0:
+        return 0.0, 1.0
+    p = wins / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def win_rates(db: Session, rnd: Round) -> list[dict[str, Any]]:
+    """Per model pair: model_a's win rate (a tie counts half) with a 95% Wilson interval."""
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    rows = db.execute(select(Comparison, Candidate.model).join(Prompt, Prompt.id == Comparison.prompt_id)
+                      .join(Candidate, Candidate.id == Comparison.left_id)
+                      .where(Prompt.round_id == rnd.id, Comparison.winner.is_not(None))).all()
+    for comp, left_model in rows:
+        s = out.setdefault((comp.model_a, comp.model_b), {"model_a": comp.model_a, "model_b": comp.model_b,
+                                                          "a_wins": 0, "b_wins": 0, "ties": 0})
+        if comp.winner == "tie":
+            s["ties"] += 1
+        elif (comp.winner == "left") == (left_model == comp.model_a):
+            s["a_wins"] += 1
+        else:
+            s["b_wins"] += 1
+    for s in out.values():
+        n = s["a_wins"] + s["b_wins"] + s["ties"]
+        score = s["a_wins"] + 0.5 * s["ties"]
+        s["n"] = n
+        s["win_rate"] = score / n
+        s["ci_low"], s["ci_high"] = wilson_interval(score, n)
+    return list(out.values())
