@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny models built on the fly, small generated data sets, the shared real data."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("ALIGNLOOP_CACHE", str(Path.home() / ".cache" / "alignloop"))
+
+WORDS = "red blue green cat dog bird runs jumps sleeps big small happy sad tree river stone".split()
+
+
+def shared_data_dir() -> Path | None:
+    env = os.environ.get("ALIGNLOOP_SHARED_DATA")
+    path = Path(env) if env else REPO.parent / "shared" / "data"
+    return path if path.is_dir() else None
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    path = shared_data_dir()
+    if path is None:
+        pytest.skip("../shared/data is not present in this checkout")
+    return path
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def repeat_task(n: int, seed: int = 0) -> list[dict]:
+    """A small instruction task a tiny model learns in a few dozen steps: repeat two words twice."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b, c = rng.choice(WORDS), rng.choice(WORDS), rng.choice(WORDS)
+        rows.append({"prompt": f"Repeat twice: {a} {b} {c}\n", "completion": f"{a} {b} {c} {a} {b} {c}"})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory):
+    """build(arch="llama", **sizes) -> folder of a tiny random causal LM with a local tokenizer (cached)."""
+    from alignloop.models.tiny import build_tiny_model
+
+    built: dict[tuple, Path] = {}
+    texts = [r["prompt"] + r["completion"] for r in repeat_task(400, seed=123)]
+
+    def build(arch: str = "llama", hidden: int = 64, layers: int = 2, heads: int = 4, vocab_size: int = 300) -> Path:
+        key = (arch, hidden, layers, heads, vocab_size)
+        if key not in built:
+            out = tmp_path_factory.mktemp(f"tiny-{arch}")
+            built[key] = build_tiny_model(out, texts, arch=arch, hidden=hidden, layers=layers, heads=heads,
+                                          vocab_size=vocab_size)
+        return built[key]
+
+    return build
+
+
+@pytest.fixture
+def tiny_model(tiny_model_factory) -> Path:
+    return tiny_model_factory("llama")
+
+
+@pytest.fixture
+def sft_data(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "sft.jsonl", repeat_task(400))
