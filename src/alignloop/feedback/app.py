@@ -32,6 +32,7 @@ from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
 
 from alignloop.errors import UserError
 from alignloop.feedback import agreement, auth, charts, tasks
@@ -457,32 +458,32 @@ def create_app(db_url: str, sessions: sessionmaker | None = None, secure_cookies
         return label_page(request, db, need(user, "annotator"), tasks.get_round(db, name))
 
     @app.post("/rounds/{name}/label")
-    async def label_post(request: Request, name: str, user: User = Depends(form_user)):
+    async def label_post(request: Request, name: str, user: User = Depends(form_user),
+                         db: Session = Depends(get_db)):
         form = await request.form()
-        payload = label_from_form(form)
-        task_id = int(form.get("task_id", "0") or 0)
-        # The database work is blocking; run it off the event loop.
-        from starlette.concurrency import run_in_threadpool
+        # The database work blocks; run it off the event loop, on this request's session.
+        return await run_in_threadpool(save_label_form, request, db, name, user, form)
 
-        return await run_in_threadpool(save_label_form, request, name, user.id, task_id, payload)
-
-    def save_label_form(request: Request, name: str, user_id: int, task_id: int, payload: dict):
-        with Sessions() as db:
-            user = need(db.get(User, user_id), "annotator")
-            rnd = tasks.get_round(db, name)
-            try:
-                tasks.submit_label(db, user, task_id, payload)
-            except tasks.Invalid as exc:
-                db.rollback()
-                return label_page(request, db, user, rnd, error=str(exc), status=400)
-            return RedirectResponse(f"/rounds/{quote(name)}/label?saved={task_id}", status_code=303)
+    def save_label_form(request: Request, db: Session, name: str, user: User, form) -> Response:
+        need(user, "annotator")
+        rnd = tasks.get_round(db, name)
+        task_id = form.get("task_id", "")
+        try:
+            if not str(task_id).isdigit():
+                raise tasks.Invalid("task_id: missing")
+            tasks.submit_label(db, user, int(task_id), label_from_form(form))
+        except tasks.Invalid as exc:
+            db.rollback()
+            return label_page(request, db, user, rnd, error=str(exc), status=400)
+        return RedirectResponse(f"/rounds/{quote(name)}/label?saved={task_id}", status_code=303)
 
     # ------------------------------------------------------------ HTML: review and side-by-side
 
     @app.get("/rounds/{name}/review", response_class=HTMLResponse)
     def review_get(request: Request, name: str, user: User = Depends(page_user), db: Session = Depends(get_db)):
+        need(user, "reviewer")
         rnd = tasks.get_round(db, name)
-        sample = tasks.next_review(db, need(user, "reviewer"), rnd)
+        sample = tasks.next_review(db, user, rnd)
         return page(request, "review.html", user, round=rnd, sample=sample)
 
     @app.post("/rounds/{name}/review")
@@ -548,18 +549,12 @@ def create_app(db_url: str, sessions: sessionmaker | None = None, secure_cookies
 
     @app.post("/admin/rounds/{name}/upload")
     async def admin_upload(name: str, file: UploadFile, kind: str = Form("candidate", max_length=16),
-                           user: User = Depends(form_user)):
+                           user: User = Depends(form_user), db: Session = Depends(get_db)):
         need(user, "admin")
         items = parse_jsonl_upload(await file.read(MAX_BODY_BYTES + 1))
         if kind not in ("candidate", "policy"):
             raise HTTPException(422, "kind: candidate or policy")
-        from starlette.concurrency import run_in_threadpool
-
-        def save():
-            with Sessions() as db:
-                tasks.add_items(db, tasks.get_round(db, name), items, kind)
-
-        await run_in_threadpool(save)
+        await run_in_threadpool(lambda: tasks.add_items(db, tasks.get_round(db, name), items, kind))
         return RedirectResponse(f"/admin/rounds/{quote(name)}", status_code=303)
 
     @app.post("/admin/invites", response_class=HTMLResponse)

@@ -10,11 +10,13 @@ a cross-site page cannot read; bearer requests need none because browsers never 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import hmac
+import os
 import secrets
 
-from argon2 import PasswordHasher
+from argon2 import PasswordHasher, profiles
 from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -22,9 +24,21 @@ from sqlalchemy.orm import Session
 from alignloop.errors import UserError
 from alignloop.feedback.db import ROLE_RANK, ROLES, Token, User, utcnow
 
-_hasher = PasswordHasher()
-# Verifying against this keeps a login for an unknown user as slow as one for a known user.
-_DUMMY_HASH = _hasher.hash("not-a-real-password")
+
+@functools.cache
+def _hasher() -> PasswordHasher:
+    # RFC 9106's low-memory profile (argon2id, 64 MiB). ALIGNLOOP_ARGON2=cheap selects argon2-cffi's cheapest
+    # profile, for tests and throwaway demos only. Hashes carry their parameters, so both always verify.
+    if os.environ.get("ALIGNLOOP_ARGON2") == "cheap":
+        return PasswordHasher.from_parameters(profiles.CHEAPEST)
+    return PasswordHasher.from_parameters(profiles.RFC_9106_LOW_MEMORY)
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    # Verifying against this keeps a login for an unknown user as slow as one for a known user.
+    return _hasher().hash("not-a-real-password")
+
 LIFETIMES = {"session": dt.timedelta(days=7), "api": dt.timedelta(days=30), "invite": dt.timedelta(days=7)}
 MIN_PASSWORD = 8
 
@@ -57,7 +71,7 @@ def create_user(db: Session, username: str, role: str, password: str | None = No
         raise UserError(f"username: {username!r} already exists")
     if password is not None:
         check_password_rules(password)
-    user = User(username=username, role=role, password_hash=_hasher.hash(password) if password else None)
+    user = User(username=username, role=role, password_hash=_hasher().hash(password) if password else None)
     db.add(user)
     db.flush()
     return user
@@ -65,17 +79,17 @@ def create_user(db: Session, username: str, role: str, password: str | None = No
 
 def set_password(user: User, password: str) -> None:
     check_password_rules(password)
-    user.password_hash = _hasher.hash(password)
+    user.password_hash = _hasher().hash(password)
 
 
 def authenticate(db: Session, username: str, password: str) -> User | None:
     user = db.scalar(select(User).where(User.username == username))
-    stored = user.password_hash if user is not None and user.active and user.password_hash else _DUMMY_HASH
+    known = user is not None and user.active and bool(user.password_hash)
     try:
-        _hasher.verify(stored, password)
+        _hasher().verify(user.password_hash if known else _dummy_hash(), password)
     except (VerificationError, InvalidHashError):
         return None
-    return user if stored is not _DUMMY_HASH else None
+    return user if known else None
 
 
 def issue_token(db: Session, user: User, kind: str) -> str:

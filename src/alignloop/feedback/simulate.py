@@ -1,0 +1,114 @@
+"""Simulated annotators: they log in and label through the same HTTP API as people do.
+
+Each annotator judges with a hidden gold scoring function ``gold(prompt, response) -> {criterion:
+score}`` plus its own per-criterion bias and Gaussian noise. The noisy scores give the ratings
+(rounded and clipped to the round's scales) and, averaged over criteria, the ranking. The demo and
+the tests use them to fill a round; the reward model only ever sees what they submit.
+
+    annotators = make_annotators(url, ["sim1", "sim2"], password="...", gold=my_gold, noise=0.5)
+    run_annotators(annotators, "round-1", max_labels=50)
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import httpx
+
+GoldFn = Callable[[str, str], dict[str, float]]
+
+
+@dataclass
+class SimulatedAnnotator:
+    base_url: str
+    username: str
+    password: str
+    gold: GoldFn
+    noise: float = 0.5
+    # Per-criterion bias: given, or drawn once per criterion from N(0, bias_scale) on first use.
+    bias: dict[str, float] = field(default_factory=dict)
+    bias_scale: float = 0.0
+    seed: int = 0
+    skip_rate: float = 0.0
+    timeout: float = 30.0
+    token: str | None = None
+    labelled: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+        self.client = httpx.Client(base_url=self.base_url, timeout=self.timeout)
+
+    def login(self) -> None:
+        r = self.client.post("/api/login", json={"username": self.username, "password": self.password})
+        r.raise_for_status()
+        self.token = r.json()["token"]
+        self.client.headers["Authorization"] = f"Bearer {self.token}"
+
+    def judge(self, task: dict) -> dict:
+        """The label payload for one task: noisy, biased gold scores -> ratings and ranking."""
+        if self.skip_rate and self.rng.random() < self.skip_rate:
+            return {"skip": True}
+        scales = {c["name"]: c for c in task["criteria"]}
+        noisy: dict[int, dict[str, float]] = {}
+        for cand in task["candidates"]:
+            gold = self.gold(task["prompt"], cand["text"])
+            for k in gold:
+                if k not in self.bias:
+                    self.bias[k] = self.rng.gauss(0.0, self.bias_scale)
+            noisy[cand["id"]] = {k: v + self.bias[k] + self.rng.gauss(0.0, self.noise)
+                                 for k, v in gold.items() if k in scales}
+        ranking = sorted(noisy, key=lambda cid: -sum(noisy[cid].values()) / max(1, len(noisy[cid])))
+        ratings = {cid: {k: float(min(scales[k]["max"], max(scales[k]["min"], round(v)))) for k, v in s.items()}
+                   for cid, s in noisy.items()}
+        return {"ranking": ranking, "ratings": ratings}
+
+    def label_one(self, round_name: str) -> bool:
+        """Fetch the next task and submit a label; False when the queue is empty."""
+        r = self.client.post(f"/api/rounds/{round_name}/next")
+        if r.status_code == 204:
+            return False
+        r.raise_for_status()
+        task = r.json()
+        r = self.client.post(f"/api/tasks/{task['task_id']}/label", json=self.judge(task))
+        r.raise_for_status()
+        self.labelled.append(task["task_id"])
+        return True
+
+    def run(self, round_name: str, max_labels: int) -> int:
+        if self.token is None:
+            self.login()
+        n = 0
+        while n < max_labels and self.label_one(round_name):
+            n += 1
+        return n
+
+
+def make_annotators(base_url: str, usernames: list[str], password: str, gold: GoldFn, noise: float = 0.5,
+                    bias_scale: float = 0.5, seed: int = 0, skip_rate: float = 0.0) -> list[SimulatedAnnotator]:
+    """One annotator per username, each with its own seeded bias (N(0, bias_scale) per criterion)."""
+    return [SimulatedAnnotator(base_url, name, password, gold, noise=noise, bias_scale=bias_scale,
+                               seed=seed * 1000 + i, skip_rate=skip_rate) for i, name in enumerate(usernames)]
+
+
+def run_annotators(annotators: list[SimulatedAnnotator], round_name: str, max_labels: int) -> dict[str, int]:
+    """Run all annotators concurrently (one thread each) until each did ``max_labels`` or the queue is empty."""
+    done: dict[str, int] = {}
+    errors: list[BaseException] = []
+
+    def work(a: SimulatedAnnotator) -> None:
+        try:
+            done[a.username] = a.run(round_name, max_labels)
+        except BaseException as exc:  # surfaced below, after every thread stopped
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(a,), daemon=True) for a in annotators]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return done
