@@ -22,6 +22,7 @@ from alignloop.errors import UserError
 # Modules that each define add_command(subparsers); imported lazily-light (no torch at import time).
 COMMAND_MODULES: list[str] = [
     "alignloop.feedback.cli",
+    "alignloop.train.reward_cli",
     "alignloop.train.ppo_cli",
 ]
 

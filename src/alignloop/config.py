@@ -135,6 +135,67 @@ class SFTConfig(Strict):
         return self
 
 
+class Criterion(Strict):
+    """One rating criterion: its name, the scale raters use, and its weight in the final reward."""
+
+    name: str = Field(min_length=1)
+    weight: float = Field(1.0, ge=0)
+    scale: tuple[float, float] = (1.0, 7.0)
+
+    @model_validator(mode="after")
+    def _scale_order(self) -> Criterion:
+        if self.scale[1] <= self.scale[0]:
+            raise ValueError(f"criterion '{self.name}': scale must be [low, high] with low < high")
+        return self
+
+
+DEFAULT_CRITERIA = [Criterion(name="relevance"), Criterion(name="consistency"), Criterion(name="creativity")]
+
+
+class RewardObjective(Strict):
+    # Pairs with a "margin" field train on -log sigmoid(r_chosen - r_rejected - margin * margin_scale).
+    use_margin: bool = True
+    margin_scale: float = Field(1.0, ge=0)
+    # Ratings: "regression" (squared error to the rating mapped onto [-rating_scale, +rating_scale]) or
+    # "ordinal" (all-threshold logistic loss with fixed cut points between consecutive scale levels).
+    rating_loss: Literal["regression", "ordinal"] = "regression"
+    rating_scale: float = Field(2.0, gt=0)
+    rating_weight: float = Field(1.0, ge=0)
+    # Coefficient of the reward-centring penalty (mean squared reward), keeps rewards near zero.
+    centering: float = Field(0.0, ge=0)
+
+
+class RMConfig(Strict):
+    output_dir: str = "runs/rm"
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig(max_seq_len=512, split=SplitConfig(validation=0.1, test=0.1))
+    train: TrainConfig = TrainConfig(lr=1e-5, metric="eval_accuracy")
+    # Rating criteria (names, scales, weights). multi_criteria=true gives one head per criterion and the
+    # reward is their weighted combination; otherwise one head learns the weighted overall judgement.
+    criteria: list[Criterion] = DEFAULT_CRITERIA
+    multi_criteria: bool = False
+    # Scale of a rating's single overall "score" field.
+    score_scale: tuple[float, float] = (1.0, 7.0)
+    objective: RewardObjective = RewardObjective()
+    # Normalisation statistics are computed over (at most this many) training responses.
+    normalization_samples: int = Field(4096, gt=1)
+
+    @model_validator(mode="after")
+    def _needs_inputs(self) -> RMConfig:
+        if not self.model.name_or_path:
+            raise ValueError("model.name_or_path is required (or pass --model)")
+        if not self.data.train:
+            raise ValueError("data.train is required (or pass --data)")
+        names = [c.name for c in self.criteria]
+        if not names or len(set(names)) != len(names):
+            raise ValueError("criteria: names must be present and unique")
+        if sum(c.weight for c in self.criteria) <= 0:
+            raise ValueError("criteria: at least one weight must be above 0")
+        if self.score_scale[1] <= self.score_scale[0]:
+            raise ValueError("score_scale must be [low, high] with low < high")
+        return self
+
+
 C = TypeVar("C", bound=BaseModel)
 
 

@@ -1,0 +1,134 @@
+"""Reward models: how a (prompt, response) pair becomes text, loading a trained one, and scoring.
+
+A reward model is a transformers ``AutoModelForSequenceClassification`` whose ``num_labels`` heads
+(one, or one per criterion) are read at the last non-padding token (decoders) or the pooled output
+(encoders): exactly what transformers' sequence-classification models do. Its ``alignloop.json``
+holds the criteria, their weights and the normalisation statistics that ``score`` applies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from alignloop.config import ModelConfig
+from alignloop.data.tokenize import DEFAULT_CHAT_TEMPLATE
+from alignloop.errors import UserError
+from alignloop.models.load import load_pretrained, read_meta
+
+PromptLike = str | list[dict]
+
+
+def format_for_reward(tokenizer, prompt: PromptLike, response: str) -> str:
+    """The text a reward model reads: chat prompts go through the chat template with the response as
+    the assistant turn; a plain prompt is ``prompt + response`` followed by the EOS token (so a
+    decoder reads the reward at a token that marks the answer as finished)."""
+    if isinstance(prompt, str):
+        return prompt + response + (tokenizer.eos_token or "")
+    messages = [m if isinstance(m, dict) else m.model_dump() for m in prompt]
+    messages = messages + [{"role": "assistant", "content": response}]
+    return tokenizer.apply_chat_template(messages, tokenize=False,
+                                         chat_template=tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE)
+
+
+def encode_for_reward(tokenizer, prompt: PromptLike, response: str, max_len: int) -> tuple[list[int], bool]:
+    """Token ids of format_for_reward's text and whether they were truncated.
+
+    Too-long texts keep their first token (BOS / [CLS], which encoders pool) and their last
+    ``max_len - 1`` tokens: the end of the response is where a decoder reads the reward.
+    """
+    text = format_for_reward(tokenizer, prompt, response)
+    # A chat template writes its own special tokens; plain text gets the tokenizer's (BOS, [CLS]/[SEP]).
+    ids = tokenizer(text, add_special_tokens=isinstance(prompt, str))["input_ids"]
+    if len(ids) <= max_len:
+        return ids, False
+    return ids[:1] + ids[len(ids) - max_len + 1 :], True
+
+
+def model_max_len(model, wanted: int) -> int:
+    """``wanted`` capped by the model's position embeddings (encoders such as BERT stop at 512)."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    return min(wanted, limit) if limit else wanted
+
+
+def pad_batch(seqs: Sequence[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ids and attention mask; the pad id never occurs inside a sequence (load_pretrained
+    keeps it distinct from EOS), so the model finds each sequence's last real token."""
+    width = max(len(s) for s in seqs)
+    ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in seqs], dtype=torch.long)
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@torch.no_grad()
+def head_scores(model, seqs: Sequence[list[int]], pad_id: int, batch_size: int,
+                device: torch.device | None = None) -> torch.Tensor:
+    """Raw head outputs [len(seqs), num_labels], batching sequences of similar length together."""
+    from tqdm.auto import tqdm
+
+    device = device or next(model.parameters()).device
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    out = torch.empty(len(seqs), model.config.num_labels, dtype=torch.float32)
+    starts = range(0, len(order), batch_size)
+    for start in tqdm(starts, desc="score", leave=False, disable=len(starts) < 20):
+        idx = order[start : start + batch_size]
+        batch = {k: v.to(device) for k, v in pad_batch([seqs[i] for i in idx], pad_id).items()}
+        out[idx] = model(**batch).logits.float().cpu()
+    return out
+
+
+class RewardModel:
+    """A trained reward model ready to score: ``RewardModel.load("runs/rm/model").score(prompts, responses)``."""
+
+    def __init__(self, model, tokenizer, meta: dict, max_len: int = 1024):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.meta = meta
+        self.criteria: list[str] = meta.get("criteria") or ["reward"]
+        self.weights = torch.tensor(meta.get("criteria_weights") or [1.0] * len(self.criteria))
+        norm = meta.get("normalization") or {}
+        self.mean = float(norm.get("mean", 0.0))
+        self.std = float(norm.get("std", 1.0)) or 1.0
+        self.max_len = model_max_len(model, int(meta.get("max_seq_len", max_len)))
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device | None = None) -> RewardModel:
+        from transformers import AutoModelForSequenceClassification
+
+        folder = Path(path)
+        meta = read_meta(folder)
+        if meta.get("stage") != "rm":
+            raise UserError(f"{folder} is not a reward model folder (its alignloop.json has no stage 'rm'); "
+                            "pass a reward run's model/ folder")
+        dev = torch.device(device) if device is not None else \
+            torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model, tok = load_pretrained(ModelConfig(name_or_path=str(folder)),
+                                     auto_cls=AutoModelForSequenceClassification, device=dev, for_training=False)
+        return cls(model.to(dev), tok, meta)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _encode(self, prompts: Sequence[PromptLike], responses: Sequence[str]) -> list[list[int]]:
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        return [encode_for_reward(self.tokenizer, p, r, self.max_len)[0]
+                for p, r in zip(prompts, responses, strict=True)]
+
+    def score_criteria(self, prompts: Sequence[PromptLike], responses: Sequence[str],
+                       batch_size: int = 16) -> list[list[float]]:
+        """Raw per-criterion head outputs, one list (in ``self.criteria`` order) per response."""
+        if not responses:
+            return []
+        raw = head_scores(self.model, self._encode(prompts, responses), self.tokenizer.pad_token_id, batch_size)
+        return raw.tolist()
+
+    def score(self, prompts: Sequence[PromptLike], responses: Sequence[str], batch_size: int = 16) -> list[float]:
+        """The reward: criteria heads combined with their weights, normalised with the stored mean/std."""
+        if not responses:
+            return []
+        raw = head_scores(self.model, self._encode(prompts, responses), self.tokenizer.pad_token_id, batch_size)
+        return ((raw @ self.weights - self.mean) / self.std).tolist()
