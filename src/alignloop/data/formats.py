@@ -101,3 +101,146 @@ def parse_sft(rec: Record) -> SFTExample:
         f"{rec.where}: an SFT record needs 'prompt' and 'completion', 'messages', or 'text' (found: {found}); "
         "use data.column_map to rename columns"
     )
+
+
+# ---------------------------------------------------------------- human feedback (reward modelling)
+
+Prompt = str | list[Message]
+Annotator = str | int | None
+
+
+class PreferencePair(RecordModel):
+    prompt: Prompt
+    chosen: str
+    rejected: str
+    margin: float | None = None
+    criterion: str | None = None
+    annotator: Annotator = None
+
+
+class DialoguePair(RecordModel):
+    """HH-RLHF style: two full dialogues that differ only in the final assistant turn."""
+
+    chosen: str
+    rejected: str
+    margin: float | None = None
+    criterion: str | None = None
+    annotator: Annotator = None
+
+
+class Ranking(RecordModel):
+    """``ranking`` lists response indices best to worst; a nested list is a tie, e.g. [2, [0, 3], 1]
+    means 2 is best, 0 and 3 are equally good, 1 is worst. Tied responses form no pair."""
+
+    prompt: Prompt
+    responses: list[str]
+    ranking: list[int | list[int]]
+    criterion: str | None = None
+    annotator: Annotator = None
+
+
+class Rating(RecordModel):
+    """Scores per criterion (``scores``) or one overall ``score``, on the criterion's configured scale."""
+
+    prompt: Prompt
+    response: str
+    scores: dict[str, float] | None = None
+    score: float | None = None
+    annotator: Annotator = None
+
+
+Feedback = PreferencePair | Ranking | Rating
+
+ASSISTANT_TURN = "\n\nAssistant:"
+
+
+def split_dialogues(rec: Record, chosen: str, rejected: str) -> tuple[str, str, str]:
+    """(prompt, chosen response, rejected response) from two dialogues sharing everything up to the
+    final assistant turn: the prompt ends at the last "\\n\\nAssistant:" inside the common prefix."""
+    common = 0
+    for a, b in zip(chosen, rejected, strict=False):
+        if a != b:
+            break
+        common += 1
+    if chosen == rejected:
+        common = len(chosen)
+    cut = chosen.rfind(ASSISTANT_TURN, 0, common)
+    if cut < 0:
+        raise UserError(f"{rec.where}: 'chosen' and 'rejected' have no prompt: they share no text ending in "
+                        f"{ASSISTANT_TURN.strip()!r}; give a 'prompt' field or HH-RLHF style dialogues")
+    end = cut + len(ASSISTANT_TURN)
+    return chosen[:end], chosen[end:], rejected[end:]
+
+
+def ranking_groups(ranking: list[int | list[int]]) -> list[list[int]]:
+    return [r if isinstance(r, list) else [r] for r in ranking]
+
+
+def parse_feedback(rec: Record) -> Feedback:
+    """A pair, an HH-RLHF dialogue pair (split into prompt and responses), a ranking or a rating."""
+    keys = rec.data.keys()
+    if "responses" in keys or "ranking" in keys:
+        r = validate_record(Ranking, rec)
+        k = len(r.responses)
+        if k < 2:
+            raise UserError(f"{rec.where}: field 'responses': a ranking needs at least 2 responses (got {k})")
+        flat = [i for g in ranking_groups(r.ranking) for i in g]
+        bad = [i for i in flat if not 0 <= i < k]
+        if bad:
+            raise UserError(f"{rec.where}: field 'ranking': index {bad[0]} is out of range for {k} responses "
+                            f"(valid: 0..{k - 1})")
+        if sorted(flat) != list(range(k)):
+            raise UserError(f"{rec.where}: field 'ranking': must list each of the {k} responses exactly once "
+                            f"(got {r.ranking})")
+        return r
+    if "response" in keys:
+        r = validate_record(Rating, rec)
+        if (r.scores is None) == (r.score is None):
+            raise UserError(f"{rec.where}: a rating needs either 'scores' (one value per criterion) or 'score'")
+        if r.scores is not None and not r.scores:
+            raise UserError(f"{rec.where}: field 'scores': is empty")
+        return r
+    if "chosen" in keys or "rejected" in keys:
+        if "prompt" in keys:
+            return validate_record(PreferencePair, rec)
+        d = validate_record(DialoguePair, rec)
+        prompt, chosen, rejected = split_dialogues(rec, d.chosen, d.rejected)
+        return PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected, margin=d.margin,
+                              criterion=d.criterion, annotator=d.annotator)
+    found = ", ".join(sorted(map(str, keys))) or "none"
+    raise UserError(f"{rec.where}: a feedback record needs 'chosen'/'rejected' (a pair), 'responses'/'ranking' "
+                    f"(a ranking) or 'response' with 'scores'/'score' (a rating) (found: {found}); "
+                    "use data.column_map to rename columns")
+
+
+class RLPromptChat(RecordModel):
+    messages: list[Message]
+
+    @field_validator("messages")
+    @classmethod
+    def _not_empty(cls, v: list[Message]) -> list[Message]:
+        if not v:
+            raise ValueError("must hold at least one message")
+        return v
+
+
+class RLPromptText(RecordModel):
+    prompt: str
+
+
+def parse_rl_prompt(rec: Record) -> str | list[dict]:
+    """An RL prompt: plain text, or chat messages (rendered later through the chat template)."""
+    if "messages" in rec.data:
+        return [m.model_dump() for m in validate_record(RLPromptChat, rec).messages]
+    if "prompt" in rec.data:
+        return validate_record(RLPromptText, rec).prompt
+    found = ", ".join(sorted(map(str, rec.data.keys()))) or "none"
+    raise UserError(f"{rec.where}: an RL prompt record needs 'prompt' or 'messages' (found: {found}); "
+                    "use data.column_map to rename columns")
+
+
+class PromptResponse(RecordModel):
+    """A response to score (``alignloop score``)."""
+
+    prompt: Prompt
+    response: str
