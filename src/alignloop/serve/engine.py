@@ -1,0 +1,404 @@
+"""Continuous batching for the transformers backend.
+
+One background thread owns the model. It keeps a running batch: every row is a request with its
+own slice of one shared KV cache (left-padded to a common length), its own next position and its
+own sampling parameters. Each engine step samples one token for every row, streams the new text
+to that row's client, drops rows that finished or whose client went away (their slot is free at
+once), prefills requests that arrived meanwhile and merges them into the batch, then runs one
+forward pass for all rows together. A request therefore never waits for the whole batch ahead of
+it to finish; it joins at the next step.
+
+Caches the merge cannot handle (sliding-window or recurrent layers) fall back to dynamic batching:
+new requests form the next batch once the running one is done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from alignloop.serve.metrics import ServeMetrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    ignore_eos: bool = False
+
+
+@dataclass
+class Delta:
+    """A piece of generated text; the last one of a request carries finish_reason and token counts."""
+
+    text: str
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class QueueFull(Exception):
+    """Every running slot and every queue place is taken."""
+
+
+class Generation:
+    """The client side of one request: an async stream of Deltas, fed from the engine's thread."""
+
+    _ids = itertools.count()
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, on_cancel) -> None:
+        self.id = next(self._ids)
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.arrived = time.perf_counter()
+        self.cancelled = False
+        self.finished = False
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._on_cancel = on_cancel
+
+    def push(self, item: Delta | BaseException) -> None:
+        """Thread-safe: hand a Delta (or the error that ended the request) to the client."""
+        if isinstance(item, BaseException) or item.finish_reason:
+            self.finished = True
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # the client's event loop is gone
+            self.cancelled = True
+
+    def cancel(self) -> None:
+        """The client went away or gave up: free the slot; the stream ends."""
+        if self.cancelled or self.finished:
+            return
+        self.cancelled = True
+        self._on_cancel(self)
+        self._queue.put_nowait(None)
+
+    async def stream(self) -> AsyncIterator[Delta]:
+        try:
+            while True:
+                item = await self._queue.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason:
+                    return
+        finally:
+            self.cancel()
+
+
+@dataclass
+class _Row:
+    """Engine-side state of one request in the running batch."""
+
+    gen: Generation
+    generator: torch.Generator | None
+    tokens: list[int] = field(default_factory=list)
+    sent_chars: int = 0
+
+
+@dataclass
+class _Batch:
+    rows: list[_Row]
+    cache: object  # transformers DynamicCache
+    mask: torch.Tensor  # (B, T): 1 where the cache holds a real token
+    positions: torch.Tensor  # (B,): position id of each row's next token
+    logits: torch.Tensor  # (B, V): next-token logits, not yet sampled
+
+
+def sample_tokens(logits: torch.Tensor, rows: list[_Row]) -> list[int]:
+    """One token per row, each with its own temperature / top-p / seeded generator."""
+    out = []
+    for i, row in enumerate(rows):
+        p = row.gen.params
+        if p.temperature == 0:
+            out.append(int(logits[i].argmax()))
+            continue
+        probs = F.softmax(logits[i].float() / p.temperature, dim=-1)
+        if p.top_p < 1.0:
+            sorted_p, order = probs.sort(descending=True)
+            # Keep the smallest prefix whose mass reaches top_p (the top token always stays).
+            drop = sorted_p.cumsum(0) - sorted_p >= p.top_p
+            probs = probs.scatter(0, order[drop], 0.0)
+        out.append(int(torch.multinomial(probs, 1, generator=row.generator)))
+    return out
+
+
+def _left_pad(x: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    missing = length - x.shape[dim]
+    if missing == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+
+class TransformersEngine:
+    """Owns the model and the worker thread; ``submit`` is called from the server's event loop."""
+
+    def __init__(self, model, tokenizer, metrics: ServeMetrics, max_batch: int = 32, max_queue: int = 256,
+                 context_length: int | None = None) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.metrics = metrics
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.context_length = context_length or context_length_of(model.config)
+        self.device = next(model.parameters()).device
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        accepted = inspect.signature(model.forward).parameters
+        self._keep_last = "logits_to_keep" in accepted
+        # transformers 5.2x renames past_key_values to cache; take whichever this model's forward accepts.
+        self._cache_arg = "cache" if "cache" in accepted else "past_key_values"
+        self._waiting: deque[Generation] = deque()
+        self._running = 0
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ client side (event loop)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._worker, name="alignloop-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> Generation:
+        gen = Generation(prompt_ids, params, self._cancelled)
+        with self._cond:
+            if len(self._waiting) + self._running >= self.max_batch + self.max_queue:
+                raise QueueFull(f"server busy: {self._running} running and {len(self._waiting)} queued requests")
+            self._waiting.append(gen)
+            self.metrics.queue_depth.set(len(self._waiting))
+            self._cond.notify()
+        return gen
+
+    def _cancelled(self, gen: Generation) -> None:
+        # A queued request leaves the queue now; a running one is dropped at the next engine step.
+        with self._cond:
+            if gen in self._waiting:
+                self._waiting.remove(gen)
+                self.metrics.queue_depth.set(len(self._waiting))
+                self.metrics.finished.labels("cancelled").inc()
+
+    # ------------------------------------------------------------------ worker thread
+
+    def _take(self, room: int, block: bool) -> list[Generation]:
+        with self._cond:
+            while block and not self._waiting and not self._stopping:
+                self._cond.wait()
+            taken = []
+            while self._waiting and len(taken) < room:
+                taken.append(self._waiting.popleft())
+            self._running += len(taken)
+            self.metrics.queue_depth.set(len(self._waiting))
+            self.metrics.running.set(self._running)
+            return taken
+
+    def _release(self, n: int) -> None:
+        with self._cond:
+            self._running -= n
+            self.metrics.running.set(self._running)
+
+    def _worker(self) -> None:
+        torch.set_grad_enabled(False)
+        batch: _Batch | None = None
+        while not self._stopping:
+            mergeable = batch is None or _plain_cache(batch.cache)
+            room = self.max_batch - (len(batch.rows) if batch else 0)
+            joining = self._take(room, block=batch is None) if mergeable and room > 0 else []
+            try:
+                if joining:
+                    fresh = self._prefill(joining)
+                    batch = fresh if batch is None else _merge(batch, fresh)
+                if batch is not None:
+                    batch = self._step(batch)
+            except Exception as exc:  # a failing forward ends the requests in it, never the server
+                log.exception("engine step failed")
+                self._fail([r.gen for r in batch.rows] if batch else [], joining, f"generation failed: {exc}")
+                batch = None
+        self._fail([r.gen for r in batch.rows] if batch else [], [], "server shutting down")
+
+    def _fail(self, running: list[Generation], joining: list[Generation], message: str) -> None:
+        """End every request the worker holds with an error; nothing stays counted as running."""
+        for gen in {id(g): g for g in running + joining}.values():
+            if not gen.finished and not gen.cancelled:
+                gen.push(RuntimeError(message))
+        with self._cond:
+            self._running = 0
+            self.metrics.running.set(0)
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+        extra = {"logits_to_keep": 1} if self._keep_last else {}
+        extra[self._cache_arg] = cache
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
+        return out.logits[:, -1].float()
+
+    def _prefill(self, gens: list[Generation]) -> _Batch:
+        from transformers import DynamicCache
+
+        width = max(len(g.prompt_ids) for g in gens)
+        ids = torch.full((len(gens), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(gens), width), dtype=torch.long)
+        for i, g in enumerate(gens):
+            ids[i, width - len(g.prompt_ids):] = torch.tensor(g.prompt_ids)
+            mask[i, width - len(g.prompt_ids):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        logits = self._forward(ids, mask, positions, cache)
+        self.metrics.prompt_tokens.inc(int(mask.sum()))
+        rows = [_Row(g, _generator(g.params.seed)) for g in gens]
+        return _Batch(rows, cache, mask, mask.sum(-1), logits)
+
+    def _step(self, batch: _Batch) -> _Batch | None:
+        """Sample one token per row, stream it, drop finished rows, then compute the next logits."""
+        self.metrics.batch_size.observe(len(batch.rows))
+        self.metrics.queue_depth_seen.observe(len(self._waiting))
+        tokens = sample_tokens(batch.logits, batch.rows)
+        keep = [i for i, (row, tok) in enumerate(zip(batch.rows, tokens, strict=True)) if self._advance(row, tok)]
+        self.metrics.generated_tokens.inc(len(tokens))
+        if len(keep) < len(batch.rows):
+            self._release(len(batch.rows) - len(keep))
+            if not keep:
+                return None
+            batch = _select(batch, keep)
+        next_ids = torch.tensor([[tokens[i]] for i in keep], device=self.device)
+        batch.mask = torch.cat([batch.mask, batch.mask.new_ones((len(keep), 1))], dim=1)
+        batch.logits = self._forward(next_ids, batch.mask, batch.positions[:, None], batch.cache)
+        batch.positions = batch.positions + 1
+        return batch
+
+    def _advance(self, row: _Row, token: int) -> bool:
+        """Record one sampled token for a row and stream its text; False when the row is done."""
+        gen, p = row.gen, row.gen.params
+        if gen.cancelled:
+            self.metrics.finished.labels("cancelled").inc()
+            return False
+        if not row.tokens:
+            self.metrics.time_to_first_token.observe(time.perf_counter() - gen.arrived)
+        finish = None
+        if token in self.eos_ids and not p.ignore_eos:
+            finish = "stop"
+        else:
+            row.tokens.append(token)
+        text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
+        end = len(text)
+        if p.stop:
+            hit = _find_stop(text, p.stop, max(0, row.sent_chars - max(map(len, p.stop))))
+            if hit is not None:
+                end, finish = hit, "stop"
+        if finish is None and len(row.tokens) >= p.max_tokens:
+            finish = "length"
+        if finish is None:
+            # Hold back what may still turn into a stop string or is half a multi-byte character.
+            end -= max(map(len, p.stop)) - 1 if p.stop else 0
+            if text.endswith("\ufffd"):
+                end = min(end, len(text) - 1)
+            if end > row.sent_chars:
+                gen.push(Delta(text[row.sent_chars:end]))
+                row.sent_chars = end
+            return True
+        gen.push(Delta(text[row.sent_chars:end], finish, len(gen.prompt_ids), len(row.tokens)))
+        self.metrics.finished.labels(finish).inc()
+        return False
+
+
+def _find_stop(text: str, stops: tuple[str, ...], start: int) -> int | None:
+    hits = [i for i in (text.find(s, start) for s in stops if s) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _generator(seed: int | None) -> torch.Generator:
+    g = torch.Generator()
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(seed)
+    return g
+
+
+def _plain_cache(cache) -> bool:
+    from transformers.cache_utils import DynamicLayer
+
+    return all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [None]))
+
+
+def _trim(mask: torch.Tensor, kv: list[tuple[torch.Tensor, torch.Tensor]]):
+    """Cut the leading columns that no row attends to any more (left padding of departed rows)."""
+    first = int(mask.any(0).int().argmax())
+    if first == 0:
+        return mask, kv
+    return mask[:, first:], [(k[:, :, first:], v[:, :, first:]) for k, v in kv]
+
+
+def _kv(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _select(batch: _Batch, keep: list[int]) -> _Batch:
+    from transformers import DynamicCache
+
+    idx = torch.tensor(keep, device=batch.mask.device)
+    if _plain_cache(batch.cache):
+        mask, kv = _trim(batch.mask[idx], [(k[idx], v[idx]) for k, v in _kv(batch.cache)])
+        cache = DynamicCache(ddp_cache_data=kv)
+    else:
+        batch.cache.batch_select_indices(idx)
+        mask, cache = batch.mask[idx], batch.cache
+    return _Batch([batch.rows[i] for i in keep], cache, mask, batch.positions[idx], batch.logits[idx])
+
+
+def _merge(a: _Batch, b: _Batch) -> _Batch:
+    """One batch from two: both caches left-padded to the longer one, rows stacked."""
+    from transformers import DynamicCache
+
+    length = max(a.mask.shape[1], b.mask.shape[1])
+    kv = [(torch.cat([_left_pad(ka, length, 2), _left_pad(kb, length, 2)]),
+           torch.cat([_left_pad(va, length, 2), _left_pad(vb, length, 2)]))
+          for (ka, va), (kb, vb) in zip(_kv(a.cache), _kv(b.cache), strict=True)]
+    mask = torch.cat([_left_pad(a.mask, length, 1), _left_pad(b.mask, length, 1)])
+    return _Batch(a.rows + b.rows, DynamicCache(ddp_cache_data=kv), mask,
+                  torch.cat([a.positions, b.positions]), torch.cat([a.logits, b.logits]))
+
+
+def context_length_of(config) -> int:
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 2048
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config):
+        eos = getattr(source, "eos_token_id", None) if source is not None else None
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids

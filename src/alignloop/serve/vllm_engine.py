@@ -1,0 +1,104 @@
+"""``--engine vllm``: the same server routes on top of vLLM's engine (paged attention, continuous batching).
+
+Used only when asked for; it needs the vllm package and a CUDA GPU. vLLM schedules and batches
+on its own, so this adapter only maps a request to vLLM's sampling parameters, turns vLLM's
+cumulative outputs into text deltas, and aborts a request whose client went away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+
+from alignloop.errors import UserError
+from alignloop.serve.engine import Delta, Generation, QueueFull, SamplingParams
+from alignloop.serve.metrics import ServeMetrics
+
+
+def check_vllm_available() -> None:
+    if importlib.util.find_spec("vllm") is None:
+        raise UserError("--engine vllm needs the vllm package (pip install vllm) and a CUDA GPU; "
+                        "use --engine transformers (the default) otherwise")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserError("--engine vllm needs a CUDA GPU and none is visible; use --engine transformers")
+
+
+class VLLMEngine:
+    def __init__(self, llm, tokenizer, metrics: ServeMetrics, context_length: int, max_batch: int,
+                 max_queue: int) -> None:
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self.metrics = metrics
+        self.context_length = context_length
+        self.capacity = max_batch + max_queue
+        self._in_flight = 0
+
+    @classmethod
+    def create(cls, model: str, metrics: ServeMetrics, max_batch: int = 32, max_queue: int = 256,
+               dtype: str = "auto") -> VLLMEngine:
+        check_vllm_available()
+        from transformers import AutoConfig
+        from vllm import AsyncEngineArgs, AsyncLLMEngine
+
+        from alignloop.config import ModelConfig
+        from alignloop.data.tokenize import ensure_chat_template
+        from alignloop.models.load import load_tokenizer, model_source
+        from alignloop.serve.engine import context_length_of
+
+        source = model_source(ModelConfig(name_or_path=model))
+        llm = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(model=source, dtype=dtype, max_num_seqs=max_batch))
+        tokenizer = load_tokenizer(source)
+        ensure_chat_template(tokenizer)
+        context = context_length_of(AutoConfig.from_pretrained(source))
+        return cls(llm, tokenizer, metrics, context, max_batch, max_queue)
+
+    def start(self) -> None:
+        """vLLM runs its own scheduler loop."""
+
+    def stop(self) -> None:
+        shutdown = getattr(self.llm, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> Generation:
+        if self._in_flight >= self.capacity:
+            raise QueueFull(f"server busy: {self._in_flight} requests in flight")
+        gen = Generation(prompt_ids, params, self._abort)
+        self._in_flight += 1
+        asyncio.get_running_loop().create_task(self._run(gen))
+        return gen
+
+    def _abort(self, gen: Generation) -> None:
+        result = self.llm.abort(str(gen.id))
+        if asyncio.iscoroutine(result):
+            asyncio.get_running_loop().create_task(result)
+        self.metrics.finished.labels("cancelled").inc()
+
+    async def _run(self, gen: Generation) -> None:
+        from vllm import SamplingParams as VSampling
+
+        p = gen.params
+        sampling = VSampling(max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, stop=list(p.stop),
+                             seed=p.seed, ignore_eos=p.ignore_eos)
+        sent = 0
+        self.metrics.prompt_tokens.inc(len(gen.prompt_ids))
+        try:
+            async for out in self.llm.generate({"prompt_token_ids": gen.prompt_ids}, sampling, str(gen.id)):
+                if gen.cancelled:
+                    return
+                choice = out.outputs[0]
+                finish = choice.finish_reason if out.finished else None
+                if choice.text[sent:] or finish:
+                    n = len(choice.token_ids)
+                    gen.push(Delta(choice.text[sent:], finish, len(gen.prompt_ids) if finish else 0,
+                                   n if finish else 0))
+                    sent = len(choice.text)
+                if finish:
+                    self.metrics.generated_tokens.inc(len(choice.token_ids))
+                    self.metrics.finished.labels(finish).inc()
+        except Exception as exc:  # surfaces in the client's stream, the server stays up
+            gen.push(RuntimeError(f"generation failed: {exc}"))
+        finally:
+            self._in_flight -= 1

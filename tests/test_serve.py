@@ -1,0 +1,210 @@
+"""The OpenAI-compatible server, driven by the official openai client over loopback with a tiny model."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+from alignloop.serve.app import Limits, build_server, create_app, serve_in_thread
+
+KEY = "test-secret"
+PROMPTS = ["Repeat twice: red cat dog\n", "Repeat twice: big", "happy sad tree", "Repeat"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model_factory):
+    return tiny_model_factory("llama", hidden=32, layers=2, heads=4, vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    limits = Limits(max_prompt_tokens=64, max_tokens=64, default_max_tokens=16, max_body_bytes=20_000)
+    srv = build_server(str(model_dir), api_key=KEY, limits=limits, max_batch=32, max_queue=64,
+                       served_model_name="tiny", device="cpu")
+    with serve_in_thread(create_app(srv)) as url:
+        yield srv, url
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[1] + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def reference(srv, ids: list[int], n: int) -> str:
+    """What transformers' own greedy generate writes after the prompt."""
+    model, tok = srv.engine.model, srv.engine.tokenizer
+    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         do_sample=False, max_new_tokens=n, pad_token_id=tok.pad_token_id)
+    return tok.decode(out[0, len(ids):], skip_special_tokens=True)
+
+
+def metric(url: str, name: str) -> dict[tuple, float]:
+    text = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples if s.name.startswith(name)}
+
+
+def test_completions_greedy_equal_generate_streamed_or_not(server, client):
+    srv, _ = server
+    for prompt in PROMPTS:
+        ids = srv.engine.tokenizer(prompt)["input_ids"]
+        want = reference(srv, ids, 12)
+        got = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0)
+        assert got.choices[0].text == want
+        assert got.usage.prompt_tokens == len(ids) and 1 <= got.usage.completion_tokens <= 12
+        assert got.choices[0].finish_reason in ("stop", "length")
+        chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0,
+                                                stream=True))
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == want
+        assert chunks[-1].choices[0].finish_reason == got.choices[0].finish_reason
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+def test_chat_completions_apply_the_template(server, client):
+    srv, _ = server
+    tok = srv.engine.tokenizer
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Repeat twice: red cat"}]
+    ids = tok(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+              add_special_tokens=False)["input_ids"]
+    want = reference(srv, ids, 10)
+    got = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0)
+    assert got.choices[0].message.role == "assistant"
+    assert got.choices[0].message.content == want
+    assert got.usage.prompt_tokens == len(ids)
+    stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+    assert chunks[-1].usage.completion_tokens == got.usage.completion_tokens
+
+
+def test_sampling_parameters(server, client):
+    srv, _ = server
+    long = client.completions.create(model="tiny", prompt="Repeat twice:", max_tokens=20, temperature=0,
+                                     extra_body={"ignore_eos": True})
+    text = long.choices[0].text
+    assert long.usage.completion_tokens == 20 and long.choices[0].finish_reason == "length"
+    stop = text[len(text) // 2: len(text) // 2 + 2]
+    cut = client.completions.create(model="tiny", prompt="Repeat twice:", max_tokens=20, temperature=0, stop=[stop],
+                                    extra_body={"ignore_eos": True})
+    assert cut.choices[0].text == text[: text.index(stop)] and cut.choices[0].finish_reason == "stop"
+    # Seeded sampling repeats itself; different seeds (almost surely) differ on a random model.
+    runs = [client.completions.create(model="tiny", prompt="Repeat", max_tokens=16, temperature=1.0, seed=s,
+                                      extra_body={"ignore_eos": True}).choices[0].text for s in (7, 7, 8)]
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+    # top_p close to 0 keeps only the most likely token: greedy.
+    nucleus = client.completions.create(model="tiny", prompt="Repeat twice:", max_tokens=20, temperature=1.0,
+                                        top_p=1e-6, seed=3, extra_body={"ignore_eos": True})
+    assert nucleus.choices[0].text == text
+
+
+def test_32_concurrent_requests_are_batched(server):
+    srv, url = server
+    before = metric(url, "alignloop_batch_size")
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+    async def one(i: int):
+        return await client.completions.create(model="tiny", prompt=PROMPTS[i % 4] + str(i), max_tokens=8,
+                                               temperature=0.7, seed=i, extra_body={"ignore_eos": True})
+
+    async def run_all():
+        try:
+            return await asyncio.gather(*[one(i) for i in range(32)])
+        finally:
+            await client.close()
+
+    results = asyncio.run(run_all())
+    assert all(r.usage.completion_tokens == 8 and r.choices[0].finish_reason == "length" for r in results)
+    after = metric(url, "alignloop_batch_size")
+    steps = after[("alignloop_batch_size_count", ())] - before.get(("alignloop_batch_size_count", ()), 0)
+    rows = after[("alignloop_batch_size_sum", ())] - before.get(("alignloop_batch_size_sum", ()), 0)
+    single = (after[("alignloop_batch_size_bucket", (("le", "1.0"),))]
+              - before.get(("alignloop_batch_size_bucket", (("le", "1.0"),)), 0))
+    assert rows == 32 * 8  # every generated token went through a batch step
+    assert single < steps and rows / steps > 4, (rows, steps, single)  # most steps decoded many rows together
+
+
+def _post(url: str, path: str, **kw) -> httpx.Response:
+    return httpx.post(url + path, timeout=30, **kw)
+
+
+def assert_openai_error(resp: httpx.Response, status: int, param: str | None = None, code: str | None = None):
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if param is not None:
+        assert err["param"] == param
+    if code is not None:
+        assert err["code"] == code
+
+
+def test_bad_requests_get_openai_errors_and_server_stays_up(server, client):
+    _, url = server
+    auth = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": 4}
+    assert_openai_error(_post(url, "/v1/completions", json=body), 401, code="invalid_api_key")
+    assert_openai_error(_post(url, "/v1/completions", json=body, headers={"Authorization": "Bearer nope"}), 401)
+    assert_openai_error(httpx.get(url + "/metrics"), 401)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+    assert_openai_error(_post(url, "/v1/completions", content=b"x" * 30_000, headers=auth), 413, code="body_too_large")
+    json_type = {**auth, "Content-Type": "application/json"}
+    assert_openai_error(_post(url, "/v1/completions", content=b"{not json", headers=json_type), 400,
+                        code="invalid_json")
+    assert_openai_error(_post(url, "/v1/completions", content=b"[1, 2]", headers=json_type), 400, code="invalid_json")
+    assert_openai_error(_post(url, "/v1/completions", json={"model": "tiny"}, headers=auth), 400, param="prompt")
+    assert_openai_error(_post(url, "/v1/completions", json={**body, "temperature": "hot"}, headers=auth), 400,
+                        param="temperature")
+    assert_openai_error(_post(url, "/v1/completions", json={**body, "prompt": "red " * 200}, headers=auth), 400,
+                        param="prompt", code="context_length_exceeded")
+    assert_openai_error(_post(url, "/v1/completions", json={**body, "max_tokens": 10_000}, headers=auth), 400,
+                        param="max_tokens")
+    assert_openai_error(_post(url, "/v1/completions", json={**body, "n": 3}, headers=auth), 400, param="n")
+    assert_openai_error(_post(url, "/v1/completions", json={**body, "model": "gpt-9"}, headers=auth), 404,
+                        code="model_not_found")
+    assert_openai_error(_post(url, "/v1/chat/completions", json={"model": "tiny", "messages": []}, headers=auth),
+                        400, param="messages")
+    assert_openai_error(_post(url, "/v1/score", json={"pairs": [{"prompt": "a", "response": "b"}]}, headers=auth),
+                        400, code="model_not_supported")
+    assert_openai_error(httpx.get(url + "/v1/nothing", headers=auth), 404)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny", prompt="hi", max_tokens=100_000)
+    assert httpx.get(url + "/health", headers=auth).json()["status"] == "ok"
+    assert client.completions.create(model="tiny", prompt="hi", max_tokens=2).usage.completion_tokens >= 1
+    rejected = metric(url, "alignloop_rejected_requests_total")
+    assert rejected[("alignloop_rejected_requests_total", (("reason", "unauthenticated"),))] >= 3
+
+
+def test_full_queue_refuses_and_a_disconnect_frees_the_slot(tiny_model_factory):
+    """One slot, no queue: a second request gets 429 while the first streams; when the first client
+    hangs up, its slot is free again at once (long before its 1000 tokens would have finished)."""
+    srv = build_server(str(tiny_model_factory("llama")), max_batch=1, max_queue=0, served_model_name="tiny",
+                       device="cpu", limits=Limits(max_tokens=1000))
+    body = {"model": "tiny", "prompt": "Repeat twice:", "max_tokens": 1000, "ignore_eos": True, "stream": True}
+    with serve_in_thread(create_app(srv)) as url, httpx.Client(base_url=url, timeout=30) as http:
+        with http.stream("POST", "/v1/completions", json=body) as resp:
+            assert resp.status_code == 200
+            lines = resp.iter_lines()  # keep a reference: dropping the iterator closes the connection
+            assert next(lines).startswith("data: ")
+            busy = httpx.post(url + "/v1/completions", json={**body, "stream": False, "max_tokens": 2})
+            assert metric(url, "alignloop_running_requests")[("alignloop_running_requests", ())] == 1
+            assert_openai_error(busy, 429, code="queue_full")
+        # The stream is closed here, a few of its 1000 tokens in.
+        deadline = time.monotonic() + 30
+        while True:
+            r = httpx.post(url + "/v1/completions", json={**body, "stream": False, "max_tokens": 2}, timeout=30)
+            if r.status_code == 200 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+        finished = metric(url, "alignloop_finished_requests_total")
+        assert finished[("alignloop_finished_requests_total", (("reason", "cancelled"),))] == 1
+        generated = metric(url, "alignloop_generated_tokens_total")[("alignloop_generated_tokens_total", ())]
+        assert generated < 1000
