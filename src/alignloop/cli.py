@@ -24,6 +24,7 @@ COMMAND_MODULES: list[str] = [
     "alignloop.feedback.cli",
     "alignloop.train.reward_cli",
     "alignloop.train.ppo_cli",
+    "alignloop.serve.cli",
 ]
 
 
