@@ -14,6 +14,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("ALIGNLOOP_CACHE", str(Path.home() / ".cache" / "alignloop"))
 
+try:
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+except ImportError:  # pragma: no cover
+    pass
+
 WORDS = "red blue green cat dog bird runs jumps sleeps big small happy sad tree river stone".split()
 
 

@@ -27,7 +27,13 @@ from alignloop.data.tokenize import (
 )
 from alignloop.errors import UserError
 from alignloop.models.forward import causal_lm_loss_sum
-from alignloop.models.load import count_parameters, load_pretrained, prepare_for_training, save_model
+from alignloop.models.load import (
+    count_parameters,
+    load_pretrained,
+    prepare_for_training,
+    resolve_source,
+    save_model,
+)
 from alignloop.runs import RunDir, atomic_write_json
 from alignloop.train.core import fit, make_accelerator
 
@@ -95,6 +101,7 @@ def run_sft(cfg: SFTConfig, overwrite: bool = False, on_eval=None) -> Path:
 
     run = RunDir(cfg.output_dir)
     splits, data_report = load_splits(cfg.data, cfg.train.seed, parse_sft)
+    resolve_source(cfg.model.name_or_path or "", cfg.model.gguf_file)  # fail on a bad path before creating the run
     run.prepare(overwrite)
     acc = make_accelerator(cfg.train, run)
     model, tokenizer = load_pretrained(cfg.model, device=acc.device, for_training=True)
