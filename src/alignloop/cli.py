@@ -24,6 +24,8 @@ COMMAND_MODULES: list[str] = [
     "alignloop.feedback.cli",
     "alignloop.train.reward_cli",
     "alignloop.train.ppo_cli",
+    "alignloop.predict",
+    "alignloop.sweep",
     "alignloop.serve.cli",
 ]
 

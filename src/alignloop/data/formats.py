@@ -69,6 +69,12 @@ class TaggedTokens(RecordModel):
         return v
 
 
+class Words(RecordModel):
+    """Pre-split words to tag at prediction time (tags, when present, are ignored)."""
+
+    tokens: list[str]
+
+
 M = TypeVar("M", bound=RecordModel)
 
 

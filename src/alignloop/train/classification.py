@@ -91,7 +91,7 @@ def write_jsonl(path: Path, rows: Sequence[dict]) -> None:
 
 
 def encode_texts(tokenizer, texts: Sequence[str], max_len: int) -> list[list[int]]:
-    return tokenizer(list(texts), truncation=True, max_length=max_len)["input_ids"]
+    return tokenizer(list(texts), truncation=True, max_length=max_len)["input_ids"] if texts else []
 
 
 def collate_classification(ids: list[list[int]], labels: list[int], pad_id: int) -> dict:

@@ -1,0 +1,179 @@
+"""``alignloop predict``: run a trained SFT model over a file and write one JSON line per record.
+
+The task comes from the model folder's alignloop.json: classification adds ``prediction`` (a label)
+and ``probabilities`` (label -> probability); tagging adds ``predicted_tags`` (one per word of
+``tokens``); a causal LM adds ``generation`` (the completion of ``prompt`` or ``messages``).
+Every input field is kept, so gold labels sit next to predictions.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from alignloop.errors import UserError
+
+
+def _read_inputs(path: str, fmt: str, field: str) -> list:
+    from alignloop.data.io import read_records
+
+    records = read_records(path, fmt)
+    for rec in records:
+        if field not in rec.data:
+            raise UserError(f"{rec.where}: field '{field}' is missing")
+    return records
+
+
+def predict_classification(model_dir: Path, meta: dict, records: list, batch_size: int, device) -> list[dict]:
+    from transformers import AutoModelForSequenceClassification
+
+    from alignloop.config import ModelConfig
+    from alignloop.data.formats import PlainText, validate_record
+    from alignloop.models.load import load_pretrained
+    from alignloop.train.classification import class_probabilities, encode_texts
+
+    names = meta["labels"]
+    id2label = dict(enumerate(names))
+    model, tok = load_pretrained(ModelConfig(name_or_path=str(model_dir)), AutoModelForSequenceClassification,
+                                 device=device, for_training=False,
+                                 config_overrides={"id2label": id2label, "label2id": {n: i for i, n in id2label.items()}})
+    model.to(device).eval()
+    texts = [validate_record(PlainText, r).text for r in records]
+    probs = class_probabilities(model, encode_texts(tok, texts, meta.get("max_seq_len", 512)), tok.pad_token_id,
+                                batch_size, device)
+    as_int = meta.get("label_type") == "int"
+    out = []
+    for rec, p in zip(records, probs.tolist(), strict=True):
+        best = names[max(range(len(names)), key=p.__getitem__)]
+        out.append({**rec.data, "prediction": int(best) if as_int else best,
+                    "probabilities": {n: round(x, 6) for n, x in zip(names, p, strict=True)}})
+    return out
+
+
+def predict_tagging(model_dir: Path, meta: dict, records: list, batch_size: int, device) -> list[dict]:
+    from transformers import AutoModelForTokenClassification
+
+    from alignloop.config import ModelConfig
+    from alignloop.data.formats import Words, validate_record
+    from alignloop.models.load import load_pretrained
+    from alignloop.train.tagging import encode_words, predict_word_tags
+
+    names = meta["labels"]
+    id2label = dict(enumerate(names))
+    model, tok = load_pretrained(ModelConfig(name_or_path=str(model_dir)), AutoModelForTokenClassification,
+                                 device=device, for_training=False,
+                                 config_overrides={"id2label": id2label, "label2id": {n: i for i, n in id2label.items()}})
+    model.to(device).eval()
+    words = [validate_record(Words, r).tokens for r in records]
+    encoded = [encode_words(tok, w, meta.get("max_seq_len", 512)) for w in words]
+    tags = predict_word_tags(model, encoded, names, tok.pad_token_id, batch_size, device)
+    return [{**rec.data, "predicted_tags": t} for rec, t in zip(records, tags, strict=True)]
+
+
+def predict_causal_lm(model_dir: Path, records: list, batch_size: int, device, max_new_tokens: int,
+                      temperature: float, top_p: float, seed: int) -> list[dict]:
+    import torch
+    from tqdm.auto import tqdm
+
+    from alignloop.config import ModelConfig
+    from alignloop.data.tokenize import ensure_chat_template, render_prompt
+    from alignloop.models.load import load_pretrained
+
+    model, tok = load_pretrained(ModelConfig(name_or_path=str(model_dir)), device=device, for_training=False)
+    model.to(device).eval()
+    ensure_chat_template(tok)
+    tok.padding_side = "left"  # generation continues from the last position of every row
+    prompts = [render_prompt(tok, _prompt(rec)) for rec in records]
+    torch.manual_seed(seed)
+    sample = temperature > 0
+    out = []
+    for i in tqdm(range(0, len(prompts), batch_size), desc="generate", leave=False):
+        enc = tok(prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = {k: v.to(device) for k, v in enc.items()}
+        with torch.no_grad():
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=sample,
+                                 temperature=temperature if sample else None, top_p=top_p if sample else None,
+                                 pad_token_id=tok.pad_token_id)
+        texts = tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        out.extend({**rec.data, "generation": t} for rec, t in zip(records[i : i + batch_size], texts, strict=True))
+    return out
+
+
+def _prompt(rec) -> str | list[dict]:
+    """The text to continue, or the conversation so far (a trailing assistant turn is what the model
+    is asked to write, so it is dropped)."""
+    messages = rec.data.get("messages")
+    if messages is not None:
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages):
+            raise UserError(f"{rec.where}: field 'messages': must be a list of {{role, content}} objects")
+        return messages[:-1] if messages[-1]["role"] == "assistant" and len(messages) > 1 else messages
+    prompt = rec.data.get("prompt")
+    if not isinstance(prompt, str):
+        raise UserError(f"{rec.where}: field 'prompt': a text prompt (or 'messages') is needed to generate from")
+    return prompt
+
+
+def predict(model_dir: str | Path, data: str, output: str | Path, data_format: str = "auto", batch_size: int = 32,
+            max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> Path:
+    import torch
+
+    from alignloop.models.load import read_meta
+    from alignloop.runs import atomic_write_text, to_json
+
+    folder = Path(model_dir)
+    if not folder.is_dir():
+        raise UserError(f"model folder not found: {folder}")
+    meta = read_meta(folder)
+    task = meta.get("task", "causal_lm")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if task == "classification":
+        rows = predict_classification(folder, meta, _read_inputs(data, data_format, "text"), batch_size, device)
+    elif task == "tagging":
+        rows = predict_tagging(folder, meta, _read_inputs(data, data_format, "tokens"), batch_size, device)
+    elif task == "causal_lm":
+        from alignloop.data.io import read_records
+
+        rows = predict_causal_lm(folder, read_records(data, data_format), batch_size, device, max_new_tokens,
+                                 temperature, top_p, seed)
+    else:
+        raise UserError(f"{folder / 'alignloop.json'}: field 'task': unknown task {task!r}")
+    out = Path(output)
+    atomic_write_text(out, "".join(to_json(r, indent=None) + "\n" for r in rows))
+    return out
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    out = predict(args.model, args.data, args.output, args.format, args.batch_size, args.max_new_tokens,
+                  args.temperature, args.top_p, args.seed)
+    print(f"predictions: {out}")
+    return 0
+
+
+def add_command(subparsers) -> None:
+    from alignloop.cli import examples_epilog
+
+    p = subparsers.add_parser(
+        "predict", help="predictions of a trained SFT model (labels, tags or generated completions)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run a trained model over a data file. Classification writes the label and class "
+                    "probabilities, tagging one tag per word, a causal LM its completion of the prompt.",
+        epilog=examples_epilog(
+            "alignloop predict --model runs/cls/model --data reviews.jsonl --output predictions.jsonl",
+            "alignloop predict --model runs/ner/model --data test.conll --format conll --output tags.jsonl",
+            "alignloop predict --model runs/sft/model --data prompts.jsonl --output gen.jsonl "
+            "--temperature 0.7 --top-p 0.9",
+        ),
+    )
+    p.add_argument("--model", required=True, help="a run's model/ folder")
+    p.add_argument("--data", required=True, help="input file: text (classification), tokens (tagging), "
+                   "prompt or messages (causal LM)")
+    p.add_argument("--output", required=True, help="JSONL file to write")
+    p.add_argument("--format", default="auto", choices=["auto", "jsonl", "csv", "parquet", "dataset", "conll"])
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=128, help="causal LM: tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.0, help="causal LM: 0 = greedy, above 0 = sampling")
+    p.add_argument("--top-p", type=float, default=1.0, help="causal LM: nucleus sampling mass")
+    p.add_argument("--seed", type=int, default=0, help="causal LM: sampling seed")
+    p.set_defaults(func=_cmd_predict)
