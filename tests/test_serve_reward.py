@@ -9,12 +9,14 @@ import torch
 from alignloop.models.export import export_model
 from alignloop.models.load import save_model
 from alignloop.models.reward import RewardModel, encode_for_reward, head_scores
+from alignloop.rl.rewards import RemoteReward
 from alignloop.serve.app import build_server, create_app, serve_in_thread
 
 NORM = {"mean": 0.25, "std": 2.0}
 PAIRS = [{"prompt": "Repeat twice: red cat\n", "response": "red cat red cat"},
          {"prompt": "Repeat twice: big dog\n", "response": "small"},
-         {"prompt": "Say something", "response": "happy sad tree river stone bird"}]
+         {"prompt": "Say something", "response": "happy sad tree river stone bird"},
+         {"prompt": [{"role": "user", "content": "Repeat twice: dog"}], "response": "dog dog"}]
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +52,9 @@ def test_score_endpoint_returns_the_reward_models_normalised_scores(reward_dir):
         resp = httpx.post(url + "/v1/score", json={"pairs": PAIRS}, headers=auth, timeout=60)
         assert resp.status_code == 200, resp.text
         torch.testing.assert_close(torch.tensor(resp.json()["scores"]), torch.tensor(want), atol=1e-5, rtol=1e-5)
+        # PPO's remote-reward option, pointed at this server, gets the same rewards.
+        remote = RemoteReward(url, headers=auth)(prompts, responses)
+        assert remote == pytest.approx(want, abs=1e-5)
         # Generation routes refuse a reward model; bad bodies and missing keys get OpenAI-style errors.
         chat = httpx.post(url + "/v1/chat/completions", headers=auth,
                           json={"model": "rm", "messages": [{"role": "user", "content": "hi"}]})
@@ -58,7 +63,7 @@ def test_score_endpoint_returns_the_reward_models_normalised_scores(reward_dir):
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "pairs.0.response"
         assert httpx.post(url + "/v1/score", json={"pairs": PAIRS}).status_code == 401
         metrics = httpx.get(url + "/metrics", headers=auth).text
-        assert "alignloop_scored_pairs_total 3.0" in metrics
+        assert "alignloop_scored_pairs_total 8.0" in metrics  # both clients
 
 
 def test_exported_reward_model_serves_the_same_scores(reward_dir, tmp_path):

@@ -34,7 +34,7 @@ class Limits:
     max_tokens: int = 2048  # largest max_tokens a request may ask for
     default_max_tokens: int = 256
     max_body_bytes: int = 1_000_000
-    max_score_pairs: int = 256
+    max_score_pairs: int = 1024
 
 
 class APIError(Exception):
@@ -96,8 +96,14 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
 
 
+class ScoreMessage(_Body):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str
+
+
 class ScorePair(_Body):
-    prompt: str
+    # A plain prompt, or chat messages (the reward model then reads them through its chat template).
+    prompt: str | list[ScoreMessage]
     response: str
 
 
@@ -374,7 +380,7 @@ def create_app(server: Server) -> FastAPI:
         if len(req.pairs) > server.limits.max_score_pairs:
             raise APIError(400, f"{len(req.pairs)} pairs in one request; the limit is "
                                 f"{server.limits.max_score_pairs}", param="pairs")
-        prompts = [p.prompt for p in req.pairs]
+        prompts = [p.prompt if isinstance(p.prompt, str) else [m.model_dump() for m in p.prompt] for p in req.pairs]
         responses = [p.response for p in req.pairs]
         async with server._score_lock:  # one scoring batch at a time owns the model
             scores = await asyncio.to_thread(server.scorer, prompts, responses)
