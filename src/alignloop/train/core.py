@@ -143,6 +143,7 @@ def fit(
     tracker_config: dict | None = None,
     description: str = "train",
     on_eval: Callable[[int, dict[str, float]], None] | None = None,
+    on_step: Callable[[TrainState], None] | None = None,
 ) -> FitResult:
     """Train ``model`` in place. Resumes from ``run``'s latest checkpoint when there is one.
 
@@ -279,6 +280,8 @@ def fit(
 
         state.step += 1
         state.micro_in_epoch += group
+        if on_step is not None:  # e.g. benchmarks timestamp the end of every optimizer step
+            on_step(state)
         my_units = sum(b["loss_units"] for b in mine)
         if world > 1:  # log the loss of the whole step, not just this process's share
             totals = acc.reduce(torch.tensor([step_loss, *step_extras.values()], device=acc.device), "sum")
