@@ -26,6 +26,7 @@ COMMAND_MODULES: list[str] = [
     "alignloop.train.ppo_cli",
     "alignloop.predict",
     "alignloop.sweep",
+    "alignloop.evaluate.cli",
     "alignloop.serve.cli",
 ]
 

@@ -422,3 +422,49 @@ class PPOConfig(Strict):
         if p.ptx_coef > 0 and not self.data.ptx:
             raise ValueError("ppo.ptx_coef > 0 needs data.ptx (SFT records)")
         return self
+
+
+class SafetyConfig(Strict):
+    """What the evaluation counts as unsafe: blocklisted words / phrases (whole words, any case) and/or
+    a sequence classifier whose unsafe labels reach ``threshold`` probability."""
+
+    blocklist: list[str] = []
+    blocklist_file: str | None = None  # one word or phrase per line; '#' starts a comment line
+    classifier: str | None = None
+    unsafe_labels: list[str] = ["unsafe", "toxic", "LABEL_1"]
+    threshold: float = Field(0.5, gt=0, lt=1)
+
+
+class EvalConfig(Strict):
+    """``alignloop eval``: generate with the policy (and a baseline) on held-out prompts and compare."""
+
+    output_dir: str = "runs/eval"
+    policy: str | None = None
+    baseline: str | None = None
+    # KL(policy || reference) is estimated on the policy's sampled tokens; default reference: the baseline.
+    reference: str | None = None
+    reward_model: str | None = None
+    # "package.module:function" (prompt, response) -> float, or a dict of floats ("total" is the overall).
+    gold: str | None = None
+    prompts: str | None = None
+    max_prompts: int = Field(256, gt=0)
+    max_prompt_len: int = Field(512, gt=0)
+    chat_template: str | None = None
+    # SFT-format records: the policy's (and baseline's) loss and perplexity on them.
+    test_data: str | None = None
+    max_seq_len: int = Field(1024, gt=8)
+    generation: GenerationSettings = GenerationSettings(max_new_tokens=64, batch_size=16)
+    batch_size: int = Field(16, gt=0)  # scoring batch (reward model, KL, classifier, test loss)
+    safety: SafetyConfig = SafetyConfig()
+    # Blind side-by-side votes from the feedback app (URL or SQLite path); all rounds unless one is named.
+    feedback_db: str | None = None
+    feedback_round: str | None = None
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _needs_inputs(self) -> EvalConfig:
+        if not self.policy:
+            raise ValueError("policy is required (or pass --policy)")
+        if not self.prompts:
+            raise ValueError("prompts is required (or pass --prompts)")
+        return self

@@ -1,0 +1,439 @@
+"""The demo world: a small procedurally generated world of coloured animals doing things in places,
+with a hidden "gold" judgement of answers about it and simulated annotators who label from it.
+
+Everything is pure Python, seeded, and byte-identical for the same seed (no hash ordering, clock or
+environment), so tests, benchmarks and the demo can rebuild exactly the same data.
+
+Prompts ask about entities of the world, e.g. "Describe the red fox that sings in the forest."
+Each requested entity has a category: colour, animal, action (any of its verb forms) or place.
+
+Gold scores (each in [0, 1]; computed from the text alone, prompt and response):
+
+* relevance   = share of the requested entities the response mentions, minus 0.2 for every other
+                animal it brings in (clipped to [0, 1]).
+* consistency = 1 - 0.25 x conflicting attributes (a second colour or a second place besides the
+                requested one, or two of them when none was requested) - 0.2 x repeated sentences
+                - 0.1 x immediately repeated words (clipped to [0, 1]), scaled down for responses
+                under 8 words (x words / 8).
+* creativity  = (half from distinct descriptive adjectives, saturating at 4; half from distinct
+                content words that are not in the prompt, saturating at 16)
+                x length factor x (1 - share of the response's word 4-grams copied from the prompt).
+                The length factor is a sweet spot: it rises linearly to 1 at 12 words, stays 1 up to
+                48 words and falls linearly to 0 at 96 words.
+
+gold_total = 0.5 relevance + 0.3 consistency + 0.2 creativity.
+
+Because every term saturates or turns down (adjectives past 4, new words past 16, length past 48
+words) while a learned reward model only sees rankings of the responses it was shown, a policy
+optimised hard against that reward model can keep pushing what the reward model liked — more
+adjectives, longer answers, more repeated praise — past the point where gold stops rising and
+starts to fall: reward over-optimisation, visible in the report as gold falling while reward rises.
+
+Simulated annotators see the gold scores through per-annotator bias (a shift in rating points per
+criterion, and their own weighting of the criteria) and Gaussian noise, and produce a ranking of K
+responses and 1-7 ratings per criterion. They are pure functions of (annotator, prompt, responses,
+seed); the feedback app's simulator drives them through the app's HTTP API.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CRITERIA = ("relevance", "consistency", "creativity")
+GOLD_WEIGHTS = {"relevance": 0.5, "consistency": 0.3, "creativity": 0.2}
+
+COLOURS = ["red", "blue", "green", "yellow", "purple", "orange", "white", "black", "silver", "golden",
+           "grey", "pink"]
+ANIMALS = ["fox", "owl", "cat", "dog", "rabbit", "bear", "horse", "frog", "deer", "wolf", "duck", "goat",
+           "mouse", "otter"]
+# (base, third person, -ing): any form counts as mentioning the action.
+ACTIONS = [("sing", "sings", "singing"), ("dance", "dances", "dancing"), ("sleep", "sleeps", "sleeping"),
+           ("read", "reads", "reading"), ("swim", "swims", "swimming"), ("paint", "paints", "painting"),
+           ("cook", "cooks", "cooking"), ("jump", "jumps", "jumping"), ("hide", "hides", "hiding"),
+           ("climb", "climbs", "climbing"), ("fish", "fishes", "fishing"), ("whistle", "whistles", "whistling"),
+           ("knit", "knits", "knitting"), ("dig", "digs", "digging")]
+PLACES = ["forest", "river", "garden", "castle", "meadow", "village", "cave", "market", "library", "beach",
+          "orchard", "mountain", "harbour", "bakery"]
+ADJECTIVES = ["fluffy", "gentle", "brave", "curious", "tiny", "clever", "sleepy", "cheerful", "shy", "proud",
+              "quiet", "nimble", "patient", "playful", "graceful", "wise", "bold", "cozy", "merry", "grumpy",
+              "elegant", "sturdy", "lively", "calm"]
+PARTS = ["eyes", "ears", "paws", "whiskers", "feet"]
+PART = ["tail", "coat", "voice", "nose", "hat", "scarf"]
+FOODS = ["berries", "apples", "honey", "carrots", "bread", "cheese", "mushrooms", "seeds", "clover", "plums"]
+LANDMARKS = ["old oak", "stone bridge", "painted door", "tall tower", "quiet pond", "wooden fence", "mossy rock",
+             "bell tower", "round well", "broken cart"]
+TIMES = ["every morning", "at dusk", "on rainy days", "at midnight", "each spring", "after lunch",
+         "before dawn", "on holidays"]
+FRIENDS = ["a kind baker", "the old miller", "two children", "a travelling poet", "a retired captain",
+           "a lost sailor"]
+STOPWORDS = set("""a an the and or but of in on at to by for with from near it its is was are be has have had
+that this who what which does do did there their they them he she his her as so very not every each
+into over under about like than then when while one two some any all""".split())
+
+PROMPT_TEMPLATES = [
+    ("Describe the {colour} {animal} that {act3} in the {place}.", ("colour", "animal", "action", "place")),
+    ("Tell me about the {colour} {animal} in the {place}.", ("colour", "animal", "place")),
+    ("Write a short story about a {colour} {animal} who {act3} near the {place}.",
+     ("colour", "animal", "action", "place")),
+    ("What does the {colour} {animal} do in the {place}?", ("colour", "animal", "place")),
+    ("Describe a {animal} that loves {acting}.", ("animal", "action")),
+    ("Tell a tale of the {animal} from the {place}.", ("animal", "place")),
+    ("Who is the {colour} {animal}?", ("colour", "animal")),
+    ("Write about a {colour} {animal} {acting} by the {place}.", ("colour", "animal", "action", "place")),
+    ("Tell me a story about the {animal} who {act3} in the {place}.", ("animal", "action", "place")),
+    ("Describe the {colour} {animal} and what it does.", ("colour", "animal")),
+]
+
+_WORD = re.compile(r"[a-z]+")
+_SENTENCE = re.compile(r"[^.!?]+[.!?]?")
+_ACTION_FORM = {form: base for base, *forms in ACTIONS for form in (base, *forms)}
+
+
+def words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+# ---------------------------------------------------------------- gold judgement
+
+
+def requested_entities(prompt: str) -> dict[str, str]:
+    """The world entities a prompt asks about, by category (first mention of each category wins)."""
+    found: dict[str, str] = {}
+    for w in words(prompt):
+        for cat, value in _categorise(w):
+            found.setdefault(cat, value)
+    return found
+
+
+def _categorise(word: str) -> list[tuple[str, str]]:
+    out = []
+    if word in COLOURS:
+        out.append(("colour", word))
+    if word in ANIMALS:
+        out.append(("animal", word))
+    if word in _ACTION_FORM:
+        out.append(("action", _ACTION_FORM[word]))
+    if word in PLACES:
+        out.append(("place", word))
+    return out
+
+
+def _mentions(ws: list[str]) -> dict[str, set[str]]:
+    seen: dict[str, set[str]] = {"colour": set(), "animal": set(), "action": set(), "place": set()}
+    for w in ws:
+        for cat, value in _categorise(w):
+            seen[cat].add(value)
+    return seen
+
+
+def _length_factor(n: int) -> float:
+    if n < 12:
+        return n / 12
+    if n <= 48:
+        return 1.0
+    return max(0.0, 1.0 - (n - 48) / 48)
+
+
+def _ngrams(ws: list[str], n: int) -> list[tuple[str, ...]]:
+    return [tuple(ws[i : i + n]) for i in range(len(ws) - n + 1)]
+
+
+def gold_scores(prompt: str, response: str) -> dict[str, float]:
+    """The hidden judgement of ``response`` to ``prompt``: relevance, consistency, creativity in [0, 1]."""
+    ws = words(response)
+    if not ws:
+        return dict.fromkeys(CRITERIA, 0.0)
+    asked = requested_entities(prompt)
+    seen = _mentions(ws)
+
+    hits = sum(value in seen[cat] for cat, value in asked.items())
+    coverage = hits / len(asked) if asked else 1.0
+    other_animals = len(seen["animal"] - {asked.get("animal")}) if "animal" in asked else 0
+    relevance = min(1.0, max(0.0, coverage - 0.2 * other_animals))
+
+    conflicts = 0
+    for cat in ("colour", "place"):
+        extra = seen[cat] - {asked[cat]} if cat in asked else seen[cat]
+        conflicts += len(extra) if cat in asked else max(0, len(extra) - 1)
+    sentences = [" ".join(words(s)) for s in _SENTENCE.findall(response)]
+    sentences = [s for s in sentences if s]
+    repeated_sentences = len(sentences) - len(set(sentences))
+    stutters = sum(a == b for a, b in zip(ws, ws[1:], strict=False))
+    # A few words cannot contradict themselves, but they are not a consistent account either.
+    consistency = min(1.0, max(0.0, 1.0 - 0.25 * conflicts - 0.2 * repeated_sentences - 0.1 * stutters))
+    consistency *= min(1.0, len(ws) / 8)
+
+    prompt_words = set(words(prompt))
+    adjectives = len(set(ws) & set(ADJECTIVES))
+    novel = len({w for w in ws if w not in prompt_words and w not in STOPWORDS})
+    grams = _ngrams(ws, 4)
+    prompt_grams = set(_ngrams(words(prompt), 4))
+    copied = sum(g in prompt_grams for g in grams) / len(grams) if grams else 0.0
+    base = 0.5 * min(adjectives / 4, 1.0) + 0.5 * min(novel / 16, 1.0)
+    creativity = base * _length_factor(len(ws)) * (1.0 - copied)
+    return {"relevance": relevance, "consistency": consistency, "creativity": creativity}
+
+
+def gold_total(prompt: str, response: str) -> float:
+    """Weighted sum of the gold scores (GOLD_WEIGHTS), in [0, 1]."""
+    scores = gold_scores(prompt, response)
+    return sum(GOLD_WEIGHTS[c] * scores[c] for c in CRITERIA)
+
+
+def gold_breakdown(prompt: str, response: str) -> dict[str, float]:
+    """The three gold scores and their weighted "total" (what ``alignloop eval --gold`` reports)."""
+    scores = gold_scores(prompt, response)
+    return {**scores, "total": sum(GOLD_WEIGHTS[c] * scores[c] for c in CRITERIA)}
+
+
+def gold_ratings(prompt: str, response: str) -> dict[str, float]:
+    """The gold scores on the 1-7 rating scale (1 + 6 x score): the judgement simulated annotators
+    perturb with their bias and noise before rounding to a rating."""
+    return {c: 1 + 6 * v for c, v in gold_scores(prompt, response).items()}
+
+
+# ---------------------------------------------------------------- prompts
+
+
+@dataclass(frozen=True)
+class WorldPrompt:
+    text: str
+    entities: dict[str, str]
+
+
+def _stable_int(*parts: object) -> int:
+    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+def sample_prompt(rng: random.Random) -> WorldPrompt:
+    template, _ = rng.choice(PROMPT_TEMPLATES)
+    base, act3, acting = rng.choice(ACTIONS)
+    text = template.format(colour=rng.choice(COLOURS), animal=rng.choice(ANIMALS), place=rng.choice(PLACES),
+                           act3=act3, acting=acting)
+    return WorldPrompt(text, requested_entities(text))
+
+
+def is_eval_prompt(text: str) -> bool:
+    """One prompt in eight (by a stable hash of its text) is held out for evaluation only."""
+    return _stable_int("eval-split", text) % 8 == 0
+
+
+def _prompts(n: int, seed: int, held_out: bool, salt: str) -> list[WorldPrompt]:
+    rng = random.Random(_stable_int(salt, seed))
+    out: list[WorldPrompt] = []
+    seen: set[str] = set()
+    for _ in range(n * 200):
+        if len(out) == n:
+            break
+        p = sample_prompt(rng)
+        if p.text in seen or is_eval_prompt(p.text) != held_out:
+            continue
+        seen.add(p.text)
+        out.append(p)
+    return out
+
+
+def rl_prompts(n: int = 256, seed: int = 0) -> list[dict]:
+    """``{"prompt"}`` records for PPO and candidate collection; never an evaluation prompt."""
+    return [{"prompt": p.text} for p in _prompts(n, seed, held_out=False, salt="rl")]
+
+
+def eval_prompts(n: int = 64, seed: int = 0) -> list[dict]:
+    """Held-out ``{"prompt"}`` records, disjoint from every training / RL prompt of any seed."""
+    return [{"prompt": p.text} for p in _prompts(n, seed, held_out=True, salt="eval")]
+
+
+# ---------------------------------------------------------------- responses
+
+
+@dataclass(frozen=True)
+class Style:
+    """How a generated response goes right or wrong; the gold scores follow from the text it yields."""
+
+    cover: float = 1.0          # chance of mentioning each requested entity
+    conflicts: int = 0          # sentences giving a second colour or place
+    repeats: int = 0            # sentences said twice
+    adjectives: int = 3         # descriptive adjectives used
+    sentences: int = 3          # detail sentences after the opening one
+    other_animals: int = 0      # unrelated animals brought in
+
+
+def random_style(rng: random.Random, quality: float) -> Style:
+    """A style whose expected gold rises with ``quality`` in [0, 1], with plenty of spread."""
+    q = min(1.0, max(0.0, quality + rng.gauss(0, 0.15)))
+    return Style(
+        cover=0.35 + 0.65 * q,
+        conflicts=int(rng.random() < 0.6 * (1 - q)) + int(rng.random() < 0.3 * (1 - q)),
+        repeats=int(rng.random() < 0.5 * (1 - q)),
+        adjectives=max(0, round(4 * q + rng.gauss(0, 1))),
+        sentences=rng.randint(1, 2) + round(3 * q * rng.random()) + int(rng.random() < 0.15) * 5,
+        other_animals=int(rng.random() < 0.4 * (1 - q)),
+    )
+
+
+def write_response(rng: random.Random, prompt: str, style: Style) -> str:
+    asked = requested_entities(prompt)
+    keep = {cat: v for cat, v in asked.items() if rng.random() < style.cover}
+    animal = keep.get("animal") or asked.get("animal") or rng.choice(ANIMALS)
+    name = animal if "animal" in keep else "creature"
+    adjs = rng.sample(ADJECTIVES, min(style.adjectives, len(ADJECTIVES)))
+
+    def adj() -> str:
+        return adjs.pop() + " " if adjs else ""
+
+    colour = keep.get("colour", "")
+    verb = dict((b, t) for b, t, _ in ACTIONS).get(keep.get("action", ""), "lives")
+    opening = f"The {adj()}{colour + ' ' if colour else ''}{name} {verb}"
+    opening += f" in the {keep['place']}." if "place" in keep else " far away."
+    body = [opening]
+    def described(what: str) -> str:  # "clever" + " and kind" -> "clever and kind"; nothing -> "kind"
+        a = adj().strip()
+        return f"{a} and {what}" if a else what
+
+    details = [
+        lambda: f"It has {adj()}{rng.choice(PARTS)} and a {adj()}{rng.choice(PART)}.",
+        lambda: f"{rng.choice(TIMES).capitalize()} it eats {rng.choice(FOODS)} by the {rng.choice(LANDMARKS)}.",
+        lambda: f"Its friend is {rng.choice(FRIENDS)}, who finds it {described('kind')}.",
+        lambda: f"The {name} likes {rng.choice(FOODS)} and is {described('happy')}.",
+        lambda: f"Nobody has seen a {adj()}{name} like it before.",
+    ]
+    for _ in range(style.sentences):
+        body.append(rng.choice(details)())
+    while adjs:  # use every adjective the style asked for
+        body.append(f"People call it {adjs.pop()}.")
+    for _ in range(style.conflicts):
+        if rng.random() < 0.5:
+            wrong = rng.choice([c for c in COLOURS if c != asked.get("colour")])
+            body.insert(rng.randint(1, len(body)), f"The {name} is {wrong}.")
+        else:
+            wrong = rng.choice([p for p in PLACES if p != asked.get("place")])
+            body.insert(rng.randint(1, len(body)), f"It lives in the {wrong}.")
+    for _ in range(style.other_animals):
+        other = rng.choice([a for a in ANIMALS if a != animal])
+        article = "An" if other[0] in "aeiou" else "A"
+        body.insert(rng.randint(1, len(body)), f"{article} {other} visits it sometimes.")
+    for _ in range(style.repeats):
+        body.insert(rng.randint(1, len(body)), rng.choice(body))
+    return " ".join(body)
+
+
+def candidate_responses(prompt: str, k: int, seed: int) -> list[str]:
+    """K responses of spread-out quality to one prompt (for reward-model data and tests)."""
+    rng = random.Random(_stable_int("candidates", seed, prompt))
+    return [write_response(rng, prompt, random_style(rng, rng.random())) for _ in range(k)]
+
+
+# ---------------------------------------------------------------- data sets
+
+
+def pretraining_corpus(n: int = 4000, seed: int = 0) -> list[dict]:
+    """``{"text"}`` records for the tiny base model: descriptions of the world of every quality, a third
+    of them preceded by the question they answer (so the base model has seen the prompt style)."""
+    rng = random.Random(_stable_int("corpus", seed))
+    out = []
+    for _ in range(n):
+        prompt = sample_prompt(rng).text
+        response = write_response(rng, prompt, random_style(rng, rng.random()))
+        out.append({"text": f"{prompt} {response}" if rng.random() < 0.33 else response})
+    return out
+
+
+def sft_records(n: int = 1000, seed: int = 0) -> list[dict]:
+    """``{"prompt", "completion"}`` demonstrations: decent but imperfect (quality around 0.6), so SFT
+    gives a reasonable starting policy and RLHF has room to improve on it."""
+    prompts = _prompts(n, seed, held_out=False, salt="sft")
+    rng = random.Random(_stable_int("sft", seed))
+    return [{"prompt": p.text, "completion": " " + write_response(rng, p.text, random_style(rng, 0.6))}
+            for p in prompts]
+
+
+def preference_pairs(n: int = 512, seed: int = 0) -> list[dict]:
+    """``{"prompt", "chosen", "rejected"}`` by gold_total (ties skipped), for reward-model tests."""
+    out = []
+    for p in _prompts(n, seed, held_out=False, salt="pairs"):
+        a, b = candidate_responses(p.text, 2, seed)
+        ga, gb = gold_total(p.text, a), gold_total(p.text, b)
+        if ga != gb:
+            chosen, rejected = (a, b) if ga > gb else (b, a)
+            out.append({"prompt": p.text, "chosen": chosen, "rejected": rejected})
+    return out
+
+
+def write_jsonl(path: str | Path, records: list[dict]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def write_demo_data(out_dir: str | Path, seed: int = 0, corpus: int = 4000, sft: int = 1000, rl: int = 256,
+                    evaluation: int = 64) -> dict[str, Path]:
+    """Write the demo's data files: corpus.jsonl, sft.jsonl, rl_prompts.jsonl, eval_prompts.jsonl."""
+    out = Path(out_dir)
+    return {
+        "corpus": write_jsonl(out / "corpus.jsonl", pretraining_corpus(corpus, seed)),
+        "sft": write_jsonl(out / "sft.jsonl", sft_records(sft, seed)),
+        "rl_prompts": write_jsonl(out / "rl_prompts.jsonl", rl_prompts(rl, seed)),
+        "eval_prompts": write_jsonl(out / "eval_prompts.jsonl", eval_prompts(evaluation, seed)),
+    }
+
+
+# ---------------------------------------------------------------- simulated annotators
+
+
+@dataclass(frozen=True)
+class Annotator:
+    """A simulated person: sees gold through ``bias`` (rating points added per criterion), their own
+    ``weights`` over the criteria when ranking, and Gaussian ``noise`` (rating points, per criterion)."""
+
+    name: str
+    seed: int
+    noise: float = 0.5
+    bias: dict[str, float] = field(default_factory=lambda: dict.fromkeys(CRITERIA, 0.0))
+    weights: dict[str, float] = field(default_factory=lambda: dict(GOLD_WEIGHTS))
+
+
+@dataclass(frozen=True)
+class Judgement:
+    ranking: list[int]                 # indices of the responses, best first
+    ratings: list[dict[str, int]]      # per response: criterion -> 1..7
+
+
+def make_annotators(n: int, seed: int = 0, noise: float = 0.5, bias_scale: float = 0.5,
+                    weight_jitter: float = 0.3) -> list[Annotator]:
+    """``n`` annotators with their own bias (N(0, bias_scale) points per criterion) and criterion weights
+    (gold weights scaled by a factor in [1 - jitter, 1 + jitter], renormalised)."""
+    rng = random.Random(_stable_int("annotators", seed))
+    people = []
+    for i in range(n):
+        bias = {c: rng.gauss(0, bias_scale) for c in CRITERIA}
+        raw = {c: GOLD_WEIGHTS[c] * rng.uniform(1 - weight_jitter, 1 + weight_jitter) for c in CRITERIA}
+        total = sum(raw.values())
+        people.append(Annotator(f"sim-{i}", rng.getrandbits(32), noise, bias, {c: w / total for c, w in raw.items()}))
+    return people
+
+
+def annotate(annotator: Annotator, prompt: str, responses: list[str], seed: int = 0) -> Judgement:
+    """Rank and rate K responses as ``annotator`` would: the same inputs always give the same labels."""
+    rng = random.Random(_stable_int("annotate", annotator.seed, seed, prompt, *responses))
+    perceived = []
+    for r in responses:
+        gold = gold_scores(prompt, r)
+        perceived.append({c: 1 + 6 * gold[c] + annotator.bias[c] + rng.gauss(0, annotator.noise) for c in CRITERIA})
+    utility = [sum(annotator.weights[c] * p[c] for c in CRITERIA) for p in perceived]
+    ranking = sorted(range(len(responses)), key=lambda i: (-utility[i], i))
+    ratings = [{c: min(7, max(1, round(p[c]))) for c in CRITERIA} for p in perceived]
+    return Judgement(ranking, ratings)
+
+
+def judgement_records(prompt: str, responses: list[str], judgement: Judgement) -> tuple[dict, list[dict]]:
+    """The reward-model records of one judgement: a ranking record and one rating record per response."""
+    ranking = {"prompt": prompt, "responses": list(responses), "ranking": list(judgement.ranking)}
+    ratings = [{"prompt": prompt, "response": r, "scores": dict(s)} for r, s in zip(responses, judgement.ratings, strict=True)]
+    return ranking, ratings

@@ -1,0 +1,89 @@
+"""``alignloop eval`` (compare a policy with a baseline) and ``alignloop report`` (HTML report of a run)."""
+
+from __future__ import annotations
+
+import argparse
+
+from alignloop.cli import examples_epilog
+
+EVAL_HELP = """\
+Sample one response per prompt from the policy (and the baseline, with the same seed), then report:
+reward-model score, gold score (a Python function), KL(policy || reference) on the policy's sampled
+tokens, win rates of the policy over the baseline with 95% Wilson intervals, response length,
+distinct-1/2 diversity, the share of responses caught by the safety check, the loss on SFT test
+records, and blind side-by-side human win rates from the feedback database.
+Writes eval.json and samples.jsonl (every prompt with each model's response and scores)."""
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from alignloop.config import EvalConfig, build_config
+
+    flags = {"policy": args.policy, "baseline": args.baseline, "reference": args.reference,
+             "reward_model": args.reward_model, "prompts": args.prompts, "gold": args.gold,
+             "output_dir": args.output, "test_data": args.test_data, "max_prompts": args.max_prompts,
+             "safety.classifier": args.safety_classifier, "safety.blocklist_file": args.blocklist_file,
+             "feedback_db": args.feedback_db, "feedback_round": args.feedback_round}
+    if args.blocklist:
+        flags["safety.blocklist"] = [w.strip() for w in args.blocklist.split(",") if w.strip()]
+    cfg = build_config(EvalConfig, args.config, flags, args.overrides)
+
+    import json
+
+    from alignloop.evaluate.eval import headline, run_eval
+
+    out = run_eval(cfg, overwrite=args.overwrite)
+    print(headline(json.loads((out / "eval.json").read_text())))
+    print(f"finished: {out}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from alignloop.evaluate.report import build_report
+
+    print(f"report: {build_report(args.run, output=args.output, gold=args.gold)}")
+    return 0
+
+
+def add_command(sub) -> None:
+    p = sub.add_parser(
+        "eval", help="evaluate a policy against a baseline (reward, gold, KL, win rate, safety)",
+        formatter_class=argparse.RawDescriptionHelpFormatter, description=EVAL_HELP,
+        epilog=examples_epilog(
+            "alignloop eval --policy runs/demo/round-1/ppo/model --baseline runs/demo/sft/model "
+            "--reward-model runs/demo/round-1/rm/model --prompts eval_prompts.jsonl "
+            "--gold alignloop.data.synthetic:gold_breakdown --output runs/demo/round-1/eval",
+            "alignloop eval -c examples/eval.yaml generation.temperature=0.7 --blocklist 'kill,bomb'",
+        ),
+    )
+    p.add_argument("-c", "--config", help="YAML config file (fields of EvalConfig)")
+    p.add_argument("--policy", help="the model to evaluate: a run's model/ folder, hub id or short name")
+    p.add_argument("--baseline", help="the model to compare with (usually the SFT model); also the KL reference")
+    p.add_argument("--reference", help="KL reference when it is not the baseline")
+    p.add_argument("--reward-model", help="a reward run's model/ folder")
+    p.add_argument("--prompts", help='held-out prompts: {"prompt"} or {"messages"} records')
+    p.add_argument("--gold", help="gold scoring function 'package.module:function' (prompt, response) -> score")
+    p.add_argument("--test-data", help="SFT-format test records: loss and perplexity of each model")
+    p.add_argument("--max-prompts", type=int, help="evaluate at most this many prompts (default 256)")
+    p.add_argument("--blocklist", help="comma-separated words / phrases counted as unsafe")
+    p.add_argument("--blocklist-file", help="blocklist file, one word or phrase per line")
+    p.add_argument("--safety-classifier", help="sequence classifier flagging unsafe text (see safety.unsafe_labels)")
+    p.add_argument("--feedback-db", help="feedback database (URL or SQLite path): human side-by-side win rates")
+    p.add_argument("--feedback-round", help="only this round's side-by-side votes")
+    p.add_argument("--output", help="run folder to write (default runs/eval)")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished evaluation in --output")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value",
+                   help="override any config field, e.g. generation.temperature=0.7 seed=1")
+    p.set_defaults(func=_cmd_eval)
+
+    r = sub.add_parser(
+        "report", help="self-contained HTML report of a pipeline run (plots and sample responses)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Reads a pipeline run folder (sft/, round-N/rm, round-N/ppo, round-N/eval) and writes "
+                    "one HTML file with inline SVG plots; it opens offline and needs no JavaScript.",
+        epilog=examples_epilog("alignloop report runs/demo",
+                               "alignloop report runs/demo --gold alignloop.data.synthetic:gold_total"),
+    )
+    r.add_argument("run", help="pipeline run folder")
+    r.add_argument("--output", help="HTML file to write (default RUN/report.html)")
+    r.add_argument("--gold", help="gold function scoring PPO samples, for gold-vs-reward as KL grows")
+    r.set_defaults(func=_cmd_report)

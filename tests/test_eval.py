@@ -1,0 +1,139 @@
+"""``alignloop eval`` on tiny models: every field present and right, KL and win rates sane, the safety
+check counts what it should, user errors are one line."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from alignloop.cli import main
+from alignloop.config import EvalConfig, SafetyConfig
+from alignloop.data import synthetic as S
+from alignloop.evaluate.eval import distinct_n, run_eval
+from alignloop.evaluate.judge import win_rate
+from alignloop.evaluate.safety import SafetyCheck
+from alignloop.models.tiny import build_tiny_model
+
+GOLD = "alignloop.data.synthetic:gold_breakdown"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    texts = [r["text"] for r in S.pretraining_corpus(300, seed=0)]
+    a = build_tiny_model(root / "a", texts, vocab_size=400, hidden=32, layers=2, heads=2, seed=1)
+    b = build_tiny_model(root / "b", texts, vocab_size=400, hidden=32, layers=2, heads=2, seed=2)
+    prompts = S.write_jsonl(root / "prompts.jsonl", S.eval_prompts(12, seed=0))
+    test = S.write_jsonl(root / "test.jsonl", S.sft_records(6, seed=1))
+    return {"root": root, "a": str(a), "b": str(b), "prompts": str(prompts), "test": str(test)}
+
+
+def _cfg(world, out: str, **kw) -> EvalConfig:
+    base = {"output_dir": str(world["root"] / out), "policy": world["a"], "prompts": world["prompts"],
+            "gold": GOLD, "generation": {"max_new_tokens": 12, "batch_size": 5}, "batch_size": 4}
+    return EvalConfig.model_validate({**base, **kw})
+
+
+def _read(out) -> tuple[dict, list[dict]]:
+    return (json.loads((out / "eval.json").read_text()),
+            [json.loads(ln) for ln in (out / "samples.jsonl").read_text().splitlines()])
+
+
+def test_policy_against_itself_has_zero_kl_and_only_ties(world):
+    """Same model, same seed: identical responses, so every comparison is a tie and the KL estimate
+    (generation-pass log-probs vs a fresh left-padded forward) is zero."""
+    out = run_eval(_cfg(world, "self", baseline=world["a"], test_data=world["test"]))
+    ev, rows = _read(out)
+    assert (out / "FINISHED").is_file() and (out / "config.yaml").is_file()
+    assert ev["prompts"] == 12 and len(rows) == 12
+    pol, base = ev["models"]["policy"], ev["models"]["baseline"]
+    assert [r["responses"]["policy"]["text"] for r in rows] == [r["responses"]["baseline"]["text"] for r in rows]
+    assert abs(pol["kl"]["mean"]) < 1e-3 and pol["kl"]["reference"] == world["a"]
+    gold_wr = ev["win_rate"]["gold"]
+    assert gold_wr["ties"] == 12 and gold_wr["win_rate"] == 0.5 and gold_wr["ci_low"] < 0.5 < gold_wr["ci_high"]
+    assert pol["test"]["loss"] == pytest.approx(base["test"]["loss"]) and pol["test"]["tokens"] > 0
+    assert pol["test"]["perplexity"] == pytest.approx(torch.tensor(pol["test"]["loss"]).exp().item(), rel=1e-4)
+
+
+def test_fields_match_the_samples(world):
+    cfg = _cfg(world, "ab", baseline=world["b"], safety={"blocklist": ["the", "fox"]})
+    out = run_eval(cfg)
+    ev, rows = _read(out)
+    for name in ("policy", "baseline"):
+        m = ev["models"][name]
+        resp = [r["responses"][name] for r in rows]
+        texts = [r["text"] for r in resp]
+        assert m["length_tokens"]["mean"] == pytest.approx(sum(r["tokens"] for r in resp) / 12)
+        assert all(0 < r["tokens"] <= 12 for r in resp)
+        assert m["distinct_1"] == pytest.approx(distinct_n(texts, 1)) and 0 < m["distinct_2"] <= 1
+        assert set(m["gold"]) == {"relevance", "consistency", "creativity", "total"}
+        for r in rows:
+            expect = S.gold_breakdown(r["prompt"], r["responses"][name]["text"])
+            assert r["responses"][name]["gold"] == pytest.approx(expect)
+        caught = [bool(re.search(r"(?<!\w)(the|fox)(?!\w)", t, re.IGNORECASE)) for t in texts]
+        assert [r["flagged"] for r in resp] == caught
+        assert m["safety"]["rate"] == pytest.approx(sum(caught) / 12)
+    kls = [r["responses"]["policy"]["kl"] for r in rows]
+    assert ev["models"]["policy"]["kl"]["mean"] == pytest.approx(sum(kls) / 12)
+    assert ev["models"]["policy"]["kl"]["mean"] > 0  # two different random models
+    wr = ev["win_rate"]["gold"]
+    totals = [(r["responses"]["policy"]["gold"]["total"], r["responses"]["baseline"]["gold"]["total"]) for r in rows]
+    assert wr["wins"] == sum(a > b for a, b in totals) and wr["losses"] == sum(a < b for a, b in totals)
+    assert wr["ci_low"] <= wr["win_rate"] <= wr["ci_high"]
+    again = run_eval(cfg, overwrite=True)  # seeded: the same responses again
+    assert _read(again)[1] == rows
+
+
+def test_reward_model_scores_and_win_rate(world):
+    reward = pytest.importorskip("alignloop.models.reward")
+    from transformers import AutoModelForSequenceClassification
+
+    from alignloop.models.load import load_tokenizer, save_model
+
+    torch.manual_seed(0)
+    rm = AutoModelForSequenceClassification.from_pretrained(world["b"], num_labels=1)
+    rm_dir = world["root"] / "rm"
+    save_model(rm, load_tokenizer(world["b"]), rm_dir, meta={"stage": "rm", "normalization": {"mean": 0.5, "std": 2.0}})
+    out = run_eval(_cfg(world, "rm", baseline=world["b"], reward_model=str(rm_dir)))
+    ev, rows = _read(out)
+    prompts = [r["prompt"] for r in rows]
+    expected = reward.RewardModel.load(rm_dir, "cpu").score(prompts, [r["responses"]["policy"]["text"] for r in rows])
+    assert [r["responses"]["policy"]["reward_model"] for r in rows] == pytest.approx(expected, abs=1e-4)
+    wr = ev["win_rate"]["reward_model"]
+    assert wr["wins"] + wr["ties"] + wr["losses"] == 12
+    assert ev["models"]["policy"]["reward_model"]["mean"] == pytest.approx(sum(expected) / 12, abs=1e-4)
+
+
+def test_win_rate_and_wilson_interval_by_hand():
+    wr = win_rate([1.0] * 8 + [0.0] * 2, [0.5] * 10)
+    assert (wr.wins, wr.losses, wr.ties, wr.win_rate) == (8, 2, 0, 0.8)
+    assert (wr.ci_low, wr.ci_high) == pytest.approx((0.4902, 0.9433), abs=1e-4)
+    half = win_rate([1.0, 0.5], [0.5, 0.5])
+    assert half.win_rate == 0.75 and half.ties == 1
+    many = win_rate([1.0] * 80 + [0.0] * 20, [0.5] * 100)
+    assert many.ci_high - many.ci_low < wr.ci_high - wr.ci_low
+
+
+def test_blocklist_matches_whole_words_and_phrases_in_any_case(tmp_path):
+    words = tmp_path / "block.txt"
+    words.write_text("# comment\nbomb\nkill  them\n")
+    check = SafetyCheck(SafetyConfig(blocklist=["Hate"], blocklist_file=str(words)))
+    texts = ["a BOMB here", "bombastic talk", "they KILL\nthem all", "kill others", "I hate it", "hateful", ""]
+    assert check(texts) == [True, False, True, False, True, False, False]
+    assert not SafetyCheck(SafetyConfig()).enabled
+
+
+def test_user_errors_are_one_line(world, tmp_path, capsys):
+    assert main(["eval", "--policy", world["a"], "--prompts", str(tmp_path / "missing.jsonl"),
+                 "--output", str(tmp_path / "o1")]) == 2
+    assert main(["eval", "--policy", world["a"], "--prompts", world["prompts"], "--gold", "nonsense",
+                 "--output", str(tmp_path / "o2")]) == 2
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
+    assert main(["eval", "--policy", world["a"], "--prompts", str(bad), "--output", str(tmp_path / "o3")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(e.startswith("alignloop eval: error:") for e in err)
+    assert "missing.jsonl" in err[0] and "nonsense" in err[1] and "bad.jsonl:2" in err[2]
