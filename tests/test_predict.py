@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-from test_classification import FAST_TRAIN, generated_reviews, write_config, write_jsonl
-from test_tagging import generated_sentences
 
 from alignloop.cli import main
+from test_classification import FAST_TRAIN, generated_reviews, write_config, write_jsonl
+from test_tagging import generated_sentences
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_classification import FAST_TRAIN, generated_reviews, write_config, write_jsonl
 
 import alignloop.train.sft as sft_module
 from alignloop.cli import main
+from test_classification import FAST_TRAIN, generated_reviews, write_config, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +83,26 @@ def test_bad_search_space_is_one_line(tmp_path, capsys, tiny_model):
                  "--output", str(tmp_path / "s")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "search space key 'train.learning_rate'" in err and "unknown key" in err
+
+
+def test_hopeless_trial_is_pruned(tmp_path, tiny_model):
+    import optuna
+
+    from alignloop.config import SFTConfig
+    from alignloop.sweep import Param, run_sweep
+
+    train = write_jsonl(tmp_path / "train.jsonl", generated_reviews(320, 1))
+    cfg = SFTConfig.model_validate({
+        "task": "classification", "output_dir": str(tmp_path / "cls"), "model": {"name_or_path": str(tiny_model)},
+        "data": {"train": str(train), "max_seq_len": 24, "split": {"validation": 0.2}},
+        "train": {**FAST_TRAIN, "lr": 3e-3, "eval_steps": 2, "metric": "eval_loss"},
+    })
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    study = optuna.create_study(study_name="alignloop", storage=f"sqlite:///{sweep / 'study.db'}")
+    for lr in (3e-3, 3e-3, 1e-9):  # the third learns nothing: its loss stays above the median
+        study.enqueue_trial({"train.lr": lr})
+    study, _ = run_sweep(cfg, 3, {"train.lr": Param(type="float", low=1e-9, high=1e-2, log=True)}, sweep)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE", "PRUNED"]
+    assert not (sweep / "trial-002" / "FINISHED").exists()  # stopped early, never finished
+    assert study.best_trial.number in (0, 1)

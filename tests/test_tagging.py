@@ -8,10 +8,10 @@ import time
 from pathlib import Path
 
 import pytest
-from test_classification import FAST_TRAIN, shared_data, write_config, write_jsonl
 
 from alignloop.cli import main
 from alignloop.train.tagging import to_bio
+from test_classification import FAST_TRAIN, shared_data, write_config, write_jsonl
 
 PEOPLE = [["Anna"], ["Marek", "Novak"], ["Li", "Wei"], ["Jose"], ["Kofi", "Annan"], ["Sara", "Lind"]]
 PLACES = [["Paris"], ["New", "York"], ["Lagos"], ["Oslo"], ["Buenos", "Aires"], ["Hanoi"]]
