@@ -36,7 +36,16 @@ from starlette.concurrency import run_in_threadpool
 
 from alignloop.errors import UserError
 from alignloop.feedback import agreement, auth, charts, tasks
-from alignloop.feedback.db import DEFAULT_CRITERIA, ROLES, Candidate, Comparison, Round, User, open_db
+from alignloop.feedback.db import (
+    DEFAULT_CRITERIA,
+    ROLES,
+    Assignment,
+    Candidate,
+    Comparison,
+    Round,
+    User,
+    open_db,
+)
 from alignloop.feedback.export import FORMATS, export_records, to_jsonl
 
 HERE = Path(__file__).parent
@@ -312,10 +321,17 @@ def create_app(db_url: str, sessions: sessionmaker | None = None, secure_cookies
         return tasks.task_view(a, a.prompt.round)
 
     @app.post("/api/tasks/{task_id}/label")
-    def api_label(task_id: int, body: LabelBody, user: User = Depends(role("annotator")),
+    def api_label(task_id: int, body: LabelBody, next: bool = False, user: User = Depends(role("annotator")),
                   db: Session = Depends(get_db)):
+        """Store a label (committed before the answer). With ``?next=true`` the answer also carries the
+        next task of the same round (or null), saving a round trip per label."""
         label, created = tasks.submit_label(db, user, task_id, body.model_dump())
-        return {"label_id": label.id, "task_id": task_id, "created": created, "skipped": label.skipped}
+        out = {"label_id": label.id, "task_id": task_id, "created": created, "skipped": label.skipped}
+        if next:
+            rnd = db.get(Assignment, task_id).prompt.round
+            following = tasks.next_task(db, user, rnd)
+            out["next"] = tasks.task_view(following, rnd) if following is not None else None
+        return out
 
     @app.get("/api/rounds/{name}/progress")
     def api_progress(name: str, admin: User = Depends(role("admin")), db: Session = Depends(get_db)):

@@ -235,7 +235,10 @@ def make_engine(db: str) -> Engine:
             folder = Path(parsed.database).parent
             if not folder.is_dir():
                 raise UserError(f"--db: folder {folder} does not exist")
-        engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
+        # One connection: SQLite runs one write transaction at a time anyway, and threads queueing on the
+        # pool wake up at once, where SQLite's busy handler would sleep in steps of up to 100 ms.
+        engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False},
+                               pool_size=1, max_overflow=0, pool_timeout=120)
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)
         return engine

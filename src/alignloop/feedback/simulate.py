@@ -65,24 +65,21 @@ class SimulatedAnnotator:
                    for cid, s in noisy.items()}
         return {"ranking": ranking, "ratings": ratings}
 
-    def label_one(self, round_name: str) -> bool:
-        """Fetch the next task and submit a label; False when the queue is empty."""
-        r = self.client.post(f"/api/rounds/{round_name}/next")
-        if r.status_code == 204:
-            return False
-        r.raise_for_status()
-        task = r.json()
-        r = self.client.post(f"/api/tasks/{task['task_id']}/label", json=self.judge(task))
-        r.raise_for_status()
-        self.labelled.append(task["task_id"])
-        return True
-
     def run(self, round_name: str, max_labels: int) -> int:
+        """Label until ``max_labels`` are submitted or the queue is empty; returns how many were submitted."""
         if self.token is None:
             self.login()
+        r = self.client.post(f"/api/rounds/{round_name}/next")
+        r.raise_for_status()
+        task = r.json() if r.status_code == 200 else None
         n = 0
-        while n < max_labels and self.label_one(round_name):
+        while task is not None and n < max_labels:
+            more = "?next=true" if n + 1 < max_labels else ""
+            r = self.client.post(f"/api/tasks/{task['task_id']}/label{more}", json=self.judge(task))
+            r.raise_for_status()
+            self.labelled.append(task["task_id"])
             n += 1
+            task = r.json().get("next")
         return n
 
 

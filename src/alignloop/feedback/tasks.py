@@ -148,29 +148,41 @@ def next_task(db: Session, user: User, rnd: Round, seed: int | None = None) -> A
         return current
     mine = select(Assignment.prompt_id).where(Assignment.user_id == user.id)
     has_candidates = select(Candidate.prompt_id).where(Candidate.kind == "candidate")
-    # Fill items that already have labels first, so overlapping items complete and agreement is measurable.
-    pids = db.scalars(select(Prompt.id).where(
-        Prompt.round_id == rnd.id, Prompt.assigned < rnd.overlap, Prompt.id.not_in(mine),
-        Prompt.id.in_(has_candidates),
-    ).order_by(Prompt.assigned.desc(), Prompt.id).limit(25)).all()
-    for pid in pids:
-        took = db.execute(update(Prompt).where(Prompt.id == pid, Prompt.assigned < rnd.overlap)
-                          .values(assigned=Prompt.assigned + 1))
-        if took.rowcount != 1:
-            continue
-        prompt = db.get(Prompt, pid)
-        order = [c.id for c in prompt.candidates if c.kind == "candidate"]
-        random.Random(seed if seed is not None else random.random()).shuffle(order)
-        a = Assignment(prompt_id=pid, user_id=user.id, order=order)
-        db.add(a)
-        try:
-            db.commit()
-        except IntegrityError:  # the same user asked twice at once; the other request got this item
-            db.rollback()
-            return open_assignment(db, user, rnd)
-        return a
+    rng = random.Random(seed)
+    # Concurrent requests race for the same free slots; a lost race just means looking again. Only an
+    # empty query result means the queue is really empty for this user.
+    for _attempt in range(50):
+        # Fill items that already have labels first, so overlapping items complete and agreement can be
+        # measured; shuffled within equal fill so concurrent requests mostly try different items.
+        rows = db.execute(select(Prompt.id, Prompt.assigned).where(
+            Prompt.round_id == rnd.id, Prompt.assigned < rnd.overlap, Prompt.id.not_in(mine),
+            Prompt.id.in_(has_candidates),
+        ).order_by(Prompt.assigned.desc(), Prompt.id).limit(50)).all()
+        if not rows:
+            break
+        pids = sorted(rows, key=lambda r: (-r.assigned, rng.random()))
+        for pid, _ in pids:
+            took = db.execute(update(Prompt).where(Prompt.id == pid, Prompt.assigned < rnd.overlap)
+                              .values(assigned=Prompt.assigned + 1))
+            if took.rowcount == 1:
+                return _assign(db, user, rnd, pid, rng)
+        db.rollback()
     db.rollback()
     return None
+
+
+def _assign(db: Session, user: User, rnd: Round, pid: int, rng: random.Random) -> Assignment | None:
+    prompt = db.get(Prompt, pid)
+    order = [c.id for c in prompt.candidates if c.kind == "candidate"]
+    rng.shuffle(order)
+    a = Assignment(prompt_id=pid, user_id=user.id, order=order)
+    db.add(a)
+    try:
+        db.commit()
+    except IntegrityError:  # the same user asked twice at once; the other request got this item
+        db.rollback()
+        return open_assignment(db, user, rnd)
+    return a
 
 
 def owned_assignment(db: Session, user: User, task_id: int) -> Assignment:
