@@ -95,6 +95,9 @@ def test_sampling_parameters(server, client):
     cut = client.completions.create(model="tiny", prompt="Repeat twice:", max_tokens=20, temperature=0, stop=[stop],
                                     extra_body={"ignore_eos": True})
     assert cut.choices[0].text == text[: text.index(stop)] and cut.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(model="tiny", prompt="Repeat twice:", max_tokens=20, temperature=0,
+                                         stop=stop, stream=True, extra_body={"ignore_eos": True})
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == cut.choices[0].text  # nothing leaks
     # Seeded sampling repeats itself; different seeds (almost surely) differ on a random model.
     runs = [client.completions.create(model="tiny", prompt="Repeat", max_tokens=16, temperature=1.0, seed=s,
                                       extra_body={"ignore_eos": True}).choices[0].text for s in (7, 7, 8)]
@@ -208,3 +211,16 @@ def test_full_queue_refuses_and_a_disconnect_frees_the_slot(tiny_model_factory):
         assert finished[("alignloop_finished_requests_total", (("reason", "cancelled"),))] == 1
         generated = metric(url, "alignloop_generated_tokens_total")[("alignloop_generated_tokens_total", ())]
         assert generated < 1000
+
+
+def test_serve_command_errors_are_one_line(model_dir, capsys):
+    import importlib.util
+
+    from alignloop.cli import main
+
+    if importlib.util.find_spec("vllm") is None or not torch.cuda.is_available():  # else it would serve
+        assert main(["serve", "--model", str(model_dir), "--engine", "vllm"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "vllm" in err and "\n" not in err and "Traceback" not in err
+    assert main(["serve", "--model", str(model_dir), "--max-batch", "0"]) == 2
+    assert "--max-batch" in capsys.readouterr().err

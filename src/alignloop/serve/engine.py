@@ -272,7 +272,7 @@ class TransformersEngine:
         cache = DynamicCache(config=self.model.config)
         logits = self._forward(ids, mask, positions, cache)
         self.metrics.prompt_tokens.inc(int(mask.sum()))
-        rows = [_Row(g, _generator(g.params.seed)) for g in gens]
+        rows = [_Row(g, _generator(g.params.seed, self.device)) for g in gens]
         return _Batch(rows, cache, mask, mask.sum(-1), logits)
 
     def _step(self, batch: _Batch) -> _Batch | None:
@@ -333,8 +333,8 @@ def _find_stop(text: str, stops: tuple[str, ...], start: int) -> int | None:
     return min(hits) if hits else None
 
 
-def _generator(seed: int | None) -> torch.Generator:
-    g = torch.Generator()
+def _generator(seed: int | None, device: torch.device) -> torch.Generator:
+    g = torch.Generator(device=device)  # multinomial needs a generator on the logits' device
     if seed is None:
         g.seed()
     else:
