@@ -141,21 +141,34 @@ def _fmt(v: float) -> str:
     return f"{v:.4g}"
 
 
+def _legend_rows(names: Sequence[str], room: float) -> int:
+    rows, used = 1, 0.0
+    for name in names:
+        w = 24 + 6.5 * len(name)
+        if used + w > room and used > 0:
+            rows, used = rows + 1, 0.0
+        used += w
+    return rows
+
+
 def line_chart(plot_id: str, title: str, series: Sequence[Series], xlabel: str, ylabel: str,
                y2label: str | None = None, x_names: dict[float, str] | None = None,
                hline: float | None = None, width: int = 560, height: int = 300) -> str:
     """An SVG line chart with axes, ticks, labels and a legend; "no data" when every series is empty."""
     series = [s for s in series if s.points]
     esc = html.escape
-    head = (f'<svg class="plot" data-plot="{esc(plot_id)}" xmlns="http://www.w3.org/2000/svg" '
-            f'width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
-            f'aria-label="{esc(title)}"><title>{esc(title)}</title>'
-            f'<text x="{width / 2}" y="18" class="title">{esc(title)}</text>')
+
+    def svg_open(h: int, css: str) -> str:
+        return (f'<svg class="{css}" data-plot="{esc(plot_id)}" xmlns="http://www.w3.org/2000/svg" '
+                f'width="{width}" height="{h}" viewBox="0 0 {width} {h}" role="img" '
+                f'aria-label="{esc(title)}"><title>{esc(title)}</title>'
+                f'<text x="{width / 2}" y="18" class="title">{esc(title)}</text>')
+
     if not series:
-        return (head.replace('class="plot"', 'class="plot empty"', 1) +
-                f'<text x="{width / 2}" y="{height / 2}" class="nodata">no data</text></svg>')
+        return svg_open(height, "plot empty") + f'<text x="{width / 2}" y="{height / 2}" class="nodata">no data</text></svg>'
     left, right, top, bottom = 62, (62 if y2label else 18), 30, 72
     pw, ph = width - left - right, height - top - bottom
+    legend_rows = _legend_rows([s.name + (" (right axis)" if s.right else "") for s in series], width - left - 8)
 
     def bounds(group: list[Series]) -> list[float]:
         ys = [y for s in group for _, y in s.points] + [v for s in group for e in (s.errors or []) for v in e]
@@ -177,7 +190,7 @@ def line_chart(plot_id: str, title: str, series: Sequence[Series], xlabel: str, 
         t = axes[right_axis]
         return top + ph - (y - t[0]) / ((t[-1] - t[0]) or 1) * ph
 
-    out = [head, f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" class="frame"/>']
+    out = [svg_open(height + 16 * (legend_rows - 1), "plot"), f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" class="frame"/>']
     for x in xt:
         label = x_names[x] if x_names else _fmt(x)
         out.append(f'<line x1="{px(x):.1f}" y1="{top + ph}" x2="{px(x):.1f}" y2="{top + ph + 4}" class="axis"/>'
@@ -198,7 +211,7 @@ def line_chart(plot_id: str, title: str, series: Sequence[Series], xlabel: str, 
     if hline is not None:
         out.append(f'<line x1="{left}" y1="{py(hline, False):.1f}" x2="{left + pw}" y2="{py(hline, False):.1f}" '
                    'class="hline"/>')
-    legend_x = left
+    legend_x, legend_y = left, top + ph + 50
     for i, s in enumerate(series):
         colour = PALETTE[i % len(PALETTE)]
         dash = ' stroke-dasharray="6 4"' if s.dashed else ""
@@ -212,9 +225,13 @@ def line_chart(plot_id: str, title: str, series: Sequence[Series], xlabel: str, 
             out.append(f'<line x1="{px(x):.1f}" y1="{py(lo, s.right):.1f}" x2="{px(x):.1f}" y2="{py(hi, s.right):.1f}" '
                        f'stroke="{colour}" stroke-width="1.5" class="whisker"/>')
         name = s.name + (" (right axis)" if s.right else "")
-        out.append(f'<rect x="{legend_x}" y="{height - 22}" width="12" height="4" fill="{colour}"/>'
-                   f'<text x="{legend_x + 16}" y="{height - 16}" class="legend">{esc(name)}</text>')
-        legend_x += 24 + 7 * len(name)
+        item_width = 24 + 6.5 * len(name)
+        if legend_x + item_width > width - 8 and legend_x > left:  # wrap onto the next legend row
+            legend_x, legend_y = left, legend_y + 16
+        out.append(f'<line x1="{legend_x}" y1="{legend_y - 4}" x2="{legend_x + 14}" y2="{legend_y - 4}" '
+                   f'stroke="{colour}" stroke-width="3"{dash}/>'
+                   f'<text x="{legend_x + 18}" y="{legend_y}" class="legend">{esc(name)}</text>')
+        legend_x += item_width
     out.append("</svg>")
     return "".join(out)
 
