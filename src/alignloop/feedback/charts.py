@@ -58,6 +58,8 @@ def line_chart(points: list[tuple[str, float]], lo: float = -1.0, hi: float = 1.
 def interval_chart(rows: list[tuple[str, float, float, float]], title: str = "win rate (95% interval)") -> Markup:
     """One row per comparison: (label, estimate, low, high) on [0, 1], with the 0.5 line."""
     width = W - LEFT - 50
+    if not rows:
+        return _svg(40, '<text x="10" y="24" font-size="12">no votes yet</text>', title)
 
     def x(v: float) -> float:
         return LEFT + v * width
