@@ -1,0 +1,171 @@
+"""Export aggregation rules, agreement metrics, the Alembic schema and the feedback CLI commands."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from alignloop.cli import main
+from alignloop.data.formats import parse_feedback
+from alignloop.data.io import Record
+from alignloop.feedback import agreement, auth, tasks
+from alignloop.feedback.db import Prompt, User, open_db
+from alignloop.feedback.export import borda, export_records
+from feedback_fixtures import *  # noqa: F403  (fixtures)
+from feedback_fixtures import PASSWORD
+
+
+def seed_round(Sessions, overlap=3, items=None, criteria=None):
+    """A round whose items are labelled directly through tasks (what the API calls)."""
+    with Sessions() as db:
+        rnd = tasks.create_round(db, "r", criteria or [{"name": "relevance", "min": 1, "max": 7},
+                                                       {"name": "creativity", "min": 1, "max": 7}], overlap=overlap)
+        tasks.add_items(db, rnd, items or [{"prompt": "P", "responses": ["A", "B", "C"]}])
+        users = [auth.create_user(db, f"u{i}", "annotator", PASSWORD) for i in range(overlap)]
+        db.commit()
+        return rnd, users
+
+
+def label_as(Sessions, username, ranking_texts, ratings=None, flags=None, skip=False):
+    with Sessions() as db:
+        user = db.query(User).filter_by(username=username).one()
+        rnd = tasks.get_round(db, "r")
+        a = tasks.next_task(db, user, rnd)
+        by_text = {c.text: c.id for c in a.prompt.candidates}
+        payload = {"skip": skip, "ranking": [by_text[t] for t in ranking_texts],
+                   "ratings": {by_text[t]: s for t, s in (ratings or {}).items()},
+                   "flags": [{"candidate_id": by_text[t], "kind": k} for t, k in (flags or [])]}
+        tasks.submit_label(db, user, a.id, payload)
+
+
+def export(Sessions, fmt, **kw):
+    with Sessions() as db:
+        return export_records(db, tasks.get_round(db, "r"), fmt, **kw)
+
+
+def test_borda_orders_by_mean_position_and_keeps_exact_ties():
+    assert borda([[1, 2, 3], [1, 3, 2], [2, 1, 3]], [1, 2, 3]) == [0, 1, 2]
+    assert borda([[1, 2], [2, 1]], [1, 2]) == [[0, 1]]
+    assert borda([[3, 1, 2]], [1, 2, 3]) == [2, 0, 1]
+
+
+def test_overlapping_labels_are_aggregated_by_the_documented_rules(fb_sessions):
+    seed_round(fb_sessions, overlap=3)
+    label_as(fb_sessions, "u0", ["A", "B", "C"], ratings={"A": {"relevance": 7}, "B": {"relevance": 4}})
+    label_as(fb_sessions, "u1", ["B", "A", "C"], ratings={"A": {"relevance": 5, "creativity": 2}})
+    label_as(fb_sessions, "u2", ["A", "C", "B"])
+    (rank,) = export(fb_sessions, "rankings")
+    # Mean positions: A (0+1+0)/3, B (1+0+2)/3, C (2+2+1)/3 -> A, B, C.
+    assert rank == {"prompt": "P", "responses": ["A", "B", "C"], "ranking": [0, 1, 2]}
+    pairs = {(p["chosen"], p["rejected"]) for p in export(fb_sessions, "pairs")}
+    # A>B 2:1, A>C 3:0, B>C 2:1 (majority each time).
+    assert pairs == {("A", "B"), ("A", "C"), ("B", "C")}
+    ratings = {r["response"]: r["scores"] for r in export(fb_sessions, "ratings")}
+    assert ratings == {"A": {"creativity": 2.0, "relevance": 6.0}, "B": {"relevance": 4.0}}
+    per_label = export(fb_sessions, "rankings", per_annotator=True)
+    assert [(r["annotator"], r["ranking"]) for r in per_label] == [("u0", [0, 1, 2]), ("u1", [1, 0, 2]),
+                                                                    ("u2", [0, 2, 1])]
+    # Everything exported is a valid reward-model record.
+    for fmt in ("rankings", "pairs", "ratings"):
+        for n, rec in enumerate(export(fb_sessions, fmt, per_annotator=True)):
+            parse_feedback(Record(rec, f"export:{n + 1}"))
+
+
+def test_even_split_gives_a_tie_and_no_pair(fb_sessions):
+    seed_round(fb_sessions, overlap=2, items=[{"prompt": "P", "responses": ["A", "B"]}])
+    label_as(fb_sessions, "u0", ["A", "B"])
+    label_as(fb_sessions, "u1", ["B", "A"])
+    assert export(fb_sessions, "pairs") == []
+    assert export(fb_sessions, "rankings")[0]["ranking"] == [[0, 1]]
+
+
+def test_skipped_and_unsafe_are_left_out_unless_asked(fb_sessions):
+    seed_round(fb_sessions, overlap=3)
+    label_as(fb_sessions, "u0", ["A", "B", "C"], flags=[("B", "unsafe"), ("C", "wrong")])
+    label_as(fb_sessions, "u1", ["C", "B", "A"], skip=True)
+    (rank,) = export(fb_sessions, "rankings")
+    assert rank["responses"] == ["A", "C"] and rank["ranking"] == [0, 1]  # B flagged unsafe; the skip counts for nothing
+    (full,) = export(fb_sessions, "rankings", include_unsafe=True)
+    assert full["responses"] == ["A", "B", "C"] and full["ranking"] == [0, 1, 2]
+
+
+def test_agreement_metrics(fb_sessions):
+    items = [{"prompt": f"P{i}", "responses": ["A", "B", "C", "D"], "gold_ranking": [0, 1, 2, 3]} for i in range(4)]
+    seed_round(fb_sessions, overlap=2, items=items, criteria=[{"name": "relevance", "min": 1, "max": 7}])
+    scores = {"A": 7, "B": 5, "C": 3, "D": 2}
+    for _ in items:  # u0 agrees with gold; u1 reverses it and rates one step lower
+        label_as(fb_sessions, "u0", ["A", "B", "C", "D"], ratings={t: {"relevance": v} for t, v in scores.items()})
+        label_as(fb_sessions, "u1", ["D", "C", "B", "A"],
+                 ratings={t: {"relevance": v - 1} for t, v in scores.items()})
+    with fb_sessions() as db:
+        rnd = tasks.get_round(db, "r")
+        report = agreement.agreement_report(db, rnd)
+    assert report["rankings"]["kendall_tau"] == pytest.approx(-1.0) and report["rankings"]["pairs"] == 4
+    assert report["rankings"]["over_time"] and all(p["tau"] == pytest.approx(-1.0)
+                                                   for p in report["rankings"]["over_time"])
+    # Ratings agree up to a constant shift of 1 on a spread of 5: alpha is high but below 1.
+    import krippendorff
+    import numpy as np
+
+    expected = krippendorff.alpha(reliability_data=np.array([[7, 5, 3, 2] * 4, [6, 4, 2, 1] * 4], dtype=float),
+                                  level_of_measurement="interval")
+    assert report["ratings_alpha"]["relevance"] == pytest.approx(expected) and 0.8 < expected < 1.0
+    assert report["gold"] == {"u0": {"tau": 1.0, "items": 4}, "u1": {"tau": -1.0, "items": 4}}
+    assert agreement.ranking_tau([1, 2, 3], [1, 3, 2]) == pytest.approx(1 / 3)
+
+
+def test_alembic_schema_matches_the_models(any_db_url):
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from alignloop.feedback.db import Base
+
+    Sessions = open_db(any_db_url)
+    with Sessions() as db:
+        diff = compare_metadata(MigrationContext.configure(db.connection()), Base.metadata)
+        assert diff == []
+        version = db.connection().exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
+        assert version == "0001"
+    open_db(any_db_url)  # upgrading an up-to-date database is a no-op
+
+
+def test_cli_create_user_export_and_errors(tmp_path, monkeypatch, capsys, fb_sessions, fb_db_url):
+    seed_round(fb_sessions, overlap=1)
+    label_as(fb_sessions, "u0", ["C", "A", "B"])
+    monkeypatch.setenv("ADMIN_PW", "a-long-password")
+    assert main(["feedback", "create-user", "--db", fb_db_url, "--username", "root", "--role", "admin",
+                 "--password-env", "ADMIN_PW"]) == 0
+    with fb_sessions() as db:
+        root = db.query(User).filter_by(username="root").one()
+        assert root.role == "admin" and auth.authenticate(db, "root", "a-long-password") is not None
+    out = tmp_path / "r.jsonl"
+    assert main(["feedback", "export", "--db", fb_db_url, "--round", "r", "--output", str(out)]) == 0
+    (rec,) = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [rec["responses"][i] for i in rec["ranking"]] == ["C", "A", "B"]
+    assert main(["feedback", "invite", "--db", fb_db_url, "--username", "newbie"]) == 0
+    assert "/invite/" in capsys.readouterr().out
+    capsys.readouterr()
+    for argv, needle in [
+        (["feedback", "export", "--db", fb_db_url, "--round", "nope", "--output", str(out)], "no round named 'nope'"),
+        (["feedback", "export", "--db", str(tmp_path / "missing" / "x.db"), "--round", "r", "--output", str(out)],
+         "does not exist"),
+        (["feedback", "create-user", "--db", fb_db_url, "--username", "root", "--password-env", "ADMIN_PW"],
+         "already exists"),
+        (["feedback", "add-items", "--db", fb_db_url, "--round", "r", "--items", str(tmp_path / "none.jsonl")],
+         "not found"),
+    ]:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+
+
+def test_add_items_from_file_and_gold(tmp_path, fb_sessions, fb_db_url):
+    seed_round(fb_sessions, overlap=1)
+    items = tmp_path / "items.jsonl"
+    items.write_text(json.dumps({"prompt": "Q", "responses": ["x", "y"], "gold_ranking": [1, 0]}) + "\n")
+    assert main(["feedback", "add-items", "--db", fb_db_url, "--round", "r", "--items", str(items)]) == 0
+    with fb_sessions() as db:
+        q = db.query(Prompt).filter_by(text="Q").one()
+        assert [c.text for c in q.candidates] == ["x", "y"]
+        assert q.gold_ranking == [q.candidates[1].id, q.candidates[0].id]
