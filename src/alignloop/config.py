@@ -352,7 +352,7 @@ class PPOSettings(Strict):
     entropy_coef: float = Field(0.0, ge=0)
     # Stop the rest of a rollout's PPO epochs when the approximate KL(old || new) exceeds this.
     max_approx_kl: float | None = Field(None, gt=0)
-    # Added to the score of responses that hit max_new_tokens without EOS (e.g. -1.0).
+    # Subtracted from the score of responses that hit max_new_tokens without EOS (e.g. 1.0).
     missing_eos_penalty: float | None = None
     reward_clip: float | None = Field(None, gt=0)  # clip scores to [-c, c]
     ptx_coef: float = Field(0.0, ge=0)  # PPO-ptx: weight of the LM loss on data.ptx
@@ -361,6 +361,8 @@ class PPOSettings(Strict):
     # Critic: "reward_model" = separate value model initialised from the reward model (needs reward.model);
     # "policy_head" = a value head on the policy's hidden states.
     critic: Literal["reward_model", "policy_head"] = "reward_model"
+    # Start the separate critic from this sequence-classification folder instead of reward.model.
+    critic_model: str | None = None
     critic_lr: float | None = Field(None, gt=0)  # default: train.lr
     # GRPO: divide group-centred scores by the group std.
     grpo_scale_rewards: bool = True
@@ -417,8 +419,9 @@ class PPOConfig(Strict):
         if p.rollout_size % p.mini_batch_size or p.mini_batch_size % p.micro_batch_size:
             raise ValueError("ppo.rollout_size must be a multiple of ppo.mini_batch_size, and that of "
                              "ppo.micro_batch_size")
-        if p.algorithm == "ppo" and p.critic == "reward_model" and not self.reward.model:
-            raise ValueError("ppo.critic=reward_model needs reward.model (or set ppo.critic=policy_head)")
+        if p.algorithm == "ppo" and p.critic == "reward_model" and not (self.reward.model or p.critic_model):
+            raise ValueError("ppo.critic=reward_model needs reward.model or ppo.critic_model (or set "
+                             "ppo.critic=policy_head)")
         if p.ptx_coef > 0 and not self.data.ptx:
             raise ValueError("ppo.ptx_coef > 0 needs data.ptx (SFT records)")
         return self

@@ -46,7 +46,7 @@ from alignloop.train.checkpoint import Checkpointer, load_trainable_state, train
 from alignloop.train.core import build_optimizer, build_scheduler, epoch_batches, make_accelerator
 
 log = logging.getLogger(__name__)
-TIMING_KEYS = ("time_generation", "time_scoring", "time_training", "samples_per_sec")
+TIMING_KEYS = ("time_generation", "time_scoring", "time_training", "time_step", "samples_per_sec")
 
 
 # ---------------------------------------------------------------- data
@@ -169,6 +169,16 @@ def frozen(model: nn.Module) -> nn.Module:
     return model
 
 
+def load_policy_and_reference(cfg: PPOConfig, device: torch.device) -> tuple[nn.Module, nn.Module | None, object]:
+    """(policy, reference, tokenizer). A LoRA policy has no separate reference: the reference is the same
+    base weights with the adapter disabled, so only one copy of them is held. Dropout is off in both."""
+    policy, tok = load_pretrained(cfg.model.model_copy(update={"dropout": 0.0}), device=device, for_training=True)
+    ensure_chat_template(tok, cfg.data.chat_template)
+    lora = cfg.model.adapter in ("lora", "qlora") or hasattr(policy, "disable_adapter")
+    ref = None if lora else frozen(copy.deepcopy(policy))
+    return no_dropout(prepare_for_training(policy, cfg.model)), ref, tok
+
+
 def ptx_batches(path: str, tokenizer, batch_size: int, seed: int):
     """Endless seeded stream of SFT batches for PPO-ptx, indexed so resume is exact."""
     from collections import Counter
@@ -195,15 +205,10 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
     device = acc.device
     torch.manual_seed(cfg.train.seed)
 
-    # Models: dropout off everywhere, or the log-probabilities of identical inputs would differ.
-    policy, tok = load_pretrained(cfg.model.model_copy(update={"dropout": 0.0}), device=device, for_training=True)
-    ensure_chat_template(tok, cfg.data.chat_template)
-    lora = cfg.model.adapter in ("lora", "qlora") or hasattr(policy, "disable_adapter")
-    ref = None if lora else frozen(copy.deepcopy(policy))  # LoRA: the same weights, adapter disabled
-    policy = no_dropout(prepare_for_training(policy, cfg.model))
+    policy, ref, tok = load_policy_and_reference(cfg, device)
     critic: ValueModel | None = None
     if p.algorithm == "ppo":
-        critic = critic_from_reward_model(cfg.reward.model, device) if p.critic == "reward_model" \
+        critic = critic_from_reward_model(p.critic_model or cfg.reward.model, device) if p.critic == "reward_model" \
             else policy_value_head(policy)
     reward = build_reward(cfg.reward.model, cfg.reward.functions, cfg.reward.remote_url, cfg.reward.weights,
                           cfg.reward.batch_size, cfg.reward.remote_timeout, device)
@@ -241,9 +246,11 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
             with policy.disable_adapter():
                 return _micro(r, p.micro_batch_size, lambda m: _logprobs(policy, m, g.temperature))
 
-    def held_out_reward() -> float:
+    def held_out_reward() -> float | None:
         """Mean reward of sampled responses to the held-out prompts, with a fixed seed (same draws before
         and after training) and without touching the training RNG stream."""
+        if not eval_prompts:
+            return None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.train.seed + 1)
             policy.eval()
@@ -289,6 +296,7 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
     from tqdm.auto import tqdm
 
     bar = tqdm(total=p.steps, initial=state["step"], desc=p.algorithm, dynamic_ncols=True, leave=False)
+    t_prev = time.perf_counter()
     while state["step"] < p.steps:
         # ---- rollout: the next prompts in a seeded order, each repeated samples_per_prompt times
         plan = [b for b in epoch_batches(len(train_prompts), prompts_per_step, cfg.train.seed, state["epoch"])
@@ -420,7 +428,10 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
         if returns is not None:
             record["explained_variance"] = pm.explained_variance(old_values, returns, mask)
         record.update({"time_generation": t1 - t0, "time_scoring": t2 - t1, "time_training": t3 - t2,
-                       "samples_per_sec": len(r) / (t3 - t0)})
+                       "samples_per_sec": len(r) / (t3 - t0),
+                       # wall time since the previous step's record: includes its logging and checkpoint
+                       "time_step": t3 - t_prev})
+        t_prev = t3
         kl_ctl.update(mean_kl, len(r))
         if state["step"] % cfg.train.log_steps == 0 or state["step"] == p.steps:
             metrics.write(record)

@@ -1,0 +1,134 @@
+"""alignloop's RLHF stage on the peer benchmark's RL workload: samples/s with a generation / scoring /
+training split and peak memory, printed as one ``BENCH_JSON {...}`` line.
+
+    python bench/ppo.py --model tiny --fixtures /tmp/peer-bench/fixtures                  # PPO
+    python bench/ppo.py --model tiny --fixtures /tmp/peer-bench/fixtures --algorithm rloo  # or grpo
+
+The workload is the peer's (trl_ppo_legacy.py for PPO, trl_rl.py for RLOO/GRPO; see its README.md):
+synth.rl_prompts(64); rollouts of 32 samples with exactly 64 new tokens each (T=1, top-k off, top-p 1,
+KV cache; generation does not stop at EOS, the response still ends at its first EOS for the loss);
+KL coefficient 0.05 to a frozen reference; 256 samples in all.
+  ppo:       32 prompts per rollout; policy + value model (a sequence-classification copy of the policy
+             fixture); reward = the tiny fixture as a sequence classifier (seed 43); 1 PPO epoch of
+             4 micro-batches x 8 (one optimizer step).
+  rloo/grpo: 8 prompts x 4 samples; reward = synth.synthetic_reward; 4 optimizer steps of 8 samples.
+The first rollout and its update are warm-up and excluded; the window runs from the end of step 1 to the
+end of the last step and includes everything the loop does (logging, checkpoint bookkeeping).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+PEER = Path(os.environ.get("ALIGNLOOP_PEER_BENCH", Path(__file__).resolve().parents[2] / "shared" / "peer-bench"))
+
+
+def synthetic_reward(prompts, responses, topic, **_):
+    """The peer's rule-based reward, in alignloop's reward-function signature."""
+    import synth
+
+    return [synth.synthetic_reward(p, c, t) for p, c, t in zip(prompts, responses, topic, strict=True)]
+
+
+def save_seq_cls(src: Path, out: Path, seed: int, stage: str | None) -> Path:
+    """The fixture as a 1-output sequence classifier with a head drawn from ``seed`` (as the peer does)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(src)
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(src, num_labels=1, dtype=torch.float32)
+    model.config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    meta = {"stage": stage, "normalization": {"mean": 0.0, "std": 1.0}} if stage else {}
+    (out / "alignloop.json").write_text(json.dumps(meta))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", choices=("tiny", "25m"), default="tiny")
+    ap.add_argument("--fixtures", type=Path, default=PEER / "fixtures", help="the peer's make_fixtures.py output")
+    ap.add_argument("--algorithm", choices=("ppo", "rloo", "grpo"), default="ppo")
+    ap.add_argument("--total-samples", type=int, default=256)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--ppo-epochs", type=int, default=1)
+    ap.add_argument("--kl-coef", type=float, default=0.05)
+    a = ap.parse_args()
+
+    sys.path.insert(0, str(PEER))
+    import common  # noqa: E402  (pins threads and offline env before torch loads)
+    import synth  # noqa: E402
+
+    common.setup_torch()
+    common.quiet_logs()
+    from alignloop.config import PPOConfig, build_config
+    from alignloop.runs import read_metrics
+    from alignloop.train.ppo import run_ppo
+
+    policy_dir = a.fixtures / ("llama-tiny" if a.model == "tiny" else "llama-25m")
+    if not (policy_dir / "config.json").exists():
+        raise SystemExit(f"missing fixture {policy_dir}: run the peer's make_fixtures.py (see its README.md)")
+    ppo = a.algorithm == "ppo"
+    rollout = 32
+    work = Path(tempfile.mkdtemp(prefix="alignloop-bench-ppo-"))
+    prompts = work / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(p) + "\n" for p in synth.rl_prompts(64)))
+    overrides = [
+        f"ppo.steps={a.total_samples // rollout}", f"ppo.rollout_size={rollout}", f"ppo.kl_coef={a.kl_coef}",
+        f"ppo.ppo_epochs={a.ppo_epochs if ppo else 1}", "ppo.micro_batch_size=8",
+        f"ppo.mini_batch_size={rollout if ppo else 8}", f"ppo.samples_per_prompt={1 if ppo else 4}",
+        f"generation.max_new_tokens={a.new_tokens}", "generation.stop_on_eos=false", "generation.temperature=1.0",
+        "generation.top_k=0", "generation.top_p=1.0", "data.eval_fraction=0", "data.max_prompt_len=4096",
+        "train.report_to=[]", "train.lr=1e-6", "train.save_steps=1000000",
+        "train.samples_to_log=0", "ppo.whiten_advantages=true",
+    ]
+    if ppo:
+        reward_dir = save_seq_cls(a.fixtures / "llama-tiny", work / "reward", 43, "rm")
+        critic_dir = save_seq_cls(policy_dir, work / "critic", 44, None)
+        overrides += [f"reward.model={reward_dir}", f"ppo.critic_model={critic_dir}", "reward.batch_size=32"]
+    else:
+        overrides += ["reward.functions=[__main__:synthetic_reward]"]
+    cfg = build_config(PPOConfig, None, {"model.name_or_path": str(policy_dir), "data.train": str(prompts),
+                                         "output_dir": str(work / "run"), "ppo.algorithm": a.algorithm}, overrides)
+    run_ppo(cfg, overwrite=True)
+    rows = read_metrics(work / "run" / "metrics.jsonl")
+    timed = rows[1:]  # step 1 (first rollout + update) is warm-up
+    secs = sum(r["time_step"] for r in timed)
+    gen = sum(r["time_generation"] for r in timed)
+    score = sum(r["time_scoring"] for r in timed)
+    samples = rollout * len(timed)
+    common.emit({
+        "bench": f"alignloop_{a.algorithm}",
+        "model": a.model,
+        "params": json.loads((work / "run" / "eval.json").read_text())["parameters"]["total"],
+        "reward": "reward_model(tiny seq-cls)" if ppo else "rule_fn",
+        "samples_per_rollout": rollout,
+        "micro_batch": 8,
+        "num_ppo_epochs": a.ppo_epochs if ppo else 1,
+        "new_tokens": a.new_tokens,
+        "kl_coef": a.kl_coef,
+        "updates": len(rows),
+        "timed_updates": len(timed),
+        "timed_seconds": round(secs, 3),
+        "samples": samples,
+        "samples_per_sec": round(samples / secs, 3) if secs else None,
+        "generated_tokens_per_sec_overall": round(samples * a.new_tokens / secs, 1) if secs else None,
+        "generate_s": round(gen, 3),
+        "score_s": round(score, 3),  # reward + reference (+ critic) forwards
+        "train_s": round(secs - gen - score, 3),  # PPO epochs plus the loop's bookkeeping
+        "generate_frac": round(gen / secs, 3) if secs else None,
+        "generate_new_tokens_per_sec": round(samples * a.new_tokens / gen, 1) if gen else None,
+        "mean_score_first": rows[0]["score_mean"],
+        "mean_score_last": rows[-1]["score_mean"],
+    })
+
+
+if __name__ == "__main__":
+    main()
