@@ -113,9 +113,10 @@ def test_32_concurrent_requests_are_batched(server):
     before = metric(url, "alignloop_batch_size")
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120)
 
-    async def one(i: int):
+    async def one(i: int):  # every fourth request greedy: batched rows must decode exactly like generate
         return await client.completions.create(model="tiny", prompt=PROMPTS[i % 4] + str(i), max_tokens=8,
-                                               temperature=0.7, seed=i, extra_body={"ignore_eos": True})
+                                               temperature=0.0 if i % 4 == 0 else 0.7, seed=i,
+                                               extra_body={"ignore_eos": True})
 
     async def run_all():
         try:
@@ -125,6 +126,11 @@ def test_32_concurrent_requests_are_batched(server):
 
     results = asyncio.run(run_all())
     assert all(r.usage.completion_tokens == 8 and r.choices[0].finish_reason == "length" for r in results)
+    for i in range(0, 32, 4):
+        ids = srv.engine.tokenizer(PROMPTS[0] + str(i))["input_ids"]
+        out = srv.engine.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                        do_sample=False, max_new_tokens=8, min_new_tokens=8)
+        assert results[i].choices[0].text == srv.engine.tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
     after = metric(url, "alignloop_batch_size")
     steps = after[("alignloop_batch_size_count", ())] - before.get(("alignloop_batch_size_count", ()), 0)
     rows = after[("alignloop_batch_size_sum", ())] - before.get(("alignloop_batch_size_sum", ()), 0)
@@ -211,6 +217,11 @@ def test_full_queue_refuses_and_a_disconnect_frees_the_slot(tiny_model_factory):
         assert finished[("alignloop_finished_requests_total", (("reason", "cancelled"),))] == 1
         generated = metric(url, "alignloop_generated_tokens_total")[("alignloop_generated_tokens_total", ())]
         assert generated < 1000
+        # A dead engine shows in /health and refuses work instead of queueing it forever.
+        srv.engine.stop()
+        assert httpx.get(url + "/health").status_code == 503
+        assert_openai_error(httpx.post(url + "/v1/completions", json={**body, "stream": False}), 503,
+                            code="engine_stopped")
 
 
 def test_serve_command_errors_are_one_line(model_dir, capsys):

@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from alignloop.serve.engine import Delta, Generation, QueueFull, SamplingParams
+from alignloop.serve.engine import Delta, EngineStopped, Generation, QueueFull, SamplingParams
 from alignloop.serve.metrics import ServeMetrics
 
 
@@ -205,6 +205,8 @@ class Server:
         except QueueFull as exc:
             self.metrics.rejected.labels("queue_full").inc()
             raise APIError(429, f"{exc}; retry later", type_="rate_limit_error", code="queue_full") from None
+        except EngineStopped as exc:
+            raise APIError(503, str(exc), type_="server_error", code="engine_stopped") from None
         return gen
 
 
@@ -304,7 +306,9 @@ def create_app(server: Server) -> FastAPI:
         return error_response(500, f"internal error: {type(exc).__name__}: {exc}", type_="server_error")
 
     @app.get("/health")
-    async def health() -> dict:
+    async def health():
+        if server.engine is not None and not server.engine.is_alive():
+            return error_response(503, "the generation engine has stopped", type_="server_error")
         return {"status": "ok", "model": server.model_name}
 
     @app.get("/metrics")
@@ -399,9 +403,6 @@ class Guard:
     def __init__(self, app: FastAPI, server: Server) -> None:
         self.app = app
         self.server = server
-
-    def __getattr__(self, name: str):  # uvicorn and tests reach app.state etc. through the wrapper
-        return getattr(self.app, name)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":

@@ -56,6 +56,10 @@ class QueueFull(Exception):
     """Every running slot and every queue place is taken."""
 
 
+class EngineStopped(Exception):
+    """The worker is gone (shutting down); nothing new can be generated."""
+
+
 class Generation:
     """The client side of one request: an async stream of Deltas, fed from the engine's thread."""
 
@@ -187,9 +191,14 @@ class TransformersEngine:
         if self._thread is not None:
             self._thread.join(timeout=30)
 
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> Generation:
         gen = Generation(prompt_ids, params, self._cancelled)
         with self._cond:
+            if self._stopping or not self.is_alive():
+                raise EngineStopped("the generation engine has stopped")
             if len(self._waiting) + self._running >= self.max_batch + self.max_queue:
                 raise QueueFull(f"server busy: {self._running} running and {len(self._waiting)} queued requests")
             self._waiting.append(gen)

@@ -57,6 +57,9 @@ class VLLMEngine:
     def start(self) -> None:
         """vLLM runs its own scheduler loop."""
 
+    def is_alive(self) -> bool:
+        return not getattr(self.llm, "errored", False)
+
     def stop(self) -> None:
         shutdown = getattr(self.llm, "shutdown", None)
         if shutdown is not None:
