@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from alignloop.errors import UserError
 
@@ -100,6 +100,13 @@ class TrainConfig(Strict):
     # auto: bf16 autocast on GPUs that support it, plain fp32 on CPU.
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     gradient_checkpointing: bool = False
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, v: object) -> object:
+        # YAML reads a bare `no` as false.
+        return "no" if v is False else v
+
     # Batches of similar length waste less compute on padding; order stays seeded and resumable.
     group_by_length: bool = True
     log_steps: int = Field(10, gt=0)
@@ -168,7 +175,10 @@ class RewardObjective(Strict):
 class RMConfig(Strict):
     output_dir: str = "runs/rm"
     model: ModelConfig = ModelConfig()
-    data: DataConfig = DataConfig(max_seq_len=512, split=SplitConfig(validation=0.1, test=0.1))
+    # Whitespace is left as written: the scorer sees responses exactly as PPO generates them (a leading
+    # space included), so training must see them the same way.
+    data: DataConfig = DataConfig(max_seq_len=512, split=SplitConfig(validation=0.1, test=0.1),
+                                  clean=CleanConfig(normalize_whitespace=False))
     train: TrainConfig = TrainConfig(lr=1e-5, metric="eval_accuracy")
     # Rating criteria (names, scales, weights). multi_criteria=true gives one head per criterion and the
     # reward is their weighted combination; otherwise one head learns the weighted overall judgement.
