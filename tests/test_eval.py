@@ -8,6 +8,7 @@ import re
 
 import pytest
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from alignloop.cli import main
 from alignloop.config import EvalConfig, SafetyConfig
@@ -15,9 +16,19 @@ from alignloop.data import synthetic as S
 from alignloop.evaluate.eval import distinct_n, run_eval
 from alignloop.evaluate.judge import win_rate
 from alignloop.evaluate.safety import SafetyCheck
+from alignloop.models.load import load_tokenizer
 from alignloop.models.tiny import build_tiny_model
 
 GOLD = "alignloop.data.synthetic:gold_breakdown"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread; on a shared CPU two threads spin-wait each other badly."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +36,10 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     texts = [r["text"] for r in S.pretraining_corpus(300, seed=0)]
     a = build_tiny_model(root / "a", texts, vocab_size=400, hidden=32, layers=2, heads=2, seed=1)
-    b = build_tiny_model(root / "b", texts, vocab_size=400, hidden=32, layers=2, heads=2, seed=2)
+    b = root / "b"  # the same tokenizer, other random weights
+    torch.manual_seed(2)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(a)).save_pretrained(b)
+    load_tokenizer(str(a)).save_pretrained(b)
     prompts = S.write_jsonl(root / "prompts.jsonl", S.eval_prompts(12, seed=0))
     test = S.write_jsonl(root / "test.jsonl", S.sft_records(6, seed=1))
     return {"root": root, "a": str(a), "b": str(b), "prompts": str(prompts), "test": str(test)}
@@ -91,7 +105,7 @@ def test_reward_model_scores_and_win_rate(world):
     reward = pytest.importorskip("alignloop.models.reward")
     from transformers import AutoModelForSequenceClassification
 
-    from alignloop.models.load import load_tokenizer, save_model
+    from alignloop.models.load import save_model
 
     torch.manual_seed(0)
     rm = AutoModelForSequenceClassification.from_pretrained(world["b"], num_labels=1)
