@@ -1,0 +1,130 @@
+"""Rollouts: left-padded batches compute what single unpadded sequences compute; padding and prompt
+tokens never reach a loss; sampling settings never suppress EOS."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from alignloop.config import ModelConfig, PPOSettings
+from alignloop.models.load import load_pretrained
+from alignloop.models.tiny import build_tiny_model
+from alignloop.rl.rollout import Rollout, SamplingSettings, generate, response_logits, response_logprobs
+from alignloop.train.ppo import ValueModel, _micro_loss, policy_value_head
+
+WORDS = "red blue green cat dog bird runs jumps sleeps big small happy sad tree river stone".split()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and the cores are shared with other test processes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def build(tmp_path_factory, arch: str):
+    rng = random.Random(0)
+    texts = [" ".join(rng.choice(WORDS) for _ in range(8)) for _ in range(200)]
+    path = build_tiny_model(tmp_path_factory.mktemp(arch), texts, arch=arch, vocab_size=300, hidden=32, layers=2,
+                            heads=2)
+    model, tok = load_pretrained(ModelConfig(name_or_path=str(path)), for_training=False)
+    return model.eval(), tok
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build(tmp_path_factory, "llama")
+
+
+def prompts_of(tok, n=5):
+    rng = random.Random(1)
+    return [tok(" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 6))))["input_ids"] for _ in range(n)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_left_padded_logprobs_equal_unpadded_one_at_a_time(tmp_path_factory, arch):
+    model, tok = build(tmp_path_factory, arch)
+    prompts = prompts_of(tok)
+    assert len({len(p) for p in prompts}) > 1  # the batch really is padded
+    torch.manual_seed(0)
+    r = generate(model, prompts, SamplingSettings(max_new_tokens=6, temperature=0.7), tok.eos_token_id,
+                 tok.pad_token_id)
+    with torch.no_grad():
+        batched = response_logprobs(model, r, temperature=0.7)
+        # the generation pass's own log-probs (KV cache, temperature) agree with a fresh forward
+        assert torch.allclose(r.logprobs, batched, atol=1e-4)
+        for i, p in enumerate(prompts):
+            n = int(r.response_mask[i].sum())
+            alone = Rollout(torch.tensor([p]), torch.ones(1, len(p), dtype=torch.long), r.response_ids[i:i + 1, :n],
+                            torch.ones(1, n, dtype=torch.long), r.ended[i:i + 1])
+            single = response_logprobs(model, alone, temperature=0.7)[0]
+            assert torch.allclose(single, batched[i, :n], atol=1e-5)
+
+
+def test_padding_and_prompt_never_reach_a_loss(tiny):
+    model, tok = tiny
+    prompts = prompts_of(tok, 4)
+    torch.manual_seed(1)
+    r = generate(model, prompts, SamplingSettings(max_new_tokens=6), tok.eos_token_id, tok.pad_token_id)
+    # force a short response so there is right padding as well as left padding
+    r.response_ids[0, 2] = tok.eos_token_id
+    r.response_ids[0, 3:] = tok.pad_token_id
+    r.response_mask[0, 3:] = 0
+    mask = r.response_mask.float()
+    with torch.no_grad():
+        assert response_logits(model, r).shape[0] == int(r.response_mask.sum())  # the LM head sees responses only
+        old = response_logprobs(model, r, 1.0) + 0.05 * mask
+    adv = torch.randn(mask.shape) * mask
+    critic = policy_value_head(model)
+    settings = PPOSettings(entropy_coef=0.01)
+
+    def loss_of(rr: Rollout, old_logp, advantages):
+        with torch.no_grad():
+            values = critic.values(rr, _policy_hidden(model, rr))
+            loss, _ = _micro_loss(model, critic, rr, mask, old_logp, old_logp, advantages, values + 1.0,
+                                  values * 0.5, 0.05, settings, 1.0)
+        return loss
+
+    base = loss_of(r, old, adv)
+    garbled = Rollout(r.prompt_ids.clone(), r.prompt_mask, r.response_ids.clone(), r.response_mask, r.ended)
+    garbled.prompt_ids[r.prompt_mask == 0] = 7  # left padding
+    garbled.response_ids[r.response_mask == 0] = 9  # right padding
+    junk = (1 - mask) * 123.0
+    assert torch.allclose(base, loss_of(garbled, old + junk, adv + junk), atol=1e-6)
+
+
+def _policy_hidden(model, r):
+    from alignloop.train.ppo import _policy_forward
+
+    return _policy_forward(model, r, True)[1]
+
+
+def test_value_head_reads_policy_hidden_states(tiny):
+    model, tok = tiny
+    critic = policy_value_head(model)
+    assert isinstance(critic, ValueModel) and critic.body is None
+    assert sum(p.numel() for p in critic.parameters()) == model.get_input_embeddings().embedding_dim + 1
+
+
+def test_sampling_never_suppresses_eos_and_ignores_checkpoint_defaults(tiny):
+    model, tok = tiny
+    prompt = prompts_of(tok, 1)
+    # the near-greedy first token becomes "EOS": generation must stop right there
+    first = int(generate(model, prompt, SamplingSettings(max_new_tokens=1, temperature=0.01), tok.eos_token_id,
+                         tok.pad_token_id).response_ids[0, 0])
+    model.generation_config.min_new_tokens = 5  # a checkpoint default that would suppress EOS
+    model.generation_config.min_length = 50
+    try:
+        r = generate(model, prompt, SamplingSettings(max_new_tokens=8, temperature=0.01), first, tok.pad_token_id)
+        assert r.response_ids.shape[1] == 1 and bool(r.ended[0])
+        fixed = generate(model, prompt, SamplingSettings(max_new_tokens=8, temperature=0.01, stop_on_eos=False),
+                         first, tok.pad_token_id)
+        assert fixed.response_ids.shape[1] == 8  # fixed length, but the response still ends at the EOS
+        assert fixed.response_mask.tolist() == [[1, 0, 0, 0, 0, 0, 0, 0]]
+    finally:
+        model.generation_config.min_new_tokens = None
+        model.generation_config.min_length = 0
