@@ -1,0 +1,105 @@
+"""The round trip: `alignloop collect` fills a round from a model; simulated annotators label it through
+the HTTP API of the real server; `alignloop feedback export` writes what `alignloop rm` trains on."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+import reward_data as rd
+from alignloop.cli import main
+from alignloop.feedback import tasks
+from alignloop.feedback.db import Candidate, Label, open_db
+from alignloop.feedback.simulate import make_annotators, run_annotators
+from alignloop.models.tiny import build_tiny_model
+from feedback_fixtures import *  # noqa: F403  (fixtures)
+from feedback_fixtures import PASSWORD, create_users
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield build_tiny_model(tmp_path_factory.mktemp("fb-tiny") / "model", rd.texts(), vocab_size=300, hidden=32,
+                           layers=2, heads=4)
+    torch.set_num_threads(before)
+
+
+def test_collect_generates_k_candidates_with_settings(tiny_model, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"prompt": "Tell me about boats:"}, {"prompt": "Tell me about bread:"},
+        {"messages": [{"role": "user", "content": "Tell me about music:"}]}]))
+    db = str(tmp_path / "fb.db")
+    assert main(["collect", "--model", str(tiny_model), "--prompts", str(prompts), "--k", "3", "--round", "c1",
+                 "--db", db, "--max-new-tokens", "12", "--temperature", "0.9", "--seed", "3"]) == 0
+    with open_db(db)() as s:
+        rnd = tasks.get_round(s, "c1")
+        cands = s.query(Candidate).all()
+        assert len(cands) == 9 and {c.model for c in cands} == {str(tiny_model)}
+        g = cands[0].generation
+        assert (g["temperature"], g["top_p"], g["max_new_tokens"], g["seed"], g["k"]) == (0.9, 0.95, 12, 3, 3)
+        per_prompt = {}
+        for c in cands:
+            per_prompt.setdefault(c.prompt.text, []).append(c.text)
+        assert "user: Tell me about music:" in per_prompt
+        # Sampling: the K candidates of a prompt differ.
+        assert all(len(set(texts)) > 1 for texts in per_prompt.values())
+        assert rnd.criteria[0]["name"] == "relevance"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "no prompt"}\n')
+    assert main(["collect", "--model", str(tiny_model), "--prompts", str(bad), "--round", "c1", "--db", db]) == 2
+
+
+def total_gold(response: str) -> int:
+    return sum(rd.gold(response, c) for c in rd.CRITERION_WORDS)
+
+
+def held_out_pairs(n: int, seed: int) -> list[dict]:
+    """Unseen pairs ordered by the simulated annotators' hidden judgement (all criteria together)."""
+    rng, out = random.Random(seed), []
+    while len(out) < n:
+        a, b = rd.response(rng), rd.response(rng)
+        if total_gold(a) != total_gold(b):
+            hi, lo = (a, b) if total_gold(a) > total_gold(b) else (b, a)
+            out.append({"prompt": rd.prompt(rng), "chosen": hi, "rejected": lo})
+    return out
+
+
+@pytest.mark.slow
+def test_simulated_annotators_export_feeds_alignloop_rm(tiny_model, tmp_path, live_server_factory):
+    db_url = str(tmp_path / "fb.db")
+    rng = random.Random(5)
+    items = [{"prompt": rd.prompt(rng), "responses": [rd.response(rng) for _ in range(4)]} for _ in range(90)]
+    with open_db(db_url)() as db:
+        rnd = tasks.create_round(db, "sim", [{"name": c, "min": 1, "max": 7} for c in rd.CRITERION_WORDS],
+                                 overlap=2)
+        tasks.add_items(db, rnd, items)
+    names = ["sim1", "sim2", "sim3"]
+    create_users(db_url, dict.fromkeys(names, "annotator"))
+    server = live_server_factory(db_url).start()
+
+    def gold(prompt: str, response: str) -> dict[str, float]:
+        return {c: 1.0 + 1.5 * rd.gold(response, c) for c in rd.CRITERION_WORDS}
+
+    annotators = make_annotators(server.url, names, PASSWORD, gold, noise=0.3, bias_scale=0.3, seed=1)
+    done = run_annotators(annotators, "sim", max_labels=100)  # until the queue is empty
+    assert sum(done.values()) == 180 and all(n > 0 for n in done.values())
+    with open_db(db_url)() as db:
+        assert db.query(Label).count() == 180  # every item labelled by exactly two annotators
+
+    export = tmp_path / "rankings.jsonl"
+    assert main(["feedback", "export", "--db", db_url, "--round", "sim", "--output", str(export)]) == 0
+    records = [json.loads(x) for x in export.read_text().splitlines()]
+    assert len(records) == 90
+    test_pairs = rd.write_jsonl(tmp_path / "test.jsonl", held_out_pairs(100, seed=9))
+    run = tmp_path / "rm"
+    code = main(["-q", "rm", "--model", str(tiny_model), "--data", str(export), "--test-data", str(test_pairs),
+                 "--output", str(run), "train.lr=3e-3", "train.batch_size=16", "train.report_to=[]", "train.epochs=3"])
+    assert code == 0
+    test = json.loads((run / "eval.json").read_text())["test"]
+    # Trained only on what the simulated people said through the app, it ranks unseen pairs.
+    assert test["accuracy"] >= 0.7, test
