@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo test test-fast test-system-deps lint bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,8 +22,23 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/alignloop demo
 
-test: $(STAMP)
+test: $(STAMP) test-system-deps
 	$(PY) -m pytest -q --timeout 900 tests
+
+# Debian packages for the real-browser tests (chromium, driven by playwright from the dev extra; no
+# `playwright install`) and the PostgreSQL tests (a throwaway cluster from initdb/pg_ctl). Installed only
+# when missing, with one `apt-get update`; without root or apt-get those tests skip and say why.
+test-system-deps:
+	@missing=""; \
+	command -v chromium >/dev/null 2>&1 || dpkg -s chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	dpkg -s postgresql >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing$$missing"; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	else \
+		echo "note: cannot install$$missing (needs root and apt-get); the tests that need them will skip"; \
+	fi
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not real_model" tests
