@@ -4,11 +4,13 @@ reviews, side-by-side votes, invites and escaping."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
 from sqlalchemy import select
 
+from alignloop.feedback import tasks
 from alignloop.feedback.db import Label, Prompt, Token, User
 from feedback_fixtures import *  # noqa: F403  (fixtures)
 from feedback_fixtures import PASSWORD, api_login
@@ -268,3 +270,53 @@ def test_html_form_label_round_trip(fb_client, fb_sessions):
         (stored,) = db.scalars(select(Label)).all()
         assert stored.ranking == [cids[1], cids[0]] and stored.ratings[0].value == 7.0
         assert stored.flags[0].kind == "off_topic"
+
+
+def test_admin_review_and_compare_pages_work_through_forms(fb_client, fb_sessions):
+    csrf = browser_login(fb_client, "admin")
+    r = fb_client.post("/admin/rounds", data={"csrf_token": csrf, "name": "web", "overlap": "2",
+                                              "criteria": "helpful:1-5:Does it help?\nsafe:0-1:Is it harmless?"})
+    assert r.status_code == 200 and "Round web" in r.text
+    lines = [{"prompt": "q1", "responses": [{"text": "a1", "model": "A"}, {"text": "b1", "model": "B"}]},
+             {"prompt": "q2", "responses": ["x", "y"], "gold_ranking": [1, 0]}]
+    upload = "".join(json.dumps(x) + "\n" for x in lines).encode()
+    r = fb_client.post("/admin/rounds/web/upload", data={"csrf_token": csrf, "kind": "candidate"},
+                       files={"file": ("items.jsonl", upload, "application/jsonl")})
+    assert r.status_code == 200 and "2 items" in r.text
+    policy = json.dumps({"prompt": "q3", "responses": [{"text": "ppo says hi", "model": "ppo"}]}).encode()
+    fb_client.post("/admin/rounds/web/upload", data={"csrf_token": csrf, "kind": "policy"},
+                   files={"file": ("p.jsonl", policy, "application/jsonl")})
+    bad = fb_client.post("/admin/rounds/web/upload", data={"csrf_token": csrf, "kind": "candidate"},
+                         files={"file": ("bad.jsonl", b"{not json\n", "application/jsonl")})
+    assert bad.status_code == 422 and "line 1" in bad.json()["detail"]
+    r = fb_client.post("/admin/invites", data={"csrf_token": csrf, "username": "carol", "role": "reviewer"})
+    assert r.status_code == 200 and "/invite/" in r.text
+    with fb_sessions() as db:
+        rnd = tasks.get_round(db, "web")
+        assert [c["name"] for c in rnd.criteria] == ["helpful", "safe"] and rnd.overlap == 2
+
+    reviewer = fb_client.__class__(fb_client.app)
+    rcsrf = browser_login(reviewer, "rev")
+    page = reviewer.get("/rounds/web/review").text
+    sample_id = re.search(r'name="sample_id" value="(\d+)"', page).group(1)
+    assert "ppo says hi" in page
+    r = reviewer.post("/rounds/web/review", data={"csrf_token": rcsrf, "sample_id": sample_id, "decision": "flag"})
+    assert r.status_code == 400 and "say why" in r.text
+    r = reviewer.post("/rounds/web/review", data={"csrf_token": rcsrf, "sample_id": sample_id,
+                                                  "decision": "flag", "reason": "too short"})
+    assert r.status_code == 200 and "No samples waiting" in r.text
+
+    page = reviewer.get("/rounds/web/compare?model_a=A&model_b=B").text
+    comparison_id = re.search(r'name="comparison_id" value="(\d+)"', page).group(1)
+    left = re.findall(r'<div class="card response">([^<]*)</div>', page)[0]
+    r = reviewer.post("/rounds/web/compare", data={"csrf_token": rcsrf, "comparison_id": comparison_id,
+                                                   "winner": "left"})
+    assert r.status_code == 200 and "No more pairs" in r.text
+    (rate,) = tasks_winrates(fb_sessions, "web")
+    assert rate["win_rate"] == (1.0 if left == "a1" else 0.0) and rate["n"] == 1
+    assert "<svg" in fb_client.get("/admin/rounds/web").text
+
+
+def tasks_winrates(Sessions, name):
+    with Sessions() as db:
+        return tasks.win_rates(db, tasks.get_round(db, name))
