@@ -205,11 +205,12 @@ def test_invite_link_works_once(fb_client):
 
 def test_review_decisions_export_as_pairs(fb_client):
     admin, rev = api_login(fb_client, "admin"), api_login(fb_client, "rev")
-    items = [{"prompt": "ppo prompt", "responses": [{"text": "good sample", "model": "ppo"},
-                                                    {"text": "bad sample", "model": "ppo"}]}]
+    # Two lines of a PPO run's samples.jsonl: same prompt, separate items.
+    items = [{"step": 3, "prompt": "ppo prompt", "response": "good sample"},
+             {"step": 3, "prompt": "ppo prompt", "response": "bad sample"}]
     make_round(fb_client, admin, overlap=1, items=items, kind="policy")
     first = fb_client.post("/api/rounds/r1/review/next", headers=rev).json()
-    assert first["response"] == "good sample"
+    assert first["response"] == "good sample" and first["model"] == "ppo-step-3"
     assert fb_client.post(f"/api/reviews/{first['sample_id']}", json={"decision": "approve"},
                           headers=rev).status_code == 200
     second = fb_client.post("/api/rounds/r1/review/next", headers=rev).json()

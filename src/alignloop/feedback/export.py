@@ -104,14 +104,15 @@ def _review_records(fmt: str, db: Session, rnd: Round) -> list[dict[str, Any]]:
     for cand, decision in rows:
         samples[cand.id] = cand
         votes[cand.id][0 if decision == "approve" else 1] += 1
-    approved, flagged = defaultdict(list), defaultdict(list)
+    # Keyed by prompt text: PPO samples of the same prompt may arrive as separate uploads.
+    approved: dict[str, list[Candidate]] = defaultdict(list)
+    flagged: dict[str, list[Candidate]] = defaultdict(list)
     for cid, (yes, no) in votes.items():
         if yes != no:
-            (approved if yes > no else flagged)[samples[cid].prompt_id].append(samples[cid])
+            (approved if yes > no else flagged)[samples[cid].prompt.text].append(samples[cid])
     out = []
-    for pid in sorted(approved.keys() & flagged.keys()):
-        for good, bad in itertools.product(approved[pid], flagged[pid]):
-            prompt = good.prompt.text
+    for prompt in sorted(approved.keys() & flagged.keys()):
+        for good, bad in itertools.product(approved[prompt], flagged[prompt]):
             if fmt == "pairs":
                 out.append({"prompt": prompt, "chosen": good.text, "rejected": bad.text, "source": "review"})
             else:

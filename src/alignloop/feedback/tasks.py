@@ -95,12 +95,17 @@ def get_round(db: Session, name: str) -> Round:
 
 def add_items(db: Session, rnd: Round, items: list[dict], kind: str = "candidate") -> int:
     """Add prompts with their responses. Each item: {"prompt", "responses": [...] or [{"text", "model",
-    "generation"}], optional "gold_ranking": [indices best..worst]}. Returns the number of prompts."""
+    "generation"}], optional "gold_ranking": [indices best..worst]}; policy samples may also be PPO
+    ``samples.jsonl`` lines ({"prompt", "response", "step"}). Returns the number of prompts."""
     for n, item in enumerate(items):
         prompt = item.get("prompt")
         if not isinstance(prompt, str) or not prompt or len(prompt) > MAX_PROMPT_CHARS:
             raise Invalid(f"item {n}: 'prompt' must be text of 1 to {MAX_PROMPT_CHARS} characters")
         responses = item.get("responses", [])
+        if kind == "policy" and "responses" not in item and isinstance(item.get("response"), str):
+            # A PPO run's samples.jsonl line: {"step", "prompt", "response", ...}.
+            step = item.get("step")
+            responses = [{"text": item["response"], "model": item.get("model") or (f"ppo-step-{step}" if step else "")}]
         if not isinstance(responses, list) or len(responses) > 16:
             raise Invalid(f"item {n}: 'responses' must be a list of at most 16")
         if kind == "candidate" and len(responses) < 2:
