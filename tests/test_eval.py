@@ -151,3 +151,39 @@ def test_user_errors_are_one_line(world, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(e.startswith("alignloop eval: error:") for e in err)
     assert "missing.jsonl" in err[0] and "nonsense" in err[1] and "bad.jsonl:2" in err[2]
+
+
+def test_human_side_by_side_win_rates_come_from_the_feedback_db(world, tmp_path):
+    from alignloop.errors import UserError
+    from alignloop.evaluate.judge import human_win_rates
+    from alignloop.feedback import db as fdb
+
+    url = str(tmp_path / "feedback.db")
+    session = fdb.open_db(url)
+    with session() as s:
+        user = fdb.User(username="ann", role="annotator")
+        rnd = fdb.Round(name="round-1", criteria=[])
+        s.add_all([user, rnd])
+        s.flush()
+        prompt = fdb.Prompt(round_id=rnd.id, text="Who is the red fox?")
+        s.add(prompt)
+        s.flush()
+        ours = fdb.Candidate(prompt_id=prompt.id, text="a", model="policy")
+        theirs = fdb.Candidate(prompt_id=prompt.id, text="b", model="sft")
+        s.add_all([ours, theirs])
+        s.flush()
+        # policy shown left twice (wins both), right once (tie), and one vote not cast yet
+        for left, right, winner in ((ours, theirs, "left"), (theirs, ours, "right"), (ours, theirs, "tie"),
+                                    (ours, theirs, None)):
+            s.add(fdb.Comparison(prompt_id=prompt.id, user_id=user.id, left_id=left.id, right_id=right.id,
+                                 model_a="policy", model_b="sft", winner=winner))
+        s.commit()
+    rows = human_win_rates(url)
+    assert len(rows) == 1
+    row = rows[0]
+    assert (row["round"], row["a_wins"], row["ties"], row["b_wins"], row["n"]) == ("round-1", 2, 1, 0, 3)
+    assert row["win_rate"] == pytest.approx(2.5 / 3) and row["ci_low"] < row["win_rate"] < row["ci_high"]
+    with pytest.raises(UserError, match="no round named 'round-9'"):
+        human_win_rates(url, "round-9")
+    out = run_eval(_cfg(world, "human", max_prompts=2, feedback_db=url, feedback_round="round-1"))
+    assert _read(out)[0]["human_win_rates"] == rows

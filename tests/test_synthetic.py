@@ -152,3 +152,42 @@ def test_annotators_are_pure_functions_of_their_inputs(items):
     ranking, ratings = S.judgement_records(prompt, responses, S.annotate(people[0], prompt, responses))
     assert sorted(ranking["ranking"]) == [0, 1, 2, 3] and len(ratings) == 4
     assert all(1 <= v <= 7 for r in ratings for v in r["scores"].values())
+
+
+def test_base_model_pretrains_on_the_corpus_and_is_reused(tmp_path):
+    """The demo's pretraining path: {"text"} records through the SFT stage lower the held-out loss,
+    and a finished run is reused rather than trained again."""
+    import json
+
+    import torch
+
+    from alignloop.demo_world import BaseModelSize, build_base_model
+
+    corpus = S.write_jsonl(tmp_path / "corpus.jsonl", S.pretraining_corpus(240, seed=0))
+    size = BaseModelSize(vocab_size=300, hidden=32, layers=2, heads=2, max_positions=160)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = build_base_model(tmp_path / "base", corpus, size=size, steps=25)
+    finally:
+        torch.set_num_threads(threads)
+    assert (model / "config.json").is_file() and (tmp_path / "base" / "pretrain" / "FINISHED").is_file()
+    evals = [r["eval_loss"] for r in map(json.loads, (tmp_path / "base" / "pretrain" / "metrics.jsonl").open())
+             if "eval_loss" in r]
+    assert evals[-1] < 0.85 * evals[0]  # 25 steps of a 32-wide model: a clear drop, far from converged
+    stamp = (model / "model.safetensors").stat().st_mtime_ns
+    assert build_base_model(tmp_path / "base", corpus, size=size, steps=25) == model
+    assert (model / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_word_soup_is_neither_consistent_nor_creative():
+    """A random model's fragments are not rewarded for being "new words" that contradict nothing."""
+    soup = "wh atnd woone ail braveail wi sk rr omn tref glap undo strak pli"
+    g = S.gold_scores(PROMPT, soup)
+    assert g["consistency"] == 0.0 and g["creativity"] == 0.0
+    plain_english = ("The red fox, with its shimmering coat, sings sweet melodies every evening in the quiet forest, "
+                     "where the old trees listen.")
+    assert S.gold_scores(PROMPT, plain_english)["consistency"] == 1.0  # English about the world is fine
+    generated = {w for p in S.rl_prompts(100, seed=0) for r in S.candidate_responses(p["prompt"], 3, seed=0)
+                 for w in S.words(p["prompt"] + " " + r)}
+    assert generated <= S.LEXICON

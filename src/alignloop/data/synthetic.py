@@ -14,12 +14,14 @@ Gold scores (each in [0, 1]; computed from the text alone, prompt and response):
 * consistency = 1 - 0.25 x conflicting attributes (a second colour or a second place besides the
                 requested one, or two of them when none was requested) - 0.2 x repeated sentences
                 - 0.1 x immediately repeated words (clipped to [0, 1]), scaled down for responses
-                under 8 words (x words / 8).
+                under 8 words (x words / 8) and by fluency (below).
 * creativity  = (half from distinct descriptive adjectives, saturating at 4; half from distinct
                 content words that are not in the prompt, saturating at 16)
                 x length factor x (1 - share of the response's word 4-grams copied from the prompt).
-                The length factor is a sweet spot: it rises linearly to 1 at 12 words, stays 1 up to
-                48 words and falls linearly to 0 at 96 words.
+                x fluency. The length factor is a sweet spot: it rises linearly to 1 at 12 words, stays
+                1 up to 48 words and falls linearly to 0 at 96 words.
+* fluency     = min(1, 2 x share of the words that belong to the world's lexicon): ordinary English
+                about the world keeps it at 1; a random model's fragments of words drive it to 0.
 
 gold_total = 0.5 relevance + 0.3 consistency + 0.2 creativity.
 
@@ -89,6 +91,15 @@ PROMPT_TEMPLATES = [
     ("Describe the {colour} {animal} and what it does.", ("colour", "animal")),
 ]
 
+# Every word the world's own texts use. A response whose words mostly fall outside it is noise
+# (a random model's byte soup), not a consistent or creative answer; see _fluency.
+RESPONSE_WORDS = """far away creature lives has eats by friend who finds kind likes happy nobody seen like before
+people call visits sometimes an"""
+LEXICON = frozenset(
+    [*COLOURS, *ANIMALS, *(f for forms in ACTIONS for f in forms), *PLACES, *ADJECTIVES, *PARTS, *PART, *FOODS]
+    + " ".join(LANDMARKS + TIMES + FRIENDS + [t for t, _ in PROMPT_TEMPLATES]).lower().split()
+    + RESPONSE_WORDS.split() + sorted(STOPWORDS))
+
 _WORD = re.compile(r"[a-z]+")
 _SENTENCE = re.compile(r"[^.!?]+[.!?]?")
 _ACTION_FORM = {form: base for base, *forms in ACTIONS for form in (base, *forms)}
@@ -139,6 +150,13 @@ def _length_factor(n: int) -> float:
     return max(0.0, 1.0 - (n - 48) / 48)
 
 
+def _fluency(ws: list[str]) -> float:
+    """1 when at least half the words are words of the world (ordinary English about it passes easily:
+    function words alone are a third of it), falling to 0 for text made of none of them."""
+    known = sum(w in LEXICON for w in ws) / len(ws)
+    return min(1.0, 2 * known)
+
+
 def _ngrams(ws: list[str], n: int) -> list[tuple[str, ...]]:
     return [tuple(ws[i : i + n]) for i in range(len(ws) - n + 1)]
 
@@ -166,7 +184,7 @@ def gold_scores(prompt: str, response: str) -> dict[str, float]:
     stutters = sum(a == b for a, b in zip(ws, ws[1:], strict=False))
     # A few words cannot contradict themselves, but they are not a consistent account either.
     consistency = min(1.0, max(0.0, 1.0 - 0.25 * conflicts - 0.2 * repeated_sentences - 0.1 * stutters))
-    consistency *= min(1.0, len(ws) / 8)
+    consistency *= min(1.0, len(ws) / 8) * _fluency(ws)
 
     prompt_words = set(words(prompt))
     adjectives = len(set(ws) & set(ADJECTIVES))
@@ -175,7 +193,7 @@ def gold_scores(prompt: str, response: str) -> dict[str, float]:
     prompt_grams = set(_ngrams(words(prompt), 4))
     copied = sum(g in prompt_grams for g in grams) / len(grams) if grams else 0.0
     base = 0.5 * min(adjectives / 4, 1.0) + 0.5 * min(novel / 16, 1.0)
-    creativity = base * _length_factor(len(ws)) * (1.0 - copied)
+    creativity = base * _length_factor(len(ws)) * (1.0 - copied) * _fluency(ws)
     return {"relevance": relevance, "consistency": consistency, "creativity": creativity}
 
 
