@@ -219,6 +219,7 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
                         f"{prompts_per_step} (ppo.rollout_size / ppo.samples_per_prompt)")
     ptx = ptx_batches(cfg.data.ptx, tok, p.ptx_batch_size, cfg.train.seed) if p.ptx_coef > 0 else None
     sampling = SamplingSettings(g.max_new_tokens, g.temperature, g.top_k, g.top_p, g.stop_on_eos)
+    scoring_batch = g.batch_size or p.rollout_size  # no-grad reference / critic forwards, batched as generation
 
     optimizer = build_optimizer(list(policy.named_parameters()), tcfg)
     if critic is not None:  # one optimizer, so one state file restores both
@@ -242,9 +243,9 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
     def reference_logprobs(r: Rollout) -> torch.Tensor:
         with torch.no_grad(), acc.autocast():
             if ref is not None:
-                return _micro(r, p.micro_batch_size, lambda m: _logprobs(ref, m, g.temperature))
+                return _micro(r, scoring_batch, lambda m: _logprobs(ref, m, g.temperature))
             with policy.disable_adapter():
-                return _micro(r, p.micro_batch_size, lambda m: _logprobs(policy, m, g.temperature))
+                return _micro(r, scoring_batch, lambda m: _logprobs(policy, m, g.temperature))
 
     def held_out_reward() -> float | None:
         """Mean reward of sampled responses to the held-out prompts, with a fixed seed (same draws before
@@ -324,7 +325,7 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
         old_values = None
         if critic is not None:
             with torch.no_grad(), acc.autocast():
-                old_values = _micro(r, p.micro_batch_size, lambda m: _values(policy, critic, m))
+                old_values = _micro(r, scoring_batch, lambda m: _values(policy, critic, m))
         t2 = time.perf_counter()
 
         # ---- rewards and advantages
