@@ -318,7 +318,8 @@ class GenerationSettings(Strict):
     top_p: float = Field(1.0, gt=0, le=1)
     # false: always sample max_new_tokens (fixed-length benchmarks); responses still end at their first EOS.
     stop_on_eos: bool = True
-    batch_size: int | None = Field(None, gt=0)  # generation micro-batch; default: the whole rollout
+    # Rows per generation call and per no-grad reference / critic forward; default: the whole rollout.
+    batch_size: int | None = Field(None, gt=0)
 
 
 class RewardSettings(Strict):
