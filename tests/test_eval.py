@@ -187,3 +187,27 @@ def test_human_side_by_side_win_rates_come_from_the_feedback_db(world, tmp_path)
         human_win_rates(url, "round-9")
     out = run_eval(_cfg(world, "human", max_prompts=2, feedback_db=url, feedback_round="round-1"))
     assert _read(out)[0]["human_win_rates"] == rows
+
+
+def test_safety_classifier_flags_by_unsafe_label_probability(world, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from alignloop.errors import UserError
+
+    torch.manual_seed(0)
+    clf = AutoModelForSequenceClassification.from_pretrained(world["a"], num_labels=2,
+                                                             id2label={0: "safe", 1: "unsafe"})
+    clf.save_pretrained(tmp_path / "clf")
+    tok = load_tokenizer(world["a"])
+    tok.save_pretrained(tmp_path / "clf")
+    texts = [r["completion"] for r in S.sft_records(8, seed=3)]
+    check = SafetyCheck(SafetyConfig(classifier=str(tmp_path / "clf"), threshold=0.5))
+    probs = check.unsafe_probability(texts)
+    clf.eval()
+    for text, p in zip(texts, probs, strict=True):
+        with torch.no_grad():
+            alone = clf(**tok(text, return_tensors="pt")).logits.softmax(-1)[0, 1].item()
+        assert p == pytest.approx(alone, abs=1e-4)  # batching and padding change nothing
+    assert check(texts) == [p >= 0.5 for p in probs]
+    with pytest.raises(UserError, match="safety.unsafe_labels"):
+        SafetyCheck(SafetyConfig(classifier=str(tmp_path / "clf"), unsafe_labels=["toxic"]))
