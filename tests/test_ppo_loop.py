@@ -1,0 +1,175 @@
+"""The PPO stage end to end on a toy task: a tiny LM rewarded for how often the letter "a" appears in
+its text. PPO (adaptive KL), GRPO and RLOO must all raise the held-out reward well above the start."""
+
+from __future__ import annotations
+
+import gc
+import json
+import random
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from alignloop.config import PPOConfig, build_config
+from alignloop.errors import UserError
+from alignloop.models.tiny import build_tiny_model
+from alignloop.rl.rewards import CombinedReward, import_callable
+from alignloop.runs import read_metrics
+
+WORDS = "red blue green cat dog bird runs jumps sleeps big small happy sad tree river stone".split()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and the cores are shared with other test processes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+REWARD = "test_ppo_loop:a_share"
+
+
+def a_share(prompts, responses, **_):
+    """Share of characters that are the letter "a", scaled: a countable property of the text."""
+    return [4.0 * r.count("a") / max(len(r), 1) for r in responses]
+
+
+def write_prompts(path: Path, n: int, seed: int) -> Path:
+    rng = random.Random(seed)
+    path.write_text("".join(json.dumps({"prompt": " ".join(rng.choice(WORDS) for _ in range(3))}) + "\n"
+                            for _ in range(n)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ppo_toy")
+    rng = random.Random(0)
+    texts = [" ".join(rng.choice(WORDS) for _ in range(8)) for _ in range(300)]
+    model = build_tiny_model(root / "policy", texts, vocab_size=300, hidden=32, layers=2, heads=2)
+    return {"root": root, "policy": model, "train": write_prompts(root / "train.jsonl", 64, 1),
+            "eval": write_prompts(root / "eval.jsonl", 32, 2)}
+
+
+def toy_config(toy, out: str, overrides: list[str]) -> PPOConfig:
+    flags = {"model.name_or_path": str(toy["policy"]), "data.train": str(toy["train"]),
+             "data.eval": str(toy["eval"]), "output_dir": str(toy["root"] / out)}
+    base = [f"reward.functions=[{REWARD}]", "ppo.critic=policy_head", "generation.max_new_tokens=8",
+            "ppo.rollout_size=32", "ppo.mini_batch_size=16", "ppo.micro_batch_size=16", "train.report_to=[]",
+            "train.save_steps=100"]
+    return build_config(PPOConfig, None, flags, base + overrides)
+
+
+def run(toy, out: str, overrides: list[str]) -> tuple[dict, list[dict]]:
+    from alignloop.train.ppo import run_ppo
+
+    root = run_ppo(toy_config(toy, out, overrides), overwrite=True)
+    return json.loads((root / "eval.json").read_text()), read_metrics(root / "metrics.jsonl")
+
+
+def test_ppo_raises_reward_with_kl_near_target(toy):
+    target = 2.0
+    ev, rows = run(toy, "ppo", ["ppo.steps=20", "train.lr=1e-2", "ppo.ppo_epochs=2", f"ppo.kl_target={target}",
+                                "ppo.kl_horizon=128", "ppo.kl_coef=0.3"])
+    assert ev["reward_after"] > max(2.5 * ev["reward_before"], ev["reward_before"] + 0.2), ev
+    late_kl = sum(r["kl"] for r in rows[-5:]) / 5
+    assert 0.4 * target < late_kl < 2 * target, [round(r["kl"], 2) for r in rows]
+    # the adaptive coefficient moved towards the target: down while KL was below it
+    assert rows[-1]["kl_coef"] < rows[0]["kl_coef"]
+    for key in ("score_mean", "score_std", "reward_total", "kl", "kl_coef", "entropy", "clip_frac", "approx_kl",
+                "value_loss", "explained_variance", "response_length", "no_eos_frac", "time_generation",
+                "time_scoring", "time_training", "samples_per_sec"):
+        assert key in rows[-1], key
+    samples = (toy["root"] / "ppo" / "samples.jsonl").read_text().splitlines()
+    assert samples and {"prompt", "response", "score"} <= json.loads(samples[0]).keys()
+    assert (toy["root"] / "ppo" / "model" / "config.json").exists()
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+def test_critic_free_algorithms_raise_reward(toy, algorithm):
+    ev, rows = run(toy, algorithm, [f"ppo.algorithm={algorithm}", "ppo.samples_per_prompt=4", "ppo.steps=20",
+                                    "train.lr=6e-3"])
+    assert ev["reward_after"] > max(3 * ev["reward_before"], ev["reward_before"] + 0.3), ev
+    assert "value_loss" not in rows[-1]
+
+
+def parameters_alive() -> dict[int, int]:
+    gc.collect()
+    with warnings.catch_warnings():  # isinstance on every live object touches deprecated torch attributes
+        warnings.simplefilter("ignore")
+        return {id(o): o.numel() for o in gc.get_objects() if isinstance(o, nn.Parameter)}
+
+
+def test_lora_policy_holds_one_copy_of_the_base_weights(toy):
+    from alignloop.train.ppo import load_policy_and_reference
+
+    before = parameters_alive()
+    cfg = toy_config(toy, "lora", ["model.adapter=lora", "model.lora.r=4"])
+    policy, ref, _ = load_policy_and_reference(cfg, torch.device("cpu"))
+    held = sum(n for i, n in parameters_alive().items() if i not in before)
+    lora = sum(p.numel() for n, p in policy.named_parameters() if "lora_" in n)
+    full = sum(p.numel() for n, p in policy.named_parameters() if "lora_" not in n)
+    assert ref is None and lora > 0
+    assert held == full + lora  # base weights once, plus the adapter
+    ids = torch.tensor([[1, 5, 9, 14]])
+    with torch.no_grad():
+        before_update = policy(input_ids=ids).logits
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_()  # as if training had moved the adapter
+        with policy.disable_adapter():  # the reference: the same weights with the adapter off
+            reference = policy(input_ids=ids).logits
+        assert torch.allclose(reference, before_update, atol=1e-5)
+        assert not torch.allclose(policy(input_ids=ids).logits, before_update, atol=1e-3)
+    del policy
+    cfg_full = toy_config(toy, "full", [])
+    before = parameters_alive()
+    policy, ref, _ = load_policy_and_reference(cfg_full, torch.device("cpu"))
+    held_full = sum(n for i, n in parameters_alive().items() if i not in before)
+    assert ref is not None and held_full == 2 * full  # a full-weights policy needs a frozen copy
+
+
+def test_reward_sources_errors_and_weights():
+    assert import_callable(REWARD) is a_share
+    with pytest.raises(UserError, match="package.module:function"):
+        import_callable("no_colon")
+    with pytest.raises(UserError, match="no function"):
+        import_callable("test_ppo_loop:missing")
+    combined = CombinedReward({"a": a_share, "len": lambda p, r, **_: [len(x) for x in r]}, {"len": 0.5})
+    total, means = combined(["p", "p"], ["aa", "bbbb"])
+    assert total.tolist() == [4.0 + 1.0, 0.0 + 2.0] and means == {"a": 2.0, "len": 3.0}
+    with pytest.raises(UserError, match="unknown sources"):
+        CombinedReward({"a": a_share}, {"b": 1.0})
+
+
+def test_config_errors_name_the_key(toy):
+    with pytest.raises(UserError, match="samples_per_prompt"):
+        toy_config(toy, "x", ["ppo.algorithm=grpo"])
+    with pytest.raises(UserError, match="reward.model"):
+        build_config(PPOConfig, None, {"model.name_or_path": "m", "data.train": "p.jsonl"}, [])
+
+
+def test_critic_starts_from_the_reward_models_normalised_score(toy):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from alignloop.rl.rollout import Rollout
+    from alignloop.train.ppo import critic_from_reward_model
+
+    rm_dir = toy["root"] / "rm"
+    torch.manual_seed(3)
+    rm = AutoModelForSequenceClassification.from_pretrained(toy["policy"], num_labels=1)
+    rm.save_pretrained(rm_dir)
+    AutoTokenizer.from_pretrained(toy["policy"]).save_pretrained(rm_dir)
+    (rm_dir / "alignloop.json").write_text(json.dumps({"stage": "rm", "normalization": {"mean": 0.5, "std": 2.0}}))
+    critic = critic_from_reward_model(str(rm_dir), torch.device("cpu"))
+    assert sum(p.numel() for p in critic.head.parameters()) == rm.config.hidden_size + 1
+    r = Rollout(torch.tensor([[1, 5, 9]]), torch.ones(1, 3, dtype=torch.long), torch.tensor([[7, 8]]),
+                torch.ones(1, 2, dtype=torch.long), torch.tensor([False]))
+    with torch.no_grad():
+        values = critic.values(r)
+        hidden = rm.model(input_ids=torch.tensor([[1, 5, 9, 7, 8]])).last_hidden_state
+        expected = (rm.score(hidden[0, 2:4]).squeeze(-1) - 0.5) / 2.0
+    assert torch.allclose(values[0], expected, atol=1e-5)
