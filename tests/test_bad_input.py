@@ -88,3 +88,20 @@ def test_real_process_exit_code_and_no_traceback(tiny_model, tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].endswith(f"{data}:2: malformed JSON (Expecting value at column 1)")
+
+
+def test_unreachable_hub_id_is_one_line(capsys, sft_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, err = run_cli(capsys, *sft("no-such-org/no-such-model", sft_data, tmp_path / "run"))
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "cannot load model 'no-such-org/no-such-model'" in err
+    assert not (tmp_path / "run" / "FINISHED").exists()
+
+
+def test_qlora_without_a_gpu_is_refused_clearly(capsys, tiny_model, sft_data, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    code, err = run_cli(capsys, *sft(tiny_model, sft_data, tmp_path / "run", "model.adapter=qlora"))
+    assert code == 2 and "qlora needs a CUDA GPU" in err

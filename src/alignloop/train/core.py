@@ -176,6 +176,7 @@ def fit(
 
     optimizer = build_optimizer(list(model.named_parameters()), cfg)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
+    run.root.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpointer(run.checkpoints, cfg.save_total_limit)
     metrics = MetricsLog(run.metrics_path, enabled=main)
 
