@@ -31,17 +31,27 @@ def chromium_binary() -> str | None:
     return shutil.which("chromium")
 
 
-@pytest.fixture(scope="session")
-def browser_type_launch_args(browser_type_launch_args):
-    """pytest-playwright's launch arguments, pointed at the system chromium (no `playwright install`)."""
+@pytest.fixture
+def browser_page():
+    """A page in Debian's chromium (no `playwright install`). Playwright is started and stopped inside this
+    fixture, not session-wide as pytest-playwright's fixtures do: its event loop must not outlive the test,
+    or later tests that call asyncio.run() fail."""
+    from playwright.sync_api import sync_playwright
+
     binary = chromium_binary()
     if binary is None:
         pytest.skip("chromium is not installed; `make test` installs it (apt-get install chromium)")
-    return {**browser_type_launch_args, "executable_path": binary, "args": CHROMIUM_ARGS, "headless": True}
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=binary, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
+        finally:
+            browser.close()
 
 
 @pytest.mark.slow
-def test_rank_rate_submit_in_a_real_browser(page, tmp_path, live_server_factory):
+def test_rank_rate_submit_in_a_real_browser(browser_page, tmp_path, live_server_factory):
+    page = browser_page
     db_url = str(tmp_path / "feedback.db")
     Sessions = open_db(db_url)
     with Sessions() as db:

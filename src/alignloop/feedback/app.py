@@ -215,8 +215,9 @@ def create_app(db_url: str, sessions: sessionmaker | None = None, secure_cookies
             raise HTTPException(403, f"needs the {role} role")
         return user
 
-    def role(minimum: str, who=api_user):
-        def check(user: User = Depends(who)) -> User:
+    def role(minimum: str):
+        """Dependency: the API caller, who must hold at least ``minimum``."""
+        def check(user: User = Depends(api_user)) -> User:
             return need(user, minimum)
         return check
 

@@ -70,6 +70,9 @@ def _cmd_label(args: argparse.Namespace) -> int:
 
     from alignloop.feedback.app import create_app
 
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.secure_cookies:
+        print("alignloop label: warning: listening beyond loopback without --secure-cookies; serve it "
+              "behind HTTPS and pass --secure-cookies", file=sys.stderr)
     app = create_app(args.db, secure_cookies=args.secure_cookies)
     print(f"alignloop label: serving {args.db} on http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False,
