@@ -172,14 +172,28 @@ class RewardObjective(Strict):
     centering: float = Field(0.0, ge=0)
 
 
+class RMCleanConfig(CleanConfig):
+    # Whitespace is left as written: the scorer sees responses exactly as PPO generates them (a leading
+    # space included), so training must see them the same way.
+    normalize_whitespace: bool = False
+
+
+class RMDataConfig(DataConfig):
+    max_seq_len: int = Field(512, gt=8)
+    split: SplitConfig = SplitConfig(validation=0.1, test=0.1)
+    clean: RMCleanConfig = RMCleanConfig()
+
+
+class RMTrainConfig(TrainConfig):
+    lr: float = Field(1e-5, gt=0)
+    metric: str = "eval_accuracy"
+
+
 class RMConfig(Strict):
     output_dir: str = "runs/rm"
     model: ModelConfig = ModelConfig()
-    # Whitespace is left as written: the scorer sees responses exactly as PPO generates them (a leading
-    # space included), so training must see them the same way.
-    data: DataConfig = DataConfig(max_seq_len=512, split=SplitConfig(validation=0.1, test=0.1),
-                                  clean=CleanConfig(normalize_whitespace=False))
-    train: TrainConfig = TrainConfig(lr=1e-5, metric="eval_accuracy")
+    data: RMDataConfig = RMDataConfig()
+    train: RMTrainConfig = RMTrainConfig()
     # Rating criteria (names, scales, weights). multi_criteria=true gives one head per criterion and the
     # reward is their weighted combination; otherwise one head learns the weighted overall judgement.
     criteria: list[Criterion] = DEFAULT_CRITERIA

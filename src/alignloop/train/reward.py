@@ -460,8 +460,9 @@ def run_rm(cfg: RMConfig, overwrite: bool = False) -> Path:
 
     run.prepare(overwrite)
     acc = make_accelerator(cfg.train, run)
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, set_seed
 
+    set_seed(cfg.train.seed)  # the new reward head is initialised randomly: same seed, same head
     model, tokenizer = load_pretrained(cfg.model, auto_cls=AutoModelForSequenceClassification, device=acc.device,
                                        for_training=True, config_overrides={"num_labels": n_heads})
     if model.config.num_labels != n_heads:

@@ -1,0 +1,183 @@
+"""Reward models learn known preferences; scoring; exact resume after SIGKILL.
+
+The generated world (reward_data.py) has known gold scores: how often a criterion's word occurs in a
+response. A tiny random-init decoder must learn them from pairs, rankings with ties and ratings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import reward_data as rd
+from alignloop.cli import main
+from alignloop.models.load import read_meta
+from alignloop.models.reward import RewardModel
+from alignloop.models.tiny import build_tiny_model
+from alignloop.runs import read_metrics
+
+FAST = ["train.lr=3e-3", "train.batch_size=16", "train.report_to=[]", "train.log_steps=5"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny models gain nothing from threads, and the CPU is shared.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("rm-world")
+    model = build_tiny_model(d / "tiny", rd.texts(), vocab_size=300, hidden=32, layers=2, heads=4)
+    rng = random.Random(11)
+    train = rd.mixed_records(400, seed=1)
+    # Two annotators label the same 30 pairs; the second flips 10 of them: agreement 20/30.
+    for i in range(30):
+        p = rd.pair(rng)
+        train.append(p | {"annotator": "a1"})
+        flipped = p | {"chosen": p["rejected"], "rejected": p["chosen"]} if i < 10 else p
+        train.append(flipped | {"annotator": "a2"})
+    # Pairs whose two responses are the same text must be dropped and counted.
+    same = rd.response(rng)
+    train += [{"prompt": f"Identical {i}:", "chosen": same, "rejected": same} for i in range(3)]
+    return {
+        "model": model,
+        "train": rd.write_jsonl(d / "train.jsonl", train),
+        "val": rd.write_jsonl(d / "val.jsonl", [rd.pair(rng) for _ in range(80)]),
+        "test": rd.write_jsonl(d / "test.jsonl", [rd.pair(rng) for _ in range(200)]),
+        "dir": d,
+    }
+
+
+@pytest.fixture(scope="module")
+def trained(world) -> Path:
+    out = world["dir"] / "run"
+    code = main(["-q", "rm", "--model", str(world["model"]), "--data", str(world["train"]), "--eval-data",
+                 str(world["val"]), "--test-data", str(world["test"]), "--output", str(out), *FAST,
+                 "train.epochs=2"])
+    assert code == 0
+    return out
+
+
+def test_learns_known_preferences_from_pairs_rankings_and_ratings(trained):
+    ev = json.loads((trained / "eval.json").read_text())
+    test = ev["test"]
+    assert test["pairs"] == 200
+    assert test["accuracy"] >= 0.85, test
+    assert ev["validation"]["accuracy"] >= 0.85
+    # the report a user judges the model by
+    assert 0.0 <= test["ece"] <= 1.0
+    assert set(test["accuracy_by_margin"]) <= {"1", "2", "3", "4"} and test["accuracy_by_margin"]
+    assert sum(b["pairs"] for b in test["accuracy_by_margin"].values()) == 200
+    dist = test["reward_distribution"]
+    assert dist["chosen_mean"] > dist["rejected_mean"]
+    assert ev["annotator_agreement"]["items"] == 30
+    assert ev["annotator_agreement"]["pairwise_agreement"] == pytest.approx(20 / 30)
+    report = json.loads((trained / "data_report.json").read_text())
+    assert report["dropped"]["identical_pairs_dropped"] == 3
+    losses = [m["loss"] for m in read_metrics(trained / "metrics.jsonl") if "loss" in m]
+    assert sum(losses[-3:]) < 0.8 * sum(losses[:3])
+    meta = read_meta(trained / "model")
+    assert meta["stage"] == "rm" and meta["criteria"] == ["reward"]
+    assert meta["normalization"]["std"] > 0
+
+
+def test_score_cli_equals_reward_model_and_is_normalised(trained, world, tmp_path):
+    # Every distinct training response: the reference set the normalisation statistics came from.
+    seen, rows = set(), []
+    for line in world["train"].read_text().splitlines():
+        rec = json.loads(line)
+        if rec["prompt"].startswith("Identical"):
+            continue  # dropped from training, so not part of the reference set
+        responses = rec.get("responses") or [rec[k] for k in ("chosen", "rejected", "response") if k in rec]
+        for r in responses:
+            if (rec["prompt"], r) not in seen:
+                seen.add((rec["prompt"], r))
+                rows.append({"prompt": rec["prompt"], "response": r})
+    data = rd.write_jsonl(tmp_path / "to_score.jsonl", rows)
+    out = tmp_path / "scored.jsonl"
+    assert main(["-q", "score", "--model", str(trained / "model"), "--data", str(data), "--output", str(out)]) == 0
+    scored = [json.loads(ln) for ln in out.read_text().splitlines()]
+    assert [s["response"] for s in scored] == [r["response"] for r in rows]
+    cli = torch.tensor([s["reward"] for s in scored])
+    rm = RewardModel.load(trained / "model", device="cpu")
+    api = torch.tensor(rm.score([r["prompt"] for r in rows], [r["response"] for r in rows], batch_size=16))
+    assert torch.allclose(cli, api, atol=1e-5)
+    assert abs(cli.mean().item()) < 1e-3 and cli.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-3)
+    # the normalised reward still orders responses by their gold score
+    gold = torch.tensor([float(rd.gold(r["response"])) for r in rows])
+    assert torch.corrcoef(torch.stack([cli, gold]))[0, 1] > 0.8
+
+
+def test_multi_criteria_heads_each_learn_their_criterion(world):
+    rng = random.Random(5)
+    crits = list(rd.CRITERION_WORDS)
+    train = [rd.rating(rng) if i % 2 else rd.pair(rng, crits[i // 2 % 3], with_criterion=True) for i in range(600)]
+    test = [rd.pair(rng, crits[i % 3], with_criterion=True) for i in range(240)]
+    d = world["dir"] / "multi"
+    d.mkdir()
+    out = d / "run"
+    code = main(["-q", "rm", "--model", str(world["model"]), "--data", str(rd.write_jsonl(d / "train.jsonl", train)),
+                 "--test-data", str(rd.write_jsonl(d / "test.jsonl", test)), "--output", str(out),
+                 "multi_criteria=true", "criteria=[{name: relevance, weight: 2}, {name: consistency}, "
+                 "{name: creativity}]", *FAST, "train.epochs=2"])
+    assert code == 0
+    per = json.loads((out / "eval.json").read_text())["test"]["per_criterion"]
+    assert set(per) == set(crits)
+    for c in crits:
+        assert per[c]["pairs"] == 80 and per[c]["accuracy"] > 0.75, per
+    meta = read_meta(out / "model")
+    assert meta["criteria"] == crits and meta["criteria_weights"] == pytest.approx([0.5, 0.25, 0.25])
+    rm = RewardModel.load(out / "model", device="cpu")
+    assert rm.model.config.num_labels == 3
+    raw = rm.score_criteria(["Tell me about boats:"], [" sun sun sun sun a the of to in it"])[0]
+    assert raw[0] == max(raw)  # only relevance's word occurs
+
+
+def _rm_command(world, data: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "alignloop", "-q", "rm", "--model", str(world["model"]), "--data",
+            str(data), "--eval-data", str(world["val"]), "--output", str(out), "train.lr=3e-3",
+            "train.batch_size=8", "train.report_to=[]", "train.log_steps=2", "train.save_steps=4",
+            "train.eval_steps=12", "train.max_steps=24"]
+
+
+def test_resume_after_sigkill_reproduces_the_uninterrupted_run(world, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(world["train"].read_text().splitlines(keepends=True)[:200]))
+    proc = subprocess.Popen(_rm_command(world, data, killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (killed / "checkpoints" / "latest").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    assert not (killed / "FINISHED").exists()
+    subprocess.run(_rm_command(world, data, killed), env=env, check=True, capture_output=True)
+    subprocess.run(_rm_command(world, data, whole), env=env, check=True, capture_output=True)
+
+    a, b = load_file(killed / "model" / "model.safetensors"), load_file(whole / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    def logged(run: Path) -> list[tuple]:
+        return [(m["step"], m.get("loss"), m.get("eval_loss"), m.get("eval_accuracy"))
+                for m in read_metrics(run / "metrics.jsonl")]
+
+    assert logged(killed) == logged(whole)
+    assert len([m for m in logged(whole) if m[1] is not None]) == 12
+    assert read_meta(killed / "model")["normalization"] == read_meta(whole / "model")["normalization"]
