@@ -138,6 +138,13 @@ def test_request_sizes_and_text_lengths_are_bounded(fb_client):
     big = fb_client.post("/api/rounds/r1/items", content=b"x" * (9 * 1024 * 1024),
                          headers={**admin, "content-type": "application/json"})
     assert big.status_code == 413
+
+    def chunks():  # no Content-Length: the limit is counted while the body streams in
+        for _ in range(9):
+            yield b" " * (1024 * 1024)
+
+    streamed = fb_client.post("/api/rounds", content=chunks(), headers={**admin, "content-type": "application/json"})
+    assert streamed.status_code == 413
     long_prompt = fb_client.post("/api/rounds/r1/items", json={"items": [{"prompt": "p" * 20_001,
                                                                           "responses": ["a", "b"]}]}, headers=admin)
     assert long_prompt.status_code == 422

@@ -19,7 +19,7 @@ import secrets
 from argon2 import PasswordHasher, profiles
 from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, joinedload
 
 from alignloop.errors import UserError
 from alignloop.feedback.db import ROLE_RANK, ROLES, Token, User, utcnow
@@ -103,7 +103,8 @@ def lookup_token(db: Session, secret: str | None, kind: str) -> Token | None:
     """The live token of ``kind`` with this secret (user active, not expired, invite not used)."""
     if not secret or len(secret) > 200:
         return None
-    tok = db.scalar(select(Token).where(Token.token_hash == hash_secret(secret), Token.kind == kind))
+    tok = db.scalar(select(Token).options(joinedload(Token.user))
+                    .where(Token.token_hash == hash_secret(secret), Token.kind == kind))
     if tok is None or tok.expires_at < utcnow() or tok.used_at is not None or not tok.user.active:
         return None
     return tok
