@@ -98,3 +98,35 @@ def test_bad_feedback_is_one_line_naming_file_and_line(tmp_path, capsys, bad, ex
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert f"{data}:3:" in err and expected in err
     assert not (tmp_path / "run").exists()  # rejected before anything was written
+
+
+def test_training_batch_applies_kwise_margin_and_centring_per_unit():
+    from alignloop.config import RMConfig
+    from alignloop.train.reward import Encoded, Group, batch_structure, objective_sum, rewards_with_combined
+
+    order = [[3], [1], [0], [2]]
+    ranking = Group("p", ["a", "b", "c", "d"], "f:1", pairs=ranking_pairs(order), margins=[None] * 6)
+    pair = Group("q", ["x", "y"], "f:2", pairs=[(0, 1)], margins=[1.5])
+    items = [Encoded(ranking, [[5]] * 4), Encoded(pair, [[5]] * 2)]
+    logits = torch.tensor([[0.3], [1.2], [-0.4], [2.0], [0.5], [0.1]])
+    cols = rewards_with_combined(logits, torch.ones(1))
+    batch = batch_structure(items, n_heads=1)
+    assert batch["loss_units"] == 2  # one unit per prompt group, not per pair
+
+    cfg = RMConfig(model={"name_or_path": "m"}, data={"train": "d"})
+    expected = kwise_ranking_loss(logits[:4, 0], order) + bradley_terry(torch.tensor(0.4), torch.tensor(1.5))
+    assert objective_sum(cols, batch, cfg).item() == pytest.approx(expected.item(), abs=1e-6)
+
+    cfg = RMConfig(model={"name_or_path": "m"}, data={"train": "d"}, objective={"centering": 0.1})
+    centring = 0.1 * (centering_penalty(logits[:4, 0]) + centering_penalty(logits[4:, 0]))
+    assert objective_sum(cols, batch, cfg).item() == pytest.approx((expected + centring).item(), abs=1e-6)
+
+
+def test_hh_rlhf_dialogues_split_at_the_last_shared_assistant_turn():
+    from alignloop.data.formats import PreferencePair, parse_feedback
+    from alignloop.data.io import Record
+
+    base = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: help me?\n\nAssistant:"
+    fb = parse_feedback(Record({"chosen": base + " Sure, here is how.", "rejected": base + " No."}, "hh.jsonl:1"))
+    assert isinstance(fb, PreferencePair)
+    assert fb.prompt == base and fb.chosen == " Sure, here is how." and fb.rejected == " No."

@@ -9,8 +9,6 @@ the trainer average exactly over every unit in an optimizer step.
 
 from __future__ import annotations
 
-from itertools import combinations
-
 import torch
 import torch.nn.functional as F
 
@@ -83,8 +81,3 @@ def ordinal_loss(pred: torch.Tensor, level: torch.Tensor, n_levels: torch.Tensor
 def centering_penalty(rewards: torch.Tensor) -> torch.Tensor:
     """Mean squared reward: pulls rewards towards zero so their scale stays put (BT is shift-invariant)."""
     return (rewards ** 2).mean()
-
-
-def all_pairs(k: int) -> list[tuple[int, int]]:
-    """Every (i, j) with i < j among k responses: C(k, 2) pairs."""
-    return list(combinations(range(k), 2))
