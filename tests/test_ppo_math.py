@@ -142,3 +142,11 @@ def test_explained_variance():
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
     assert pm.explained_variance(returns, returns, mask) == pytest.approx(1.0)
     assert pm.explained_variance(torch.full_like(returns, 2.0), returns, mask) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_negative_kl_warning_fires_once_per_persistent_streak():
+    streak, fired = 0, []
+    for kl in [-0.1, -0.2, 0.3, -0.1, -0.1, -0.1, -0.1, 0.0]:
+        streak, warn = pm.negative_kl_streak(streak, kl, patience=3)
+        fired.append(warn)
+    assert fired == [False, False, False, False, False, True, False, False]

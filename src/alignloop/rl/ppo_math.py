@@ -165,6 +165,14 @@ def leave_one_out_advantages(scores: torch.Tensor, group_size: int) -> torch.Ten
     return (g - baseline).reshape(-1)
 
 
+def negative_kl_streak(streak: int, kl: float, patience: int) -> tuple[int, bool]:
+    """Count consecutive steps whose mean KL estimate is negative; the flag is True when the streak
+    reaches ``patience`` (once per streak). A persistently negative KL(policy || reference) of
+    sampled tokens means the log-probabilities do not match the sampler (temperature, top-k/top-p)."""
+    streak = streak + 1 if kl < 0 else 0
+    return streak, streak == patience
+
+
 class KLController:
     """KL coefficient: fixed, or adapted towards a target KL (Ziegler et al. 2019).
 

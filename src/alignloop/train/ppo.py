@@ -409,8 +409,9 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
 
         # ---- log, KL controller, samples, checkpoint
         mean_kl = seq_kl.mean().item()
-        state["negative_kl_streak"] = state["negative_kl_streak"] + 1 if mean_kl < 0 else 0
-        if state["negative_kl_streak"] == p.negative_kl_patience:
+        state["negative_kl_streak"], warn = pm.negative_kl_streak(state["negative_kl_streak"], mean_kl,
+                                                                  p.negative_kl_patience)
+        if warn:
             log.warning("the KL estimate has been negative for %d steps (%.4f): the policy log-probabilities "
                         "do not match the sampler's; check generation settings (temperature, top_k/top_p)",
                         p.negative_kl_patience, mean_kl)
