@@ -28,6 +28,8 @@ COMMAND_MODULES: list[str] = [
     "alignloop.sweep",
     "alignloop.evaluate.cli",
     "alignloop.serve.cli",
+    "alignloop.pipeline",
+    "alignloop.demo",
 ]
 
 
