@@ -173,3 +173,17 @@ def test_critic_starts_from_the_reward_models_normalised_score(toy):
         hidden = rm.model(input_ids=torch.tensor([[1, 5, 9, 7, 8]])).last_hidden_state
         expected = (rm.score(hidden[0, 2:4]).squeeze(-1) - 0.5) / 2.0
     assert torch.allclose(values[0], expected, atol=1e-5)
+
+
+def test_cli_reports_bad_input_in_one_line(toy, capsys, tmp_path):
+    from alignloop.cli import main
+
+    assert main(["ppo", "--policy", str(toy["policy"])]) == 2
+    assert "data.train" in capsys.readouterr().err.strip()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"text": "no prompt here"}\n')
+    rc = main(["ppo", "--policy", str(toy["policy"]), "--prompts", str(bad), "--output", str(tmp_path / "run"),
+               f"reward.functions=[{REWARD}]", "ppo.critic=policy_head"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and f"{bad}:2" in err[0] and "'prompt' or 'messages'" in err[0]
+    assert not (tmp_path / "run").exists()  # rejected before any model was loaded or folder written

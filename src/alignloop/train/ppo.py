@@ -27,7 +27,7 @@ from torch import nn
 
 from alignloop.config import ModelConfig, PPOConfig, dump_config
 from alignloop.data.formats import parse_rl_prompt, parse_sft
-from alignloop.data.io import read_records
+from alignloop.data.io import Record, read_records
 from alignloop.data.split import split_by_seed
 from alignloop.data.tokenize import (
     collate_padded,
@@ -60,19 +60,15 @@ class Prompt:
     columns: dict  # the record's other fields, passed to reward functions
 
 
-def load_prompts(cfg: PPOConfig, tokenizer) -> tuple[list[Prompt], list[Prompt]]:
-    def read(path: str) -> list[Prompt]:
-        out = []
-        for rec in read_records(path, cfg.data.format, cfg.data.column_map):
-            prompt = parse_rl_prompt(rec)
-            text = render_prompt(tokenizer, prompt)
-            ids = tokenizer(text, add_special_tokens=isinstance(prompt, str))["input_ids"]
-            ids = ids[-cfg.data.max_prompt_len:]  # keep the end: the response continues from it
-            columns = {k: v for k, v in rec.data.items() if k not in ("prompt", "messages")}
-            out.append(Prompt(prompt, text, ids, columns))
-        if not out:
+def read_prompts(cfg: PPOConfig) -> tuple[list[Record], list[Record]]:
+    """Read and validate every prompt record (train, held out) before any model is loaded."""
+    def read(path: str) -> list[Record]:
+        records = read_records(path, cfg.data.format, cfg.data.column_map)
+        for rec in records:
+            parse_rl_prompt(rec)
+        if not records:
             raise UserError(f"{path}: no prompts")
-        return out
+        return records
 
     train = read(cfg.data.train)
     if cfg.data.eval:
@@ -80,6 +76,17 @@ def load_prompts(cfg: PPOConfig, tokenizer) -> tuple[list[Prompt], list[Prompt]]
     else:
         train, held_out, _ = split_by_seed(train, cfg.data.eval_fraction, 0.0, cfg.train.seed)
     return train, held_out[: cfg.data.max_eval_prompts]
+
+
+def tokenize_prompts(records: list[Record], tokenizer, max_len: int) -> list[Prompt]:
+    out = []
+    for rec in records:
+        prompt = parse_rl_prompt(rec)
+        text = render_prompt(tokenizer, prompt)
+        ids = tokenizer(text, add_special_tokens=isinstance(prompt, str))["input_ids"]
+        columns = {k: v for k, v in rec.data.items() if k not in ("prompt", "messages")}
+        out.append(Prompt(prompt, text, ids[-max_len:], columns))  # keep the end: the response follows it
+    return out
 
 
 def column_lists(prompts: list[Prompt]) -> dict[str, list]:
@@ -197,6 +204,11 @@ def ptx_batches(path: str, tokenizer, batch_size: int, seed: int):
 
 def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
     p, g = cfg.ppo, cfg.generation
+    train_records, eval_records = read_prompts(cfg)
+    prompts_per_step = p.rollout_size // p.samples_per_prompt
+    if len(train_records) < prompts_per_step:
+        raise UserError(f"{cfg.data.train}: {len(train_records)} training prompts, but a rollout needs "
+                        f"{prompts_per_step} (ppo.rollout_size / ppo.samples_per_prompt)")
     run = RunDir(cfg.output_dir)
     tcfg = cfg.train.core()
     acc = make_accelerator(tcfg, run)
@@ -212,11 +224,8 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
             else policy_value_head(policy)
     reward = build_reward(cfg.reward.model, cfg.reward.functions, cfg.reward.remote_url, cfg.reward.weights,
                           cfg.reward.batch_size, cfg.reward.remote_timeout, device)
-    train_prompts, eval_prompts = load_prompts(cfg, tok)
-    prompts_per_step = p.rollout_size // p.samples_per_prompt
-    if len(train_prompts) < prompts_per_step:
-        raise UserError(f"{cfg.data.train}: {len(train_prompts)} training prompts, but a rollout needs "
-                        f"{prompts_per_step} (ppo.rollout_size / ppo.samples_per_prompt)")
+    train_prompts = tokenize_prompts(train_records, tok, cfg.data.max_prompt_len)
+    eval_prompts = tokenize_prompts(eval_records, tok, cfg.data.max_prompt_len)
     ptx = ptx_batches(cfg.data.ptx, tok, p.ptx_batch_size, cfg.train.seed) if p.ptx_coef > 0 else None
     sampling = SamplingSettings(g.max_new_tokens, g.temperature, g.top_k, g.top_p, g.stop_on_eos)
     scoring_batch = g.batch_size or p.rollout_size  # no-grad reference / critic forwards, batched as generation
