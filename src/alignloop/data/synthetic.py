@@ -43,7 +43,7 @@ import hashlib
 import json
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 CRITERIA = ("relevance", "consistency", "creativity")
@@ -350,15 +350,21 @@ def candidate_responses(prompt: str, k: int, seed: int) -> list[str]:
 # ---------------------------------------------------------------- data sets
 
 
-def pretraining_corpus(n: int = 4000, seed: int = 0) -> list[dict]:
-    """``{"text"}`` records for the tiny base model: descriptions of the world of every quality, a third
-    of them preceded by the question they answer (so the base model has seen the prompt style)."""
+def pretraining_corpus(n: int = 4000, seed: int = 0, with_question: float = 0.8) -> list[dict]:
+    """``{"text"}`` records for the tiny base model: descriptions of the world of every quality, most of
+    them preceded by the question they answer. Seeing questions and answers together is what teaches a
+    tiny model, in a minute of training, to take the animal, colour and place from the question."""
     rng = random.Random(_stable_int("corpus", seed))
     out = []
     for _ in range(n):
         prompt = sample_prompt(rng).text
-        response = write_response(rng, prompt, random_style(rng, rng.random()))
-        out.append({"text": f"{prompt} {response}" if rng.random() < 0.33 else response})
+        style = random_style(rng, rng.random())
+        if rng.random() < with_question:
+            # Answers in the corpus always name what was asked (their other faults vary), so every
+            # question-answer pair carries the same copying signal.
+            out.append({"text": f"{prompt} {write_response(rng, prompt, replace(style, cover=1.0))}"})
+        else:
+            out.append({"text": write_response(rng, prompt, style)})
     return out
 
 

@@ -62,7 +62,7 @@ def load_prompts(path: str, limit: int) -> list[Prompt]:
     prompts = []
     for rec in read_records(path):
         source = parse_rl_prompt(rec)
-        prompts.append(Prompt(source, source if isinstance(source, str) else ""))
+        prompts.append(Prompt(source, ""))  # text: rendered once the tokenizer is loaded
         if len(prompts) == limit:
             break
     if not prompts:
