@@ -29,9 +29,9 @@ class DemoSize:
     rl_prompts: int = 512
     eval_prompts: int = 64
     rm_test_pairs: int = 400
-    pretrain_steps: int = 400
+    pretrain_steps: int = 300
     sft_steps: int = 150
-    prompts_per_round: int = 96
+    prompts_per_round: int = 128
     k: int = 4
     rm_epochs: float = 3.0
     ppo_steps: int = 30

@@ -341,13 +341,17 @@ def _simulated_people(db_url: str, names: dict[str, str]) -> str:
 
 
 def _add_policy_samples(cfg: PipelineConfig, stage: Stage, round_name: str) -> int:
-    """The previous round's last PPO samples go into this round's review queue."""
+    """The previous round's PPO samples go into this round's review queue, latest first, preferring prompts
+    that were sampled more than once: reviews of two samples of one prompt become a training pair."""
+    from collections import Counter
+
     from alignloop.feedback import tasks
     from alignloop.feedback.db import open_db
     from alignloop.runs import read_metrics
 
-    samples = read_metrics(Path(cfg.output_dir) / f"round-{stage.round - 1}" / "ppo" / "samples.jsonl")
-    samples = samples[-cfg.feedback.simulated.review_samples:]
+    samples = read_metrics(Path(cfg.output_dir) / f"round-{stage.round - 1}" / "ppo" / "samples.jsonl")[::-1]
+    seen = Counter(s["prompt"] for s in samples)
+    samples = sorted(samples, key=lambda s: seen[s["prompt"]] < 2)[:cfg.feedback.simulated.review_samples]
     if not samples:
         return 0
     with open_db(feedback_db(cfg))() as db:
