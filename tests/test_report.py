@@ -163,3 +163,14 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path):
     shot.unlink(missing_ok=True)
     subprocess.run([_chromium(), *flags, f"--screenshot={shot}", url], capture_output=True, timeout=120)
     assert shot.is_file() and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+
+
+def test_report_command(run_dir, tmp_path, capsys):
+    from alignloop.cli import main
+
+    target = tmp_path / "out" / "r.html"
+    assert main(["report", str(run_dir), "--output", str(target)]) == 0
+    assert capsys.readouterr().out.strip() == f"report: {target}"
+    assert set(_parse(target).plots) == PLOTS
+    assert main(["report", str(run_dir), "--gold", "no.such:fn"]) == 2
+    assert "no.such:fn" in capsys.readouterr().err
