@@ -66,7 +66,7 @@ def predict_tagging(model_dir: Path, meta: dict, records: list, batch_size: int,
     model.to(device).eval()
     words = [validate_record(Words, r).tokens for r in records]
     encoded = [encode_words(tok, w, meta.get("max_seq_len", 512)) for w in words]
-    tags = predict_word_tags(model, encoded, names, tok.pad_token_id, batch_size, device)
+    tags, _ = predict_word_tags(model, encoded, names, tok.pad_token_id, batch_size, device)
     return [{**rec.data, "predicted_tags": t} for rec, t in zip(records, tags, strict=True)]
 
 

@@ -92,37 +92,34 @@ def first_subtoken_labels(n_tokens: int, first: list[int], tag_ids: list[int]) -
 
 @torch.no_grad()
 def predict_word_tags(model, encoded: list[tuple[list[int], list[int]]], names: list[str], pad_id: int,
-                      batch_size: int, device) -> list[list[str]]:
-    """Tag per word from its first sub-token's argmax; words without a token get "O"."""
+                      batch_size: int, device, labels: list[list[int]] | None = None
+                      ) -> tuple[list[list[str]], float | None]:
+    """Tag per word from its first sub-token's argmax (words without a token get "O"); given
+    ``labels`` (per-token tag ids, IGNORE elsewhere), also the mean token loss of the same pass."""
     out: list[list[str]] = [[] for _ in encoded]
+    total, count = 0.0, 0
     for batch in length_batches([len(ids) for ids, _ in encoded], batch_size):
         input_ids, mask = pad_ids([encoded[i][0] for i in batch], pad_id)
-        pred = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.argmax(-1).cpu()
+        logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float().cpu()
+        if labels is not None:
+            gold = torch.full(input_ids.shape, IGNORE, dtype=torch.long)
+            for row, i in enumerate(batch):
+                gold[row, : len(labels[i])] = torch.tensor(labels[i], dtype=torch.long)
+            total += F.cross_entropy(logits.flatten(0, 1), gold.flatten(), ignore_index=IGNORE,
+                                     reduction="sum").item()
+            count += int((gold != IGNORE).sum())
+        pred = logits.argmax(-1)
         for row, i in enumerate(batch):
             out[i] = [names[pred[row, pos]] if pos >= 0 else "O" for pos in encoded[i][1]]
-    return out
-
-
-@torch.no_grad()
-def token_loss(model, items: list[TokenizedExample], pad_id: int, batch_size: int, device) -> float:
-    total, count = 0.0, 0
-    for batch in length_batches([len(x) for x in items], batch_size):
-        b = collate_padded([items[i] for i in batch], pad_id)
-        logits = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).logits
-        labels = b["labels"].to(device)
-        total += F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
-                                 reduction="sum").item()
-        count += b["loss_units"]
-    return total / max(count, 1)
+    return out, (total / max(count, 1) if labels is not None else None)
 
 
 def evaluate_split(model, examples: list[TaggedExample], encoded, items: list[TokenizedExample], names: list[str],
                    pad_id: int, batch_size: int, device) -> tuple[dict, list[dict]]:
     from alignloop.evaluate.metrics import tagging_metrics
 
-    pred = predict_word_tags(model, encoded, names, pad_id, batch_size, device)
-    metrics = {"loss": token_loss(model, items, pad_id, batch_size, device),
-               **tagging_metrics([e.tags for e in examples], pred)}
+    pred, loss = predict_word_tags(model, encoded, names, pad_id, batch_size, device, [it.labels for it in items])
+    metrics = {"loss": loss, **tagging_metrics([e.tags for e in examples], pred)}
     rows = [{"where": e.where, "tokens": e.tokens, "tags": e.tags, "predicted_tags": p}
             for e, p in zip(examples, pred, strict=True)]
     return metrics, rows
