@@ -1,0 +1,45 @@
+"""Smoke run of bench/ppo.py: it prints one BENCH_JSON line with samples/s, the time split and peak memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from alignloop.models.tiny import build_tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+PEER = Path(os.environ.get("ALIGNLOOP_PEER_BENCH", REPO.parent / "shared" / "peer-bench"))
+KEYS = {"samples_per_sec", "generate_s", "score_s", "train_s", "peak_rss_mb", "timed_seconds", "samples"}
+
+
+@pytest.fixture(scope="module")
+def fixtures(tmp_path_factory):
+    if not (PEER / "synth.py").exists():
+        pytest.skip("the peer benchmark folder (../shared/peer-bench) is not present")
+    sys.path.insert(0, str(PEER))
+    import synth
+
+    root = tmp_path_factory.mktemp("fixtures")
+    # a tokenizer trained on the workload's own text keeps the prompts as short as the real fixtures'
+    build_tiny_model(root / "llama-tiny", synth.tokenizer_corpus(2000), vocab_size=1000, hidden=32, layers=2,
+                     heads=2)
+    return root
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "rloo"])
+def test_bench_prints_throughput_split_and_memory(fixtures, algorithm):
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "ppo.py"), "--model", "tiny", "--fixtures",
+                          str(fixtures), "--algorithm", algorithm, "--total-samples", "64", "--new-tokens", "4"],
+                         capture_output=True, text=True, timeout=300, env=dict(os.environ, BENCH_OUT=""))
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("BENCH_JSON ")]
+    assert len(lines) == 1
+    res = json.loads(lines[0].removeprefix("BENCH_JSON "))
+    assert KEYS <= res.keys()
+    assert res["samples"] == 32 and res["samples_per_sec"] > 0 and res["peak_rss_mb"] > 0
+    assert res["generate_s"] > 0 and res["score_s"] > 0 and res["train_s"] > 0
