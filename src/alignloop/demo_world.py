@@ -4,6 +4,11 @@ The base model is a small Llama (tokenizer trained on the demo corpus, random we
 as a plain language model on ``{"text"}`` records by the SFT stage itself: pretraining is SFT with
 loss on every token. Both steps are idempotent: a finished run folder is reused as it is, and an
 interrupted pretraining run resumes from its last checkpoint.
+
+Measured (DEMO_SIZE, 16 rows x 128 tokens per step, shared 2-core CPU): held-out loss 6.3 -> 1.19 at
+step 50, 0.74 at step 100, 0.69 at step 200; the model writes fluent world text from step ~100 but
+only starts taking the animal / colour / place from the question (copying) between steps 200 and
+500, so 500 steps is the default.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ def write_data(out_dir: str | Path, seed: int = 0, **sizes: int) -> dict[str, Pa
     return synthetic.write_demo_data(out, seed, **sizes)
 
 
-def pretrain_config(corpus: str | Path, init_dir: str | Path, output_dir: str | Path, steps: int = 300,
+def pretrain_config(corpus: str | Path, init_dir: str | Path, output_dir: str | Path, steps: int = 500,
                     seed: int = 0, batch_size: int = 16, lr: float = 3e-3) -> SFTConfig:
     """Plain-LM pretraining through the SFT stage: packed 128-token rows, cosine schedule, a high
     learning rate (the model is tiny and starts from random weights)."""
@@ -51,7 +56,7 @@ def pretrain_config(corpus: str | Path, init_dir: str | Path, output_dir: str | 
     })
 
 
-def build_base_model(work_dir: str | Path, corpus: str | Path, size: BaseModelSize = DEMO_SIZE, steps: int = 300,
+def build_base_model(work_dir: str | Path, corpus: str | Path, size: BaseModelSize = DEMO_SIZE, steps: int = 500,
                      seed: int = 0) -> Path:
     """Tokenizer + random tiny Llama in ``work_dir/init``, pretrained into ``work_dir/pretrain``; returns
     the pretrained model folder (``work_dir/pretrain/model``)."""
