@@ -112,7 +112,7 @@ def test_minilm_wnut17_entity_f1(tmp_path):
         "task": "tagging", "output_dir": str(tmp_path / "run"),
         "model": {"name_or_path": str(gt_minilm.get_model_path()), "freeze_embeddings": True},
         "data": {"train": str(folder / "wnut17train.conll"), "test": str(folder / "emerging.test.annotated"),
-                 "format": "conll", "max_seq_len": 64, "split": {"validation": 0.05},
+                 "format": "conll", "max_seq_len": 128, "split": {"validation": 0.05},
                  "clean": {"dedupe_exact": False}},
         "train": {**FAST_TRAIN, "epochs": 2, "lr": 1e-4, "warmup_ratio": 0.1, "metric": "eval_f1"},
     })
