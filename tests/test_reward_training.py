@@ -159,6 +159,9 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(world, tmp_path):
     killed, whole = tmp_path / "killed", tmp_path / "whole"
     data = tmp_path / "train.jsonl"
     data.write_text("".join(world["train"].read_text().splitlines(keepends=True)[:200]))
+    # The uninterrupted run goes alongside (one thread each; the two cores are shared either way).
+    uninterrupted = subprocess.Popen(_rm_command(world, data, whole), env=env, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE)
     proc = subprocess.Popen(_rm_command(world, data, killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while not (killed / "checkpoints" / "latest").exists() and proc.poll() is None and time.time() < deadline:
@@ -168,7 +171,7 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(world, tmp_path):
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
     assert not (killed / "FINISHED").exists()
     subprocess.run(_rm_command(world, data, killed), env=env, check=True, capture_output=True)
-    subprocess.run(_rm_command(world, data, whole), env=env, check=True, capture_output=True)
+    assert uninterrupted.wait() == 0, uninterrupted.stderr.read().decode()[-2000:]
 
     a, b = load_file(killed / "model" / "model.safetensors"), load_file(whole / "model" / "model.safetensors")
     assert a.keys() == b.keys()

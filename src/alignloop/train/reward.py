@@ -255,7 +255,6 @@ def _bucket_accuracy(margins: list[float], correct: list[bool]) -> dict:
         return {}
     values = sorted(set(margins))
     if len(values) <= 6:
-        edges = None
         keys = [f"{m:g}" for m in margins]
     else:
         import numpy as np
@@ -471,8 +470,12 @@ def run_rm(cfg: RMConfig, overwrite: bool = False) -> Path:
     from alignloop.data.tokenize import ensure_chat_template
 
     ensure_chat_template(tokenizer, cfg.data.chat_template)
-    head = "score" if hasattr(model, "score") else "classifier"
-    model = prepare_for_training(model, cfg.model, task_type="SEQ_CLS", modules_to_save=[head])
+    # LoRA trains the new head in full; an encoder's pooler (often absent from sentence-embedding
+    # checkpoints, so freshly initialised) too.
+    heads = ["score"] if hasattr(model, "score") else ["classifier"]
+    if getattr(getattr(model, model.base_model_prefix, None), "pooler", None) is not None:
+        heads.append("pooler")
+    model = prepare_for_training(model, cfg.model, task_type="SEQ_CLS", modules_to_save=heads)
     max_len = model_max_len(model, cfg.data.max_seq_len)
     pad_id = tokenizer.pad_token_id
 
