@@ -103,6 +103,7 @@ def main() -> None:
     secs = sum(r["time_step"] for r in timed)
     gen = sum(r["time_generation"] for r in timed)
     score = sum(r["time_scoring"] for r in timed)
+    reward = sum(r["time_reward"] for r in timed)
     samples = rollout * len(timed)
     common.emit({
         "bench": f"alignloop_{a.algorithm}",
@@ -122,6 +123,8 @@ def main() -> None:
         "generated_tokens_per_sec_overall": round(samples * a.new_tokens / secs, 1) if secs else None,
         "generate_s": round(gen, 3),
         "score_s": round(score, 3),  # reward + reference (+ critic) forwards
+        "reward_s": round(reward, 3),
+        "score_other_s": round(score - reward, 3),  # reference (+ critic) forwards
         "train_s": round(secs - gen - score, 3),  # PPO epochs plus the loop's bookkeeping
         "generate_frac": round(gen / secs, 3) if secs else None,
         "generate_new_tokens_per_sec": round(samples * a.new_tokens / gen, 1) if gen else None,

@@ -14,7 +14,8 @@ from alignloop.models.tiny import build_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 PEER = Path(os.environ.get("ALIGNLOOP_PEER_BENCH", REPO.parent / "shared" / "peer-bench"))
-KEYS = {"samples_per_sec", "generate_s", "score_s", "train_s", "peak_rss_mb", "timed_seconds", "samples"}
+KEYS = {"samples_per_sec", "generate_s", "score_s", "reward_s", "score_other_s", "train_s", "peak_rss_mb",
+        "timed_seconds", "samples"}
 
 
 @pytest.fixture(scope="module")

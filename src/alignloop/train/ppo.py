@@ -46,7 +46,7 @@ from alignloop.train.checkpoint import Checkpointer, load_trainable_state, train
 from alignloop.train.core import build_optimizer, build_scheduler, epoch_batches, make_accelerator
 
 log = logging.getLogger(__name__)
-TIMING_KEYS = ("time_generation", "time_scoring", "time_training", "time_step", "samples_per_sec")
+TIMING_KEYS = ("time_generation", "time_scoring", "time_reward", "time_training", "time_step", "samples_per_sec")
 
 
 # ---------------------------------------------------------------- data
@@ -328,6 +328,7 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
         responses = decode(tok, r)
         score, source_means = reward([q.source for q in batch], responses, column_lists(batch))
         score = score.to(device)
+        t_reward = time.perf_counter() - t1
         if not torch.isfinite(score).all():
             raise diverged("the reward is NaN/inf")
         ref_logp = reference_logprobs(r)
@@ -438,7 +439,8 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
                   "lr": scheduler.get_last_lr()[0]}
         if returns is not None:
             record["explained_variance"] = pm.explained_variance(old_values, returns, mask)
-        record.update({"time_generation": t1 - t0, "time_scoring": t2 - t1, "time_training": t3 - t2,
+        record.update({"time_generation": t1 - t0, "time_scoring": t2 - t1, "time_reward": t_reward,
+                       "time_training": t3 - t2,
                        "samples_per_sec": len(r) / (t3 - t0),
                        # wall time since the previous step's record: includes its logging and checkpoint
                        "time_step": t3 - t_prev})
