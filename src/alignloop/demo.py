@@ -28,12 +28,12 @@ class DemoSize:
     sft_records: int = 1500
     rl_prompts: int = 512
     eval_prompts: int = 64
-    rm_test_pairs: int = 400
+    gold_test_prompts: int = 64  # per round: the reward model's test set, ordered by gold
     pretrain_steps: int = 300
     sft_steps: int = 150
-    prompts_per_round: int = 128
+    prompts_per_round: int = 192
     k: int = 4
-    rm_epochs: float = 3.0
+    rm_epochs: float = 4.0
     ppo_steps: int = 30
     rollout_size: int = 32
     max_new_tokens: int = 64
@@ -43,11 +43,11 @@ class DemoSize:
 
 
 FULL = DemoSize()
-SHORT = DemoSize(corpus=2000, sft_records=500, rl_prompts=256, eval_prompts=32, rm_test_pairs=200,
+SHORT = DemoSize(corpus=2000, sft_records=500, rl_prompts=256, eval_prompts=32, gold_test_prompts=32,
                  pretrain_steps=120, sft_steps=60, prompts_per_round=48, ppo_steps=10, rollout_size=16,
                  max_new_tokens=48)
 # Only for checking the plumbing (tests of the runner): every stage runs, nothing is learnt.
-TINY = DemoSize(corpus=300, sft_records=64, rl_prompts=64, eval_prompts=8, rm_test_pairs=32, pretrain_steps=4,
+TINY = DemoSize(corpus=300, sft_records=64, rl_prompts=64, eval_prompts=8, gold_test_prompts=4, pretrain_steps=4,
                 sft_steps=4, prompts_per_round=8, k=2, rm_epochs=1.0, ppo_steps=4, rollout_size=4, max_new_tokens=12,
                 base="test")
 
@@ -73,9 +73,12 @@ def pipeline_config(root: Path, data: dict[str, Path], base_model: Path, size: D
         "collect": {"prompts": str(data["rl_prompts"]), "prompts_per_round": size.prompts_per_round,
                     "k": size.k, "temperature": 1.0, "max_new_tokens": size.max_new_tokens, "batch_size": 32},
         "feedback": {"mode": "simulated", "overlap": 1,
-                     "simulated": {"annotators": 3, "reviewers": 1, "noise": 0.5, "bias_scale": 0.3}},
+                     "simulated": {"annotators": 3, "reviewers": 1, "noise": 0.5, "bias_scale": 0.3,
+                                   "gold_test_prompts": size.gold_test_prompts}},
         "rm": {
-            "data": {"test": str(data["rm_test"]), "max_seq_len": 192, "split": {"validation": 0.1, "test": 0.0}},
+            # The real model's reward model starts from the base weights with its own LoRA (SFT saved an adapter).
+            **({"model": {"name_or_path": model_name, **lora}} if real else {}),
+            "data": {"max_seq_len": 192, "split": {"validation": 0.1, "test": 0.0}},
             "train": {"epochs": size.rm_epochs, "batch_size": 16, "lr": 2e-4 if real else 1e-3, "warmup_steps": 5,
                       "log_steps": 5, "seed": seed, "report_to": []},
         },
@@ -98,14 +101,8 @@ def pipeline_config(root: Path, data: dict[str, Path], base_model: Path, size: D
 def prepare(root: Path, size: DemoSize, seed: int, model_name: str | None) -> tuple[dict[str, Path], Path]:
     """The demo world's files and the model SFT starts from (pretrained tiny model, or the real one)."""
     from alignloop import demo_world
-    from alignloop.data import synthetic
-
     data = demo_world.write_data(root / "data", seed, corpus=size.corpus, sft=size.sft_records, rl=size.rl_prompts,
                                  evaluation=size.eval_prompts)
-    data["rm_test"] = root / "data" / "rm_test_gold_pairs.jsonl"
-    if not data["rm_test"].is_file():
-        # Held-out pairs ordered by the hidden gold judgement: what "reward-model accuracy" is measured on.
-        synthetic.write_jsonl(data["rm_test"], synthetic.preference_pairs(size.rm_test_pairs, seed + 7919))
     if model_name is not None:
         return data, Path(model_name)
     base = demo_world.build_base_model(root, data["corpus"], steps=size.pretrain_steps, seed=seed,

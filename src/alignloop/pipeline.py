@@ -87,6 +87,9 @@ class SimulatedAnnotation(Strict):
     bias_scale: float = Field(0.3, ge=0)
     review_samples: int = Field(16, ge=0)  # of the previous round's PPO samples, shown to reviewers
     approve_at: float = Field(0.6, ge=0, le=1)
+    # Extra prompts per round whose candidates nobody labels: ordered by gold_total instead, they are the
+    # reward model's test set (accuracy against the gold preferences, on what the current policy writes).
+    gold_test_prompts: int = Field(0, ge=0)
 
 
 class FeedbackSettings(Strict):
@@ -165,9 +168,11 @@ def plan(cfg: PipelineConfig) -> list[Stage]:
     for n in range(1, cfg.rounds + 1):
         rdir = root / f"round-{n}"
         policy = sft_model if n == 1 else root / f"round-{n - 1}" / "ppo" / "model"
-        rm_cfg = _validate(RMConfig, _merge(cfg.rm, {
-            "output_dir": str(rdir / "rm"), "model.name_or_path": str(sft_model),
-            "data.train": str(rdir / "rm" / "feedback.jsonl")}), "rm")
+        wired = {"output_dir": str(rdir / "rm"), "model.name_or_path": str(sft_model),
+                 "data.train": str(rdir / "rm" / "feedback.jsonl")}
+        if gold_test(cfg):
+            wired["data.test"] = str(rdir / "collect" / "gold_test.jsonl")
+        rm_cfg = _validate(RMConfig, _merge(cfg.rm, wired), "rm")
         ppo_cfg = _validate(PPOConfig, _merge(cfg.ppo, {
             "output_dir": str(rdir / "ppo"), "model.name_or_path": str(policy),
             "reward.model": str(rdir / "rm"), "data.train": cfg.collect.prompts}), "ppo")
@@ -180,6 +185,10 @@ def plan(cfg: PipelineConfig) -> list[Stage]:
                    Stage(f"round-{n}/ppo", rdir / "ppo", n, ppo_cfg),
                    Stage(f"round-{n}/eval", rdir / "eval", n, eval_cfg)]
     return stages
+
+
+def gold_test(cfg: PipelineConfig) -> bool:
+    return cfg.feedback.mode == "simulated" and cfg.feedback.simulated.gold_test_prompts > 0
 
 
 def feedback_db(cfg: PipelineConfig) -> str:
@@ -197,7 +206,8 @@ def _round_prompts(cfg: PipelineConfig, n: int) -> list[dict]:
 
     records = [r.data for r in read_records(cfg.collect.prompts)]
     rng = random.Random(f"collect-{cfg.sft.train.seed}-{n}")
-    return rng.sample(records, min(cfg.collect.prompts_per_round, len(records)))
+    extra = cfg.feedback.simulated.gold_test_prompts if gold_test(cfg) else 0
+    return rng.sample(records, min(cfg.collect.prompts_per_round + extra, len(records)))
 
 
 def _fresh_round_name(db_url: str, n: int) -> str:
@@ -221,12 +231,46 @@ def run_collect(cfg: PipelineConfig, stage: Stage) -> dict:
 
     c, db = cfg.collect, feedback_db(cfg)
     shutil.rmtree(stage.folder, ignore_errors=True)  # nothing to resume: generation restarts
-    prompts = write_jsonl(stage.folder / "prompts.jsonl", _round_prompts(cfg, stage.round))
+    drawn = _round_prompts(cfg, stage.round)
+    prompts = write_jsonl(stage.folder / "prompts.jsonl", drawn[:c.prompts_per_round])
     name = _fresh_round_name(db, stage.round)
+    seed = cfg.sft.train.seed + stage.round
     n = collect(str(stage.config), str(prompts), db, name, k=c.k, temperature=c.temperature, top_p=c.top_p,
-                top_k=c.top_k, max_new_tokens=c.max_new_tokens, seed=cfg.sft.train.seed + stage.round,
-                overlap=cfg.feedback.overlap, batch_size=c.batch_size, model_label=stage.name)
-    return {"round": name, "items": n, "policy": str(stage.config)}
+                top_k=c.top_k, max_new_tokens=c.max_new_tokens, seed=seed, overlap=cfg.feedback.overlap,
+                batch_size=c.batch_size, model_label=stage.name)
+    summary = {"round": name, "items": n, "policy": str(stage.config)}
+    if gold_test(cfg):
+        pairs = gold_test_pairs(cfg, str(stage.config), drawn[c.prompts_per_round:], seed)
+        write_jsonl(stage.folder / "gold_test.jsonl", pairs)
+        summary["gold_test_pairs"] = len(pairs)
+    return summary
+
+
+def gold_test_pairs(cfg: PipelineConfig, policy: str, prompts: list[dict], seed: int) -> list[dict]:
+    """K candidates per held-out prompt from the policy, every pair ordered by the gold function."""
+    import itertools
+
+    from alignloop.config import ModelConfig
+    from alignloop.feedback.collect import generate_candidates, prompt_text
+    from alignloop.models.load import load_pretrained
+    from alignloop.rl.rewards import import_callable
+
+    c, gold = cfg.collect, import_callable(cfg.feedback.simulated.gold_total)
+    model, tok = load_pretrained(ModelConfig(name_or_path=policy), for_training=False)
+    settings = {"temperature": c.temperature, "top_p": c.top_p, "top_k": c.top_k,
+                "max_new_tokens": c.max_new_tokens, "seed": seed + 10_000}
+    texts = [p.get("prompt") or p.get("messages") for p in prompts]
+    pairs = []
+    for prompt, responses in zip(texts, generate_candidates(model.eval(), tok, texts, c.k, settings, c.batch_size),
+                                 strict=True):
+        shown = prompt_text(prompt)
+        for a, b in itertools.combinations(responses, 2):
+            ga, gb = gold(shown, a), gold(shown, b)
+            if ga != gb:  # the gold difference is kept as "margin": eval.json has accuracy by gold margin
+                chosen, rejected = (a, b) if ga > gb else (b, a)
+                pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected,
+                              "margin": round(abs(ga - gb), 4)})
+    return pairs
 
 
 def _stage_summary(folder: Path) -> dict:
@@ -273,8 +317,9 @@ def run_rm_stage(cfg: PipelineConfig, stage: Stage) -> dict:
              for n in range(1, stage.round + 1)]
     records: list[dict] = []
     with open_db(feedback_db(cfg))() as db:
-        for name in names:
-            records += export_records(db, tasks.get_round(db, name), "rankings")
+        for name in names:  # rankings (reviews included) and each response's ratings: both train the model
+            rnd = tasks.get_round(db, name)
+            records += export_records(db, rnd, "rankings") + export_records(db, rnd, "ratings")
     data = Path(stage.config.data.train)
     if not data.is_file():  # written once: a resumed reward model must see the same data
         atomic_write_text(data, to_jsonl(records))
