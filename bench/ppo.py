@@ -62,7 +62,9 @@ def main() -> None:
     ap.add_argument("--kl-coef", type=float, default=0.05)
     a = ap.parse_args()
 
-    sys.path.insert(0, str(PEER))
+    # the peer folder that wrote the fixtures (a working copy), else the shared one
+    peer = a.fixtures.resolve().parent
+    sys.path.insert(0, str(peer if (peer / "synth.py").exists() else PEER))
     import common  # noqa: E402  (pins threads and offline env before torch loads)
     import synth  # noqa: E402
 
