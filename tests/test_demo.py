@@ -71,3 +71,15 @@ def test_short_demo_report_has_every_plot_and_the_samples(demo):
                                "gold-vs-rm", "win-rates"}
     assert all(page.plots.values()), page.plots  # every plot has data
     assert "samples" in page.tables and "summary" in page.tables
+
+
+def test_examples_demo_yaml_is_the_pipeline_the_demo_runs():
+    from alignloop.demo import FULL, pipeline_config
+    from alignloop.pipeline import load_pipeline
+
+    root = Path("runs/demo")
+    data = {k: root / "data" / f"{k}.jsonl" for k in ("corpus", "sft", "rl_prompts", "eval_prompts")}
+    expected = pipeline_config(root, data, root / "pretrain" / "model", FULL, seed=0).model_dump()
+    example = load_pipeline(Path(__file__).resolve().parents[1] / "examples" / "demo.yaml").model_dump()
+    expected["sft"].pop("output_dir"), example["sft"].pop("output_dir")  # wired by the runner
+    assert example == expected

@@ -83,7 +83,7 @@ def pipeline_config(root: Path, data: dict[str, Path], base_model: Path, size: D
                       "log_steps": 5, "seed": seed, "report_to": []},
         },
         "ppo": {
-            "model": lora,
+            **({"model": lora} if real else {}),
             "generation": {"max_new_tokens": size.max_new_tokens, "temperature": 1.0},
             "ppo": {"steps": size.ppo_steps, "rollout_size": size.rollout_size, "mini_batch_size": size.rollout_size // 2,
                     "micro_batch_size": size.rollout_size // 2, "ppo_epochs": 2, "kl_coef": 0.1,
