@@ -34,7 +34,8 @@ def cfg(**kw) -> TrainConfig:
 
 
 def val_loss(model) -> dict:
-    return {"eval_loss": float(((model(X).squeeze(-1) - Y) ** 2).mean())}
+    device = next(model.parameters()).device  # fit moves the model to the accelerator's device
+    return {"eval_loss": float(((model(X.to(device)).squeeze(-1) - Y.to(device)) ** 2).mean())}
 
 
 def test_nan_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path):

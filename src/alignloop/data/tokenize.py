@@ -170,9 +170,11 @@ def pack_examples(examples: list[TokenizedExample], row_len: int) -> list[list[T
     return [[examples[i] for i in sorted(row)] for row in rows]
 
 
-def collate_padded(examples: list[TokenizedExample], pad_id: int) -> dict:
-    """Right-padded batch with an attention mask."""
+def collate_padded(examples: list[TokenizedExample], pad_id: int, pad_to_multiple_of: int = 1) -> dict:
+    """Right-padded batch with an attention mask. On GPUs a width rounded up to a multiple keeps the
+    number of distinct shapes small (attention kernels are planned per shape)."""
     width = max(len(e) for e in examples)
+    width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)

@@ -210,6 +210,8 @@ def load_pretrained(
         raise
     except Exception as exc:
         raise _load_error(cfg.name_or_path or base_source, exc) from None
+    if cfg.adapter != "qlora":  # 4-bit weights are placed by bitsandbytes at load time
+        model.to(device)
     if len(tok) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tok))
     model.config.pad_token_id = tok.pad_token_id

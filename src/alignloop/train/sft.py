@@ -128,8 +128,10 @@ def run_sft(cfg: SFTConfig, overwrite: bool = False, on_eval=None) -> Path:
     else:
         items = train_ex
 
+        multiple = 64 if acc.device.type == "cuda" else 1
+
         def collate(batch):
-            return collate_padded(batch, pad_id)
+            return collate_padded(batch, pad_id, multiple)
 
         lengths = [len(e) for e in items]
 
