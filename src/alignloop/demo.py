@@ -206,6 +206,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if args.model not in (None, "tiny", "smollm2-135m-instruct"):
         raise UserError(f"--model: 'tiny' or 'smollm2-135m-instruct' (got {args.model!r})")
     real = args.model == "smollm2-135m-instruct"
+    if not real:
+        import torch
+
+        # The tiny model's matrices are too small to gain from a second thread, and on a busy machine
+        # threads that wait for each other at every op make it several times slower.
+        torch.set_num_threads(1)
     output = args.output or ("runs/demo-smollm2" if real else "runs/demo")
     out = run_demo(output, REAL if real else FULL, args.seed, args.model if real else None, args.force)
     print(out["table"])
