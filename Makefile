@@ -22,8 +22,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/alignloop demo
 
+# Two workers with one torch thread each: most tests run tiny models, where two threads per process
+# gain little and two processes use both cores.
 test: $(STAMP) test-system-deps
-	$(PY) -m pytest -q --timeout 900 tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --durations=15 --timeout 1200 tests
 
 # Debian packages for the real-browser tests (chromium, driven by playwright from the dev extra; no
 # `playwright install`) and the PostgreSQL tests (a throwaway cluster from initdb/pg_ctl). Installed only

@@ -54,7 +54,8 @@ def test_merged_export_reloads_with_plain_transformers_and_same_logits(lora_run,
         got = plain(**ids).logits
         untouched = base.eval()(**ids).logits
     assert (want - untouched).abs().max() > 1e-2  # the adapter matters, so equal logits mean it was merged
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # Merging rounds W + BA once; the adapter path adds BA x on the fly (seen: 1.8e-5 apart with one thread).
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
     exported_tok = AutoTokenizer.from_pretrained(out)
     assert exported_tok.chat_template and exported_tok.pad_token_id != exported_tok.eos_token_id
