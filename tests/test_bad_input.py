@@ -6,9 +6,9 @@ import subprocess
 import sys
 
 import pytest
-from conftest import repeat_task, write_jsonl
 
 from alignloop.cli import main
+from conftest import repeat_task, write_jsonl
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str]:

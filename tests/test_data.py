@@ -8,7 +8,6 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import write_jsonl
 
 from alignloop.config import CleanConfig
 from alignloop.data.clean import clean_records
@@ -17,6 +16,7 @@ from alignloop.data.io import Record, read_records
 from alignloop.data.split import split_by_seed
 from alignloop.data.tokenize import IGNORE, collate_packed, pack_examples, tokenize_sft
 from alignloop.errors import UserError
+from conftest import write_jsonl
 
 ROWS = [{"instruction": f"say {i}", "output": f"number {i}"} for i in range(5)]
 
@@ -104,7 +104,7 @@ def test_only_assistant_turns_carry_loss(tokenizer):
                                   {"role": "assistant", "content": "blue dog"}, {"role": "user", "content": "tree"},
                                   {"role": "assistant", "content": "river stone"}])
     ex = tokenize_sft(conv, tokenizer, 256, 8, Counter())
-    learned = tokenizer.decode([t for t, lab in zip(ex.input_ids, ex.labels) if lab != IGNORE])
+    learned = tokenizer.decode([t for t, lab in zip(ex.input_ids, ex.labels, strict=True) if lab != IGNORE])
     assert "blue dog" in learned and "river stone" in learned
     for user_text in ("be brief", "red cat", "tree"):
         assert user_text not in learned

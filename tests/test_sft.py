@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
-from conftest import repeat_task, write_jsonl
 
 from alignloop.config import SFTConfig, build_config
 from alignloop.runs import read_metrics
 from alignloop.train.sft import run_sft
+from conftest import repeat_task, write_jsonl
 
 
 def sft_config(model, data, out, **overrides) -> SFTConfig:

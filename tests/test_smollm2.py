@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+
 from conftest import write_jsonl
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]

@@ -287,7 +287,7 @@ def fit(
         if world > 1:  # log the loss of the whole step, not just this process's share
             totals = acc.reduce(torch.tensor([step_loss, *step_extras.values()], device=acc.device), "sum")
             step_loss, my_units = totals[0].item(), int(total_units)
-            step_extras = dict(zip(step_extras, totals[1:].tolist()))
+            step_extras = dict(zip(step_extras, totals[1:].tolist(), strict=True))
         state.units_seen += int(total_units)
         window["loss"] += step_loss
         window["units"] += my_units
