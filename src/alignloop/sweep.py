@@ -111,7 +111,7 @@ def run_sweep(cfg: SFTConfig, trials: int, space: dict[str, Param], sweep_dir: P
 
     from alignloop.config import dump_config
     from alignloop.errors import TrainingDiverged
-    from alignloop.train.core import _greater_is_better
+    from alignloop.train.core import metric_greater_is_better
     from alignloop.train.sft import run_sft
 
     base = cfg.model_dump(mode="json")
@@ -122,7 +122,7 @@ def run_sweep(cfg: SFTConfig, trials: int, space: dict[str, Param], sweep_dir: P
     sweep_dir.mkdir(parents=True, exist_ok=True)
     fingerprint = json.dumps({"config": base, "space": {k: p.model_dump() for k, p in space.items()}},
                              sort_keys=True)
-    direction = "maximize" if _greater_is_better(cfg.train) else "minimize"
+    direction = "maximize" if metric_greater_is_better(cfg.train) else "minimize"
     study = optuna.create_study(
         study_name="alignloop", storage=f"sqlite:///{sweep_dir / 'study.db'}", load_if_exists=True,
         direction=direction, sampler=optuna.samplers.TPESampler(seed=cfg.train.seed),

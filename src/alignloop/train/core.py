@@ -124,7 +124,7 @@ class FitResult:
     best: dict | None
 
 
-def _greater_is_better(cfg: TrainConfig) -> bool:
+def metric_greater_is_better(cfg: TrainConfig) -> bool:
     if cfg.greater_is_better is not None:
         return cfg.greater_is_better
     return not any(k in cfg.metric for k in ("loss", "error", "perplexity", "ece"))
@@ -195,7 +195,7 @@ def fit(
     if acc.trackers and tracker_config is not None and main:
         acc.init_trackers("alignloop", config=_flat(tracker_config))
 
-    greater = _greater_is_better(cfg)
+    greater = metric_greater_is_better(cfg)
     last_eval: dict[str, float] = {}
 
     def run_eval() -> dict[str, float]:
