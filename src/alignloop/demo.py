@@ -104,7 +104,7 @@ def prepare(root: Path, size: DemoSize, seed: int, model_name: str | None) -> tu
     data = demo_world.write_data(root / "data", seed, corpus=size.corpus, sft=size.sft_records, rl=size.rl_prompts,
                                  evaluation=size.eval_prompts)
     if model_name is not None:
-        return data, Path(model_name)
+        return demo_world.as_chat(data), Path(model_name)
     base = demo_world.build_base_model(root, data["corpus"], steps=size.pretrain_steps, seed=seed,
                                        size=demo_world.TEST_SIZE if size.base == "test" else demo_world.DEMO_SIZE)
     return data, base

@@ -42,6 +42,26 @@ def write_data(out_dir: str | Path, seed: int = 0, **sizes: int) -> dict[str, Pa
     return synthetic.write_demo_data(out, seed, **sizes)
 
 
+def as_chat(data: dict[str, Path]) -> dict[str, Path]:
+    """The same data as chat records (``messages``), for an instruction-tuned model: it answers a user turn
+    through its own chat template, where a raw-text prompt often gets an empty answer. Files are kept."""
+    from alignloop.data.io import read_records
+
+    out = {}
+    for name in ("sft", "rl_prompts", "eval_prompts"):
+        path = data[name].with_name(f"{name}_chat.jsonl")
+        if not path.is_file():
+            rows = []
+            for rec in read_records(data[name]):
+                turns = [{"role": "user", "content": rec.data["prompt"]}]
+                if "completion" in rec.data:
+                    turns.append({"role": "assistant", "content": rec.data["completion"].strip()})
+                rows.append({"messages": turns})
+            synthetic.write_jsonl(path, rows)
+        out[name] = path
+    return {**data, **out}
+
+
 def pretrain_config(corpus: str | Path, init_dir: str | Path, output_dir: str | Path, steps: int = 500,
                     seed: int = 0, batch_size: int = 16, lr: float = 3e-3) -> SFTConfig:
     """Plain-LM pretraining through the SFT stage: packed 128-token rows, cosine schedule, a high

@@ -390,9 +390,11 @@ def preference_pairs(n: int = 512, seed: int = 0) -> list[dict]:
 
 
 def write_jsonl(path: str | Path, records: list[dict]) -> Path:
+    from alignloop.runs import atomic_write_text
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     return path
 
 

@@ -227,7 +227,8 @@ def objective_sum(cols: torch.Tensor, b: dict, cfg: RMConfig) -> torch.Tensor:
     """The training loss summed over the batch's units (see reward_losses for the pieces)."""
     obj = cfg.objective
     n = b["n_groups"]
-    total = cols.new_zeros(())
+    # Zero that stays on the graph: a batch of only ratings under rating_weight=0 must still backward.
+    total = cols.sum() * 0.0
     if len(b["win"]):
         delta = cols[b["win"], b["pair_col"]] - cols[b["lose"], b["pair_col"]]
         margin = b["margin"].to(cols) * obj.margin_scale if obj.use_margin else None
@@ -447,7 +448,8 @@ def run_rm(cfg: RMConfig, overwrite: bool = False) -> Path:
     def parse(rec: Record) -> Group:
         return to_group(parse_feedback(rec), rec.where, cfg)
 
-    splits, data_report = load_splits(cfg.data, cfg.train.seed, parse)
+    # One prompt's ranking and the ratings of its responses stay on one side of the split.
+    splits, data_report = load_splits(cfg.data, cfg.train.seed, parse, group=lambda g: g.prompt_key)
     drops: Counter = Counter()
     splits = {k: drop_empty_groups(v, drops) for k, v in splits.items()}
     data_report["dropped"] = dict(drops)

@@ -40,8 +40,9 @@ from alignloop.train.core import fit, make_accelerator
 log = logging.getLogger(__name__)
 
 
-def load_splits(data: DataConfig, seed: int, parse) -> tuple[dict[str, list], dict]:
-    """Read, clean, validate (``parse`` maps a Record to a typed example) and split the data.
+def load_splits(data: DataConfig, seed: int, parse, group=None) -> tuple[dict[str, list], dict]:
+    """Read, clean, validate (``parse`` maps a Record to a typed example) and split the data (keeping
+    examples with the same ``group(example)`` key on one side, see split_by_seed).
 
     Returns {"train", "validation", "test"} lists and a report of what cleaning did per file.
     """
@@ -64,9 +65,10 @@ def load_splits(data: DataConfig, seed: int, parse) -> tuple[dict[str, list], di
     test = load(data.test, "test")
     if not val:
         frac_test = 0.0 if test else data.split.test
-        train, val, split_test = split_by_seed(train, data.split.validation, frac_test, seed)
+        train, val, split_test = split_by_seed(train, data.split.validation, frac_test, seed, group)
         test = test or split_test
-        report["split"] = {"seed": seed, "train": len(train), "validation": len(val), "test": len(test)}
+        report["split"] = {"seed": seed, "by": "group" if group else "record", "train": len(train),
+                           "validation": len(val), "test": len(test)}
     return {"train": train, "validation": val, "test": test}, report
 
 
