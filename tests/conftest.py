@@ -30,6 +30,12 @@ def shared_data_dir() -> Path | None:
     return path if path.is_dir() else None
 
 
+def pytest_collection_modifyitems(config, items):
+    """Long tests first: with ``-n 2`` each worker starts on one of them at once, and the many short
+    tests fill the gaps, instead of a long test starting last and running alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture
 def shared_data() -> Path:
     path = shared_data_dir()

@@ -19,6 +19,8 @@ import torch
 from alignloop.demo import SHORT, run_demo
 
 os.environ.setdefault("ALIGNLOOP_ARGON2", "cheap")
+# Both demo tests share the module's demo run: keep them on one xdist worker (make test uses --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("demo")
 
 
 class _Plots(HTMLParser):

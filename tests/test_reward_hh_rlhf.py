@@ -27,10 +27,10 @@ def test_minilm_reward_model_beats_chance_on_hh_rlhf(tmp_path, shared_data):
     test.write_text("\n".join(lines[-N_TEST:]) + "\n", encoding="utf-8")
     out = tmp_path / "run"
     # Short sequences keep the end of each dialogue (the final assistant turn, where chosen and
-    # rejected differ); the embeddings and lowest two blocks stay frozen to keep it to about a minute.
+    # rejected differ); the embeddings and lowest three blocks stay frozen to keep it to about two minutes.
     code = main(["-q", "rm", "--model", str(minilm.get_model_path()), "--data", str(train), "--test-data", str(test),
                  "--output", str(out), "data.split.validation=0", "data.max_seq_len=48", "train.lr=1e-4",
-                 "train.batch_size=16", "model.freeze_embeddings=true", "model.freeze_layers=2",
+                 "train.batch_size=16", "model.freeze_embeddings=true", "model.freeze_layers=3",
                  "normalization_samples=200", "train.report_to=[]"])
     assert code == 0
     report = json.loads((out / "data_report.json").read_text())

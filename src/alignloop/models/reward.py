@@ -21,12 +21,22 @@ from alignloop.models.load import load_pretrained, read_meta
 PromptLike = str | list[dict]
 
 
+def join_plain(prompt: str, response: str) -> str:
+    """Prompt and response as one text, with one space at the seam unless the prompt ends in whitespace.
+
+    Collected candidates are stored stripped while PPO scores the decoded tokens as generated (usually
+    with a leading space): both must reach the reward model as the same text, or it is scored on
+    token sequences it never saw in training."""
+    response = response.lstrip()
+    return prompt + response if not prompt or prompt[-1].isspace() else f"{prompt} {response}"
+
+
 def format_for_reward(tokenizer, prompt: PromptLike, response: str) -> str:
     """The text a reward model reads: chat prompts go through the chat template with the response as
-    the assistant turn; a plain prompt is ``prompt + response`` followed by the EOS token (so a
+    the assistant turn; a plain prompt is ``join_plain(prompt, response)`` followed by the EOS token (so a
     decoder reads the reward at a token that marks the answer as finished)."""
     if isinstance(prompt, str):
-        return prompt + response + (tokenizer.eos_token or "")
+        return join_plain(prompt, response) + (tokenizer.eos_token or "")
     messages = [m if isinstance(m, dict) else m.model_dump() for m in prompt]
     messages = messages + [{"role": "assistant", "content": response}]
     return tokenizer.apply_chat_template(messages, tokenize=False,
