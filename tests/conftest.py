@@ -31,9 +31,11 @@ def shared_data_dir() -> Path | None:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Long tests first: with ``-n 2`` each worker starts on one of them at once, and the many short
-    tests fill the gaps, instead of a long test starting last and running alone at the end."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """Modules with a long test first: with ``-n 2`` each worker starts on one of them at once and the
+    many short tests fill the gaps, instead of a long test starting last and running alone at the end.
+    Whole modules move, so module-scoped fixtures are still set up once."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)
 
 
 @pytest.fixture

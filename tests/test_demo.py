@@ -19,8 +19,6 @@ import torch
 from alignloop.demo import SHORT, run_demo
 
 os.environ.setdefault("ALIGNLOOP_ARGON2", "cheap")
-# Both demo tests share the module's demo run: keep them on one xdist worker (make test uses --dist loadgroup).
-pytestmark = pytest.mark.xdist_group("demo")
 
 
 class _Plots(HTMLParser):
@@ -37,17 +35,25 @@ class _Plots(HTMLParser):
             self.tables.append(a.get("data-table") or a.get("class") or "")
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def run_short_demo(out: Path) -> dict:
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    out = run_demo(tmp_path_factory.mktemp("demo") / "run", SHORT, seed=0)
-    torch.set_num_threads(before)
-    return out
+    try:
+        return run_demo(out, SHORT, seed=0)
+    finally:
+        torch.set_num_threads(before)
 
 
+# One test for the one demo run: a module fixture shared by two tests runs once per xdist worker, so
+# with -n 2 the demo ran twice.
 @pytest.mark.slow
-def test_short_demo_improves_the_model_at_every_stage(demo):
+def test_short_demo_improves_the_model_at_every_stage_and_reports_it(tmp_path):
+    demo = run_short_demo(tmp_path / "run")
+    check_improvements(demo)
+    check_report(demo)
+
+
+def check_improvements(demo: dict) -> None:
     res, root = demo["results"], Path(demo["report"]).parent
     print(demo["table"])
     assert res["sft_eval_loss_last"] < 0.9 * res["sft_eval_loss_first"]
@@ -69,8 +75,7 @@ def test_short_demo_improves_the_model_at_every_stage(demo):
     assert labels == [SHORT.prompts_per_round] * 2
 
 
-@pytest.mark.slow
-def test_short_demo_report_has_every_plot_and_the_samples(demo):
+def check_report(demo: dict) -> None:
     report = Path(demo["report"])
     page = _Plots()
     page.feed(report.read_text())
