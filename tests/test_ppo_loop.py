@@ -132,6 +132,33 @@ def test_lora_policy_holds_one_copy_of_the_base_weights(toy):
     assert ref is not None and held_full == 2 * full  # a full-weights policy needs a frozen copy
 
 
+def test_policy_continuing_an_adapter_run_is_its_own_reference(toy, tmp_path):
+    """PPO after a LoRA SFT (or a LoRA PPO round) trains that adapter on; its reference must be the SFT
+    model, base plus adapter, not the bare base model (the KL would start at the SFT's distance from it)."""
+    from alignloop.config import ModelConfig
+    from alignloop.models.load import load_pretrained, prepare_for_training, save_model
+    from alignloop.train.ppo import load_policy_and_reference
+
+    sft, tok = load_pretrained(ModelConfig(name_or_path=str(toy["policy"]), adapter="lora"), for_training=True)
+    sft = prepare_for_training(sft, ModelConfig(adapter="lora", lora={"r": 4}))
+    with torch.no_grad():
+        for n, p in sft.named_parameters():
+            if "lora_B" in n:
+                p.normal_()  # as if SFT had trained the adapter
+    save_model(sft, tok, tmp_path / "sft-adapter")
+    cfg = toy_config(toy, "continue", [f"model.name_or_path={tmp_path / 'sft-adapter'}", "model.adapter=lora"])
+    policy, ref, _ = load_policy_and_reference(cfg, torch.device("cpu"))
+    base, _ = load_pretrained(ModelConfig(name_or_path=str(toy["policy"])))
+    ids = torch.tensor([[1, 5, 9, 14, 3, 7]])
+    with torch.no_grad():
+        start = policy(input_ids=ids).logits
+        assert ref is not None
+        assert torch.allclose(ref(input_ids=ids).logits, start, atol=1e-4)
+        assert not torch.allclose(base(input_ids=ids).logits, start, atol=1e-2)
+        assert any(p.requires_grad for n, p in policy.named_parameters() if "lora_" in n)
+        assert not any(p.requires_grad for p in ref.parameters())
+
+
 def test_reward_sources_errors_and_weights():
     assert import_callable(REWARD) is a_share
     with pytest.raises(UserError, match="package.module:function"):

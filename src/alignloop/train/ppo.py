@@ -177,12 +177,20 @@ def frozen(model: nn.Module) -> nn.Module:
 
 
 def load_policy_and_reference(cfg: PPOConfig, device: torch.device) -> tuple[nn.Module, nn.Module | None, object]:
-    """(policy, reference, tokenizer). A LoRA policy has no separate reference: the reference is the same
-    base weights with the adapter disabled, so only one copy of them is held. Dropout is off in both."""
+    """(policy, reference, tokenizer); the reference is the starting policy, frozen. Dropout is off in both.
+
+    A fresh LoRA policy has no separate reference: the same base weights with the adapter disabled are
+    the starting policy, so only one copy of them is held. A policy that continues an adapter run (a
+    LoRA SFT or an earlier PPO round) trains that adapter on: disabling it would give the bare base
+    model, so the reference is a frozen copy with the starting adapter merged in."""
     policy, tok = load_pretrained(cfg.model.model_copy(update={"dropout": 0.0}), device=device, for_training=True)
     ensure_chat_template(tok, cfg.data.chat_template)
-    lora = cfg.model.adapter in ("lora", "qlora") or hasattr(policy, "disable_adapter")
-    ref = None if lora else frozen(copy.deepcopy(policy))
+    if hasattr(policy, "disable_adapter"):
+        ref = frozen(copy.deepcopy(policy).merge_and_unload())
+    elif cfg.model.adapter in ("lora", "qlora"):
+        ref = None
+    else:
+        ref = frozen(copy.deepcopy(policy))
     return no_dropout(prepare_for_training(policy, cfg.model)), ref, tok
 
 
