@@ -106,7 +106,7 @@ def read_vader(path: Path) -> list[dict]:
 
 
 @pytest.mark.real_model
-@pytest.mark.slow
+@pytest.mark.slow(seconds=105)
 def test_minilm_movie_review_sentiment(tmp_path):
     folder = shared_data() / "sentiment-vader-groundtruth"
     if not folder.is_dir():

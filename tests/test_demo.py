@@ -46,7 +46,7 @@ def run_short_demo(out: Path) -> dict:
 
 # One test for the one demo run: a module fixture shared by two tests runs once per xdist worker, so
 # with -n 2 the demo ran twice.
-@pytest.mark.slow
+@pytest.mark.slow(seconds=190)
 def test_short_demo_improves_the_model_at_every_stage_and_reports_it(tmp_path):
     demo = run_short_demo(tmp_path / "run")
     check_improvements(demo)

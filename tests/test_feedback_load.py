@@ -64,7 +64,7 @@ class Client(threading.Thread):
             self.error = f"{type(exc).__name__}: {exc}"
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=60)
 def test_concurrent_labelling_survives_sigkill(any_db_url, live_server_factory):
     db_url = any_db_url
     Sessions = open_db(db_url)

@@ -16,7 +16,7 @@ N_TRAIN, N_TEST = 800, 1000
 
 
 @pytest.mark.real_model
-@pytest.mark.slow
+@pytest.mark.slow(seconds=120)
 def test_minilm_reward_model_beats_chance_on_hh_rlhf(tmp_path, shared_data):
     if not (shared_data / HH).is_file():
         pytest.skip(f"{shared_data / HH} is not present")

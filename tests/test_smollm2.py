@@ -10,7 +10,7 @@ import torch
 
 from conftest import write_jsonl
 
-pytestmark = [pytest.mark.real_model, pytest.mark.slow]
+pytestmark = [pytest.mark.real_model, pytest.mark.slow(seconds=50)]
 
 FACTS = [("What colour is the sky on a clear day?", "The sky is blue on a clear day."),
          ("How many legs does a spider have?", "A spider has eight legs."),

@@ -102,7 +102,7 @@ def test_generated_tagging_from_iob1_conll_beats_threshold_and_matches_seqeval(t
 
 
 @pytest.mark.real_model
-@pytest.mark.slow
+@pytest.mark.slow(seconds=270)
 def test_minilm_wnut17_entity_f1(tmp_path):
     folder = shared_data() / "ner-wnut17"
     if not folder.is_dir():
