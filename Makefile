@@ -25,7 +25,7 @@ demo: $(STAMP)
 # Two workers with one torch thread each: most tests run tiny models, where two threads per process
 # gain little and two processes use both cores.
 test: $(STAMP) test-system-deps
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --durations=15 --timeout 1200 tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist worksteal --durations=15 --timeout 1200 tests
 
 # Debian packages for the real-browser tests (chromium, driven by playwright from the dev extra; no
 # `playwright install`) and the PostgreSQL tests (a throwaway cluster from initdb/pg_ctl). Installed only

@@ -31,8 +31,9 @@ def shared_data_dir() -> Path | None:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Longest tests first (``@pytest.mark.slow(seconds=N)``, measured on 2 cores): with ``-n 2`` both
-    workers start on one at once and the many short tests fill the gaps, instead of a long test
+    """Longest tests first (``@pytest.mark.slow(seconds=N)``, measured on 2 cores). xdist hands each
+    worker a consecutive chunk of this order and ``--dist worksteal`` lets an idle worker take tests
+    from the other's chunk, so the long tests start early on both workers instead of one of them
     starting last and running alone at the end."""
 
     def expected_seconds(item) -> float:
