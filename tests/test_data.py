@@ -83,6 +83,16 @@ def test_split_is_seeded_and_disjoint():
     assert sorted(train + val + test) == items
 
 
+def test_grouped_split_never_straddles_a_group():
+    # Like a reward model's feedback: per prompt, one ranking record and four rating records.
+    items = [(f"prompt-{p}", kind) for p in range(50) for kind in ("ranking", "r0", "r1", "r2", "r3")]
+    train, val, test = split_by_seed(items, 0.2, 0.1, seed=0, group=lambda it: it[0])
+    prompts = [{p for p, _ in part} for part in (train, val, test)]
+    assert [len(p) for p in prompts] == [35, 10, 5]  # the shares count groups, not records
+    assert not (prompts[0] & prompts[1]) and not (prompts[0] & prompts[2]) and not (prompts[1] & prompts[2])
+    assert sorted(train + val + test) == sorted(items)
+
+
 @pytest.fixture
 def tokenizer(tiny_model):
     from alignloop.models.load import load_tokenizer

@@ -184,3 +184,18 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(world, tmp_path):
     assert logged(killed) == logged(whole)
     assert len([m for m in logged(whole) if m[1] is not None]) == 12
     assert read_meta(killed / "model")["normalization"] == read_meta(whole / "model")["normalization"]
+
+
+def test_stored_and_decoded_responses_reach_the_reward_model_as_the_same_text(world):
+    """Collect stores candidates stripped; PPO decodes them with the leading space the model wrote."""
+    from transformers import AutoTokenizer
+
+    from alignloop.models.reward import encode_for_reward, format_for_reward
+
+    tok = AutoTokenizer.from_pretrained(world["model"])
+    prompt = "Describe the red fox."
+    stored, decoded = "It sings.", " It sings."
+    assert format_for_reward(tok, prompt, stored) == format_for_reward(tok, prompt, decoded)
+    assert format_for_reward(tok, prompt, stored) == f"{prompt} It sings.{tok.eos_token}"
+    assert format_for_reward(tok, "Question:\n", decoded).startswith("Question:\nIt sings.")  # no extra space
+    assert encode_for_reward(tok, prompt, stored, 64) == encode_for_reward(tok, prompt, decoded, 64)
