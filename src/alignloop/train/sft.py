@@ -9,13 +9,15 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
+from collections.abc import Callable, Hashable
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from alignloop.config import DataConfig, SFTConfig, dump_config
 from alignloop.data.clean import clean_records
-from alignloop.data.io import read_records
+from alignloop.data.io import Record, read_records
 from alignloop.data.split import split_by_seed
 from alignloop.data.tokenize import (
     TokenizedExample,
@@ -40,7 +42,8 @@ from alignloop.train.core import fit, make_accelerator
 log = logging.getLogger(__name__)
 
 
-def load_splits(data: DataConfig, seed: int, parse, group=None) -> tuple[dict[str, list], dict]:
+def load_splits(data: DataConfig, seed: int, parse: Callable[[Record], Any],
+                group: Callable[[Any], Hashable] | None = None) -> tuple[dict[str, list], dict]:
     """Read, clean, validate (``parse`` maps a Record to a typed example) and split the data (keeping
     examples with the same ``group(example)`` key on one side, see split_by_seed).
 
