@@ -191,7 +191,8 @@ def test_critic_starts_from_the_reward_models_normalised_score(toy):
     rm.save_pretrained(rm_dir)
     AutoTokenizer.from_pretrained(toy["policy"]).save_pretrained(rm_dir)
     (rm_dir / "alignloop.json").write_text(json.dumps({"stage": "rm", "normalization": {"mean": 0.5, "std": 2.0}}))
-    critic = critic_from_reward_model(str(rm_dir), torch.device("cpu"))
+    policy_tok = AutoTokenizer.from_pretrained(toy["policy"])
+    critic = critic_from_reward_model(str(rm_dir), torch.device("cpu"), policy_tok)
     assert sum(p.numel() for p in critic.head.parameters()) == rm.config.hidden_size + 1
     r = Rollout(torch.tensor([[1, 5, 9]]), torch.ones(1, 3, dtype=torch.long), torch.tensor([[7, 8]]),
                 torch.ones(1, 2, dtype=torch.long), torch.tensor([False]))
@@ -200,6 +201,11 @@ def test_critic_starts_from_the_reward_models_normalised_score(toy):
         hidden = rm.model(input_ids=torch.tensor([[1, 5, 9, 7, 8]])).last_hidden_state
         expected = (rm.score(hidden[0, 2:4]).squeeze(-1) - 0.5) / 2.0
     assert torch.allclose(values[0], expected, atol=1e-5)
+
+    # A reward model with another tokenizer (e.g. an encoder cross-encoder) cannot read the policy's tokens.
+    policy_tok.add_tokens(["zzzz"])
+    with pytest.raises(UserError, match="ppo.critic=policy_head"):
+        critic_from_reward_model(str(rm_dir), torch.device("cpu"), policy_tok)
 
 
 def test_cli_reports_bad_input_in_one_line(toy, capsys, tmp_path):

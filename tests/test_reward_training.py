@@ -6,6 +6,7 @@ response. A tiny random-init decoder must learn them from pairs, rankings with t
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -13,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -199,3 +201,56 @@ def test_stored_and_decoded_responses_reach_the_reward_model_as_the_same_text(wo
     assert format_for_reward(tok, prompt, stored) == f"{prompt} It sings.{tok.eos_token}"
     assert format_for_reward(tok, "Question:\n", decoded).startswith("Question:\nIt sings.")  # no extra space
     assert encode_for_reward(tok, prompt, stored, 64) == encode_for_reward(tok, prompt, decoded, 64)
+
+
+def test_ratings_of_ranked_responses_share_the_rankings_forward_and_keep_the_objective(world):
+    """The feedback app exports a ranking and the ratings of the same K responses: they are encoded once."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from alignloop.config import RMConfig
+    from alignloop.data.formats import parse_feedback
+    from alignloop.data.io import Record
+    from alignloop.models.reward import pad_batch
+    from alignloop.train.reward import (
+        _encode_groups,
+        batch_structure,
+        objective_sum,
+        rewards_with_combined,
+        share_rated_responses,
+        to_group,
+    )
+
+    rng = random.Random(5)
+    records = []
+    for _ in range(6):
+        rank = rd.ranking(rng) | {"annotator": "a1"}
+        records.append(rank)
+        for r in rank["responses"]:
+            records.append({"prompt": rank["prompt"], "response": r, "annotator": "a1",
+                            "scores": {"relevance": rng.randint(1, 7), "consistency": rng.randint(1, 7)}})
+    # Another annotator's rating of a ranked response is not theirs to share: it stays its own unit.
+    records.append({"prompt": records[0]["prompt"], "response": records[0]["responses"][0], "annotator": "a2",
+                    "scores": {"relevance": 2}})
+    cfg = RMConfig.model_validate({"model": {"name_or_path": str(world["model"])}, "data": {"train": "x.jsonl"},
+                                   "objective": {"centering": 0.0}})
+    groups = [to_group(parse_feedback(Record(rec, f"x.jsonl:{i + 1}")), f"x.jsonl:{i + 1}", cfg)
+              for i, rec in enumerate(records)]
+    tok = AutoTokenizer.from_pretrained(world["model"])
+    model = AutoModelForSequenceClassification.from_pretrained(world["model"], num_labels=1).eval()
+    model.config.pad_token_id = tok.pad_token_id
+    weights = torch.ones(1)
+
+    def loss_and_rows(units):
+        items = _encode_groups(units, tok, 128, Counter())
+        b = batch_structure(items, 1)
+        seqs = [s for it in items for s in it.seqs]
+        with torch.no_grad():
+            logits = model(**pad_batch(seqs, tok.pad_token_id)).logits.float()
+        return objective_sum(rewards_with_combined(logits, weights), b, cfg).item() / b["loss_units"], len(seqs)
+
+    separate_loss, separate_rows = loss_and_rows(copy.deepcopy(groups))
+    shared = share_rated_responses(copy.deepcopy(groups))
+    shared_loss, shared_rows = loss_and_rows(shared)
+    assert len(shared) == 6 + 1 and sum(g.records for g in shared) == len(records)
+    assert (separate_rows, shared_rows) == (6 * 4 * 2 + 1, 6 * 4 + 1)
+    assert shared_loss == pytest.approx(separate_loss, rel=1e-5)

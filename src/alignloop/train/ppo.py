@@ -121,17 +121,22 @@ def response_hidden(body: nn.Module, r: Rollout) -> torch.Tensor:
     return hidden[:, :-1][x["select"]]
 
 
-def critic_from_reward_model(path: str, device: torch.device) -> ValueModel:
+def critic_from_reward_model(path: str, device: torch.device, policy_tokenizer) -> ValueModel:
     """The reward model's body and score head, rescaled so the initial value is the normalised score;
-    a multi-criteria head is replaced by a fresh 1-output head."""
+    a multi-criteria head is replaced by a fresh 1-output head. The critic reads the policy's token ids,
+    so the reward model must share the policy's tokenizer."""
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
     from alignloop.models.load import read_meta
 
     folder = reward_model_dir(path)
-    rm, _ = load_pretrained(ModelConfig(name_or_path=str(folder), dropout=0.0),
-                            auto_cls=AutoModelForSequenceClassification, device=device, for_training=True)
+    rm, rm_tokenizer = load_pretrained(ModelConfig(name_or_path=str(folder), dropout=0.0),
+                                       auto_cls=AutoModelForSequenceClassification, device=device, for_training=True)
+    if rm_tokenizer.get_vocab() != policy_tokenizer.get_vocab():
+        raise UserError(f"{folder}: the critic starts from this reward model, but its tokenizer is not the "
+                        "policy's (the critic reads the policy's tokens); set ppo.critic=policy_head, or "
+                        "ppo.critic_model to a sequence-classification model with the policy's tokenizer")
     if isinstance(rm, PeftModel):
         rm = rm.merge_and_unload()
     score = getattr(rm, "score", None) or getattr(rm, "classifier", None)
@@ -228,7 +233,7 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
     policy, ref, tok = load_policy_and_reference(cfg, device)
     critic: ValueModel | None = None
     if p.algorithm == "ppo":
-        critic = critic_from_reward_model(p.critic_model or cfg.reward.model, device) if p.critic == "reward_model" \
+        critic = critic_from_reward_model(p.critic_model or cfg.reward.model, device, tok) if p.critic == "reward_model" \
             else policy_value_head(policy)
     reward = build_reward(cfg.reward.model, cfg.reward.functions, cfg.reward.remote_url, cfg.reward.weights,
                           cfg.reward.batch_size, cfg.reward.remote_timeout, device)

@@ -17,7 +17,7 @@ import logging
 import math
 import random
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -63,6 +63,7 @@ class RatingTarget:
     low: float
     high: float
     weight: float  # share of this rating record's loss
+    response: int = 0  # which of the unit's responses it rates
 
 
 @dataclass
@@ -79,6 +80,7 @@ class Group:
     ratings: list[RatingTarget] = field(default_factory=list)
     annotator: str | None = None
     identical_pairs: int = 0
+    records: int = 1  # feedback records in the unit: a ranking joined by the ratings of its responses counts all
 
     @property
     def prompt_key(self) -> str:
@@ -166,6 +168,28 @@ def drop_empty_groups(groups: list[Group], report: Counter) -> list[Group]:
     return out
 
 
+def share_rated_responses(groups: list[Group]) -> list[Group]:
+    """A rating of a response that a comparison by the same annotator already holds joins that comparison's
+    unit. The feedback app exports each ranking and the ratings of the same K responses: kept apart, every
+    response would be encoded and run through the model twice per epoch. Each record keeps its share of the
+    loss (the batch's loss units count records), so only the batching changes."""
+    hosts: dict[tuple, tuple[Group, int]] = {}
+    for g in groups:
+        if g.pairs:
+            for i, r in enumerate(g.responses):
+                hosts.setdefault((g.prompt_key, g.annotator, r), (g, i))
+    out = []
+    for g in groups:
+        host = hosts.get((g.prompt_key, g.annotator, g.responses[0])) if g.ratings and not g.pairs else None
+        if host is None:
+            out.append(g)
+            continue
+        unit, i = host
+        unit.ratings.extend(replace(t, response=i) for t in g.ratings)
+        unit.records += g.records
+    return out
+
+
 # ---------------------------------------------------------------- batching and the objective
 
 
@@ -190,7 +214,7 @@ def batch_structure(items: list[Encoded], n_heads: int) -> dict:
             pair_col.append(col)
             pair_group.append(gi)
         for t in g.ratings:
-            r_row.append(row)
+            r_row.append(row + t.response)
             r_col.append(n_heads if t.column == COMBINED else t.column)
             r_val.append(t.value)
             r_low.append(t.low)
@@ -206,7 +230,8 @@ def batch_structure(items: list[Encoded], n_heads: int) -> dict:
         "rating_row": torch.tensor(r_row, dtype=long), "rating_col": torch.tensor(r_col, dtype=long),
         "rating_value": torch.tensor(r_val, dtype=flt), "rating_low": torch.tensor(r_low, dtype=flt),
         "rating_high": torch.tensor(r_high, dtype=flt), "rating_weight": torch.tensor(r_w, dtype=flt),
-        "row_group": torch.tensor(row_group, dtype=long), "n_groups": len(items), "loss_units": len(items),
+        "row_group": torch.tensor(row_group, dtype=long), "n_groups": len(items),
+        "loss_units": sum(it.group.records for it in items),
     }
 
 
@@ -305,7 +330,7 @@ def rating_pairs(items: list[Encoded], cfg: RMConfig, row_of: list[int]) -> list
     for i, it in enumerate(items):
         for t in it.group.ratings:
             z = (t.value - t.low) / (t.high - t.low)
-            by_prompt[(it.group.prompt_key, t.criterion)].append((row_of[i], z, t.value))
+            by_prompt[(it.group.prompt_key, t.criterion)].append((row_of[i] + t.response, z, t.value))
     out = []
     for (_, crit), rated in by_prompt.items():
         col = names.index(crit) if cfg.multi_criteria and crit in names else n_heads
@@ -332,7 +357,7 @@ def evaluate_split(model, items: list[Encoded], cfg: RMConfig, weights: torch.Te
     raw = head_scores(model, unique, pad_id, batch_size)
     cols = rewards_with_combined(raw, weights)[torch.tensor(rows, dtype=torch.long)]
     b = batch_structure(items, n_heads)
-    out: dict = {"loss": objective_sum(cols, b, cfg).item() / max(len(items), 1)}
+    out: dict = {"loss": objective_sum(cols, b, cfg).item() / max(b["loss_units"], 1)}
 
     delta = cols[b["win"], b["pair_col"]] - cols[b["lose"], b["pair_col"]] if len(b["win"]) else torch.zeros(0)
     group_first_row = []
@@ -458,6 +483,8 @@ def run_rm(cfg: RMConfig, overwrite: bool = False) -> Path:
     data_report["groups"] = {k: len(v) for k, v in splits.items()}
     data_report["pairs"] = {k: sum(len(g.pairs) for g in v) for k, v in splits.items()}
     data_report["ratings"] = {k: sum(bool(g.ratings) for g in v) for k, v in splits.items()}
+    splits = {k: share_rated_responses(v) for k, v in splits.items()}
+    data_report["units"] = {k: len(v) for k, v in splits.items()}
 
     run.prepare(overwrite)
     acc = make_accelerator(cfg.train, run)
