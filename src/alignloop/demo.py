@@ -81,7 +81,8 @@ def pipeline_config(root: Path, data: dict[str, Path], base_model: Path, size: D
             # The real model's reward model starts from the base weights with its own LoRA (SFT saved an adapter).
             **({"model": {"name_or_path": model_name, **lora}} if real else {}),
             "data": {"max_seq_len": 192, "split": {"validation": 0.1, "test": 0.0}},
-            "train": {"epochs": size.rm_epochs, "batch_size": 16, "lr": 2e-4 if real else 1e-3, "warmup_steps": 5,
+            # A unit is one ranking of K with the ratings of its responses: 4 units = 16 responses a step.
+            "train": {"epochs": size.rm_epochs, "batch_size": 4, "lr": 2e-4 if real else 1e-3, "warmup_steps": 5,
                       "log_steps": 5, "seed": seed, "report_to": []},
         },
         "ppo": {
