@@ -5,10 +5,11 @@ as a plain language model on ``{"text"}`` records by the SFT stage itself: pretr
 loss on every token. Both steps are idempotent: a finished run folder is reused as it is, and an
 interrupted pretraining run resumes from its last checkpoint.
 
-Measured (DEMO_SIZE, 16 rows x 128 tokens per step, shared 2-core CPU): held-out loss 6.3 -> 1.19 at
-step 50, 0.74 at step 100, 0.69 at step 200; the model writes fluent world text from step ~100 but
-only starts taking the animal / colour / place from the question (copying) between steps 200 and
-500, so 500 steps is the default.
+Measured (DEMO_SIZE, 16 rows x 128 tokens per step, 2-core CPU): held-out loss 6.3 -> 1.0 at step 60,
+0.71 at step 120, 0.63 at step 300; the model writes fluent world text from step ~100 but takes the
+animal / colour / place from the question only later. Greedy answers to held-out questions name the
+asked colour / animal / action / place 48 / 20 / 91 / 93% of the time after 300 steps, 73 / 69 / 100 /
+100% after 500 and 100 / 86 / 100 / 100% after 800 (the full demo's setting).
 """
 
 from __future__ import annotations
