@@ -170,10 +170,11 @@ def drop_empty_groups(groups: list[Group], report: Counter) -> list[Group]:
 
 def share_rated_responses(groups: list[Group]) -> list[Group]:
     """A rating of a response that a comparison by the same annotator already holds joins that comparison's
-    unit. The feedback app exports each ranking and the ratings of the same K responses: kept apart, every
-    response would be encoded and run through the model twice per epoch. Each record keeps its share of the
-    loss (the batch's loss units count records); only the optional reward-centring penalty, a mean per unit,
-    now averages over the ranking's responses once instead of once per rating."""
+    unit (the host group is extended in place). The feedback app exports each ranking and the ratings of
+    the same K responses: kept apart, every response would be encoded and run through the model twice per
+    epoch. Each record keeps its share of the loss (the batch's loss units count records); only the
+    optional reward-centring penalty, a mean per unit, now averages over the ranking's responses once
+    instead of once per rating."""
     hosts: dict[tuple, tuple[Group, int]] = {}
     for g in groups:
         if g.pairs:
