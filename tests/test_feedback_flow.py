@@ -13,7 +13,8 @@ import reward_data as rd
 from alignloop.cli import main
 from alignloop.feedback import tasks
 from alignloop.feedback.db import Candidate, Label, open_db
-from alignloop.feedback.simulate import make_annotators, run_annotators
+from alignloop.errors import UserError
+from alignloop.feedback.simulate import SimulatedAnnotator, make_annotators, run_annotators
 from alignloop.models.tiny import build_tiny_model
 from feedback_fixtures import *  # noqa: F403  (fixtures)
 from feedback_fixtures import PASSWORD, create_users
@@ -52,6 +53,24 @@ def test_collect_generates_k_candidates_with_settings(tiny_model, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "no prompt"}\n')
     assert main(["collect", "--model", str(tiny_model), "--prompts", str(bad), "--round", "c1", "--db", db]) == 2
+
+
+def test_simulated_annotators_rank_by_their_criterion_weights():
+    # Noise-free: "a" is far more relevant, "b" a little more creative. Counted equally b wins (4.5 vs 4.0);
+    # weighted as the gold weighs them a wins (5.8 vs 3.6).
+    judgement = {"a": {"relevance": 7.0, "creativity": 1.0}, "b": {"relevance": 3.0, "creativity": 6.0}}
+    task = {"prompt": "p", "criteria": [{"name": c, "min": 1, "max": 7} for c in ("relevance", "creativity")],
+            "candidates": [{"id": 10, "text": "a"}, {"id": 11, "text": "b"}]}
+
+    def annotator(weights):
+        return SimulatedAnnotator("http://unused", "u", "pw", lambda p, r: judgement[r], noise=0.0, weights=weights)
+
+    assert annotator(None).judge(task)["ranking"] == [11, 10]
+    labels = annotator({"relevance": 0.8, "creativity": 0.2}).judge(task)
+    assert labels["ranking"] == [10, 11]
+    assert labels["ratings"] == {10: {"relevance": 7.0, "creativity": 1.0}, 11: {"relevance": 3.0, "creativity": 6.0}}
+    with pytest.raises(UserError, match="'creativity'"):
+        annotator({"relevance": 1.0}).judge(task)
 
 
 def total_gold(response: str) -> int:

@@ -108,6 +108,11 @@ def test_value_head_reads_policy_hidden_states(tiny):
     critic = policy_value_head(model)
     assert isinstance(critic, ValueModel) and critic.body is None
     assert sum(p.numel() for p in critic.parameters()) == model.get_input_embeddings().embedding_dim + 1
+    # A fresh critic knows nothing, so it says 0 everywhere: the first advantages are the score-to-go, not
+    # the differences of random values between neighbouring tokens.
+    r = generate(model, prompts_of(tok, 3), SamplingSettings(max_new_tokens=5), tok.eos_token_id, tok.pad_token_id)
+    with torch.no_grad():
+        assert torch.count_nonzero(critic.values(r, _policy_hidden(model, r))) == 0
 
 
 def test_sampling_never_suppresses_eos_and_ignores_checkpoint_defaults(tiny):

@@ -50,6 +50,7 @@ from alignloop.config import (
     read_yaml,
     set_dotted,
 )
+from alignloop.data.synthetic import GOLD_WEIGHTS
 from alignloop.errors import UserError
 from alignloop.runs import FINISHED, RunDir, atomic_write_json
 
@@ -85,6 +86,9 @@ class SimulatedAnnotation(Strict):
     reviewers: int = Field(1, ge=0)
     noise: float = Field(0.5, ge=0)
     bias_scale: float = Field(0.3, ge=0)
+    # How the annotators weigh the criteria when they rank: as gold_total does (the default gold's weights),
+    # so that their judgement is the gold score plus noise and bias. null = equally.
+    weights: dict[str, float] | None = Field(default_factory=lambda: dict(GOLD_WEIGHTS))
     review_samples: int = Field(16, ge=0)  # of the previous round's PPO samples, shown to reviewers
     approve_at: float = Field(0.6, ge=0, le=1)
     # Extra prompts per round whose candidates nobody labels: ordered by gold_total instead, they are the
@@ -437,7 +441,7 @@ def simulate_round(cfg: PipelineConfig, stage: Stage, round_name: str, quota: in
     gold, total = import_callable(sim.gold), import_callable(sim.gold_total)
     with FeedbackServer(db) as server:
         people = make_annotators(server.url, annotators, password, gold, noise=sim.noise, bias_scale=sim.bias_scale,
-                                 seed=cfg.sft.train.seed * 100 + stage.round)
+                                 seed=cfg.sft.train.seed * 100 + stage.round, weights=sim.weights)
         done = run_annotators(people, round_name, max_labels=math.ceil(quota / len(people)))
         reviewed = sum(_review(server.url, name, password, round_name, lambda p, r: total(p, r) >= sim.approve_at)
                        for name in reviewers)

@@ -2,8 +2,9 @@
 
 Each annotator judges with a hidden gold scoring function ``gold(prompt, response) -> {criterion:
 score}`` plus its own per-criterion bias and Gaussian noise. The noisy scores give the ratings
-(rounded and clipped to the round's scales) and, averaged over criteria, the ranking. The demo and
-the tests use them to fill a round; the reward model only ever sees what they submit.
+(rounded and clipped to the round's scales) and, weighted over criteria as the gold weighs them, the
+ranking. The demo and the tests use them to fill a round; the reward model only ever sees what they
+submit.
 
     annotators = make_annotators(url, ["sim1", "sim2"], password="...", gold=my_gold, noise=0.5)
     run_annotators(annotators, "round-1", max_labels=50)
@@ -18,6 +19,8 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from alignloop.errors import UserError
+
 GoldFn = Callable[[str, str], dict[str, float]]
 
 
@@ -31,6 +34,8 @@ class SimulatedAnnotator:
     # Per-criterion bias: given, or drawn once per criterion from N(0, bias_scale) on first use.
     bias: dict[str, float] = field(default_factory=dict)
     bias_scale: float = 0.0
+    # How much each criterion counts in the overall judgement that orders the candidates; None = equally.
+    weights: dict[str, float] | None = None
     seed: int = 0
     skip_rate: float = 0.0
     timeout: float = 30.0
@@ -60,10 +65,17 @@ class SimulatedAnnotator:
                     self.bias[k] = self.rng.gauss(0.0, self.bias_scale)
             noisy[cand["id"]] = {k: v + self.bias[k] + self.rng.gauss(0.0, self.noise)
                                  for k, v in gold.items() if k in scales}
-        ranking = sorted(noisy, key=lambda cid: -sum(noisy[cid].values()) / max(1, len(noisy[cid])))
+        ranking = sorted(noisy, key=lambda cid: -self.overall(noisy[cid]))
         ratings = {cid: {k: float(min(scales[k]["max"], max(scales[k]["min"], round(v)))) for k, v in s.items()}
                    for cid, s in noisy.items()}
         return {"ranking": ranking, "ratings": ratings}
+
+    def overall(self, scores: dict[str, float]) -> float:
+        weights = self.weights or dict.fromkeys(scores, 1.0)
+        missing = sorted(set(scores) - set(weights))
+        if missing:
+            raise UserError(f"simulated annotator weights {weights} give no weight to criterion {missing[0]!r}")
+        return sum(weights[k] * v for k, v in scores.items()) / (sum(weights[k] for k in scores) or 1.0)
 
     def run(self, round_name: str, max_labels: int) -> int:
         """Label until ``max_labels`` are submitted or the queue is empty; returns how many were submitted."""
@@ -84,9 +96,11 @@ class SimulatedAnnotator:
 
 
 def make_annotators(base_url: str, usernames: list[str], password: str, gold: GoldFn, noise: float = 0.5,
-                    bias_scale: float = 0.5, seed: int = 0, skip_rate: float = 0.0) -> list[SimulatedAnnotator]:
-    """One annotator per username, each with its own seeded bias (N(0, bias_scale) per criterion)."""
-    return [SimulatedAnnotator(base_url, name, password, gold, noise=noise, bias_scale=bias_scale,
+                    bias_scale: float = 0.5, seed: int = 0, skip_rate: float = 0.0,
+                    weights: dict[str, float] | None = None) -> list[SimulatedAnnotator]:
+    """One annotator per username, each with its own seeded bias (N(0, bias_scale) per criterion); all rank
+    by the same criterion ``weights`` (None = equally)."""
+    return [SimulatedAnnotator(base_url, name, password, gold, noise=noise, bias_scale=bias_scale, weights=weights,
                                seed=seed * 1000 + i, skip_rate=skip_rate) for i, name in enumerate(usernames)]
 
 

@@ -160,7 +160,9 @@ def policy_value_head(policy: nn.Module) -> ValueModel:
     hidden = policy.get_input_embeddings().embedding_dim
     head = nn.Linear(hidden, 1, device=next(policy.parameters()).device)
     with torch.no_grad():
-        nn.init.normal_(head.weight, std=1 / math.sqrt(hidden + 1))
+        # Zero: a random head's values differ from token to token by as much as the scores do, and GAE
+        # turns those differences into advantages that steer the policy before the critic has learnt anything.
+        head.weight.zero_()
         head.bias.zero_()
     return ValueModel(None, head)
 
