@@ -11,9 +11,9 @@ import torch
 
 import reward_data as rd
 from alignloop.cli import main
+from alignloop.errors import UserError
 from alignloop.feedback import tasks
 from alignloop.feedback.db import Candidate, Label, open_db
-from alignloop.errors import UserError
 from alignloop.feedback.simulate import SimulatedAnnotator, make_annotators, run_annotators
 from alignloop.models.tiny import build_tiny_model
 from feedback_fixtures import *  # noqa: F403  (fixtures)

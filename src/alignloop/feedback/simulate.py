@@ -2,9 +2,9 @@
 
 Each annotator judges with a hidden gold scoring function ``gold(prompt, response) -> {criterion:
 score}`` plus its own per-criterion bias and Gaussian noise. The noisy scores give the ratings
-(rounded and clipped to the round's scales) and, weighted over criteria as the gold weighs them, the
-ranking. The demo and the tests use them to fill a round; the reward model only ever sees what they
-submit.
+(rounded and clipped to the round's scales) and, weighted over criteria (``weights``; equally when
+not given), the ranking. The demo and the tests use them to fill a round; the reward model only ever
+sees what they submit.
 
     annotators = make_annotators(url, ["sim1", "sim2"], password="...", gold=my_gold, noise=0.5)
     run_annotators(annotators, "round-1", max_labels=50)
