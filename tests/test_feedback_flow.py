@@ -57,7 +57,7 @@ def test_collect_generates_k_candidates_with_settings(tiny_model, tmp_path):
 
 def test_simulated_annotators_rank_by_their_criterion_weights():
     # Noise-free: "a" is far more relevant, "b" a little more creative. Counted equally b wins (4.5 vs 4.0);
-    # weighted as the gold weighs them a wins (5.8 vs 3.6).
+    # weighted 0.8 / 0.2, a wins (5.8 vs 3.6).
     judgement = {"a": {"relevance": 7.0, "creativity": 1.0}, "b": {"relevance": 3.0, "creativity": 6.0}}
     task = {"prompt": "p", "criteria": [{"name": c, "min": 1, "max": 7} for c in ("relevance", "creativity")],
             "candidates": [{"id": 10, "text": "a"}, {"id": 11, "text": "b"}]}
