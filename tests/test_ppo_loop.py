@@ -179,18 +179,22 @@ def test_config_errors_name_the_key(toy):
         build_config(PPOConfig, None, {"model.name_or_path": "m", "data.train": "p.jsonl"}, [])
 
 
-def test_critic_starts_from_the_reward_models_normalised_score(toy):
+@pytest.mark.parametrize("weights", [None, [0.5, 0.3, 0.2]], ids=["one-score", "three-criteria"])
+def test_critic_starts_from_the_reward_models_normalised_score(toy, weights):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from alignloop.rl.rollout import Rollout
     from alignloop.train.ppo import critic_from_reward_model
 
-    rm_dir = toy["root"] / "rm"
+    rm_dir = toy["root"] / f"rm-{len(weights or [1])}"
     torch.manual_seed(3)
-    rm = AutoModelForSequenceClassification.from_pretrained(toy["policy"], num_labels=1)
+    rm = AutoModelForSequenceClassification.from_pretrained(toy["policy"], num_labels=len(weights or [1]))
     rm.save_pretrained(rm_dir)
     AutoTokenizer.from_pretrained(toy["policy"]).save_pretrained(rm_dir)
-    (rm_dir / "alignloop.json").write_text(json.dumps({"stage": "rm", "normalization": {"mean": 0.5, "std": 2.0}}))
+    meta = {"stage": "rm", "normalization": {"mean": 0.5, "std": 2.0}}
+    if weights:
+        meta |= {"criteria": ["relevance", "consistency", "creativity"], "criteria_weights": weights}
+    (rm_dir / "alignloop.json").write_text(json.dumps(meta))
     policy_tok = AutoTokenizer.from_pretrained(toy["policy"])
     critic = critic_from_reward_model(str(rm_dir), torch.device("cpu"), policy_tok)
     assert sum(p.numel() for p in critic.head.parameters()) == rm.config.hidden_size + 1
@@ -199,7 +203,9 @@ def test_critic_starts_from_the_reward_models_normalised_score(toy):
     with torch.no_grad():
         values = critic.values(r)
         hidden = rm.model(input_ids=torch.tensor([[1, 5, 9, 7, 8]])).last_hidden_state
-        expected = (rm.score(hidden[0, 2:4]).squeeze(-1) - 0.5) / 2.0
+        # What RewardModel.score would say for the response cut at each position.
+        raw = rm.score(hidden[0, 2:4]) @ torch.tensor(weights or [1.0])
+        expected = (raw - 0.5) / 2.0
     assert torch.allclose(values[0], expected, atol=1e-5)
 
     # A reward model with another tokenizer (e.g. an encoder cross-encoder) cannot read the policy's tokens.

@@ -122,9 +122,9 @@ def response_hidden(body: nn.Module, r: Rollout) -> torch.Tensor:
 
 
 def critic_from_reward_model(path: str, device: torch.device, policy_tokenizer) -> ValueModel:
-    """The reward model's body and score head, rescaled so the initial value is the normalised score;
-    a multi-criteria head is replaced by a fresh 1-output head. The critic reads the policy's token ids,
-    so the reward model must share the policy's tokenizer."""
+    """The reward model's body and score head, rescaled so the initial value is the reward model's
+    normalised reward (criteria heads combined with their weights, as RewardModel.score does). The critic
+    reads the policy's token ids, so the reward model must share the policy's tokenizer."""
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
@@ -142,17 +142,22 @@ def critic_from_reward_model(path: str, device: torch.device, policy_tokenizer) 
     score = getattr(rm, "score", None) or getattr(rm, "classifier", None)
     if not isinstance(score, nn.Linear):
         raise UserError(f"{folder}: reward model has no linear score head to start the critic from")
-    head = nn.Linear(score.in_features, 1, bias=True, device=device)
-    norm = read_meta(folder).get("normalization") or {}
+    meta = read_meta(folder)
+    norm = meta.get("normalization") or {}
     mean, std = float(norm.get("mean", 0.0)), float(norm.get("std", 1.0)) or 1.0
-    weight = float((read_meta(folder).get("criteria_weights") or [1.0])[0])
+    weights = torch.tensor(meta.get("criteria_weights") or [1.0] * score.out_features, dtype=score.weight.dtype,
+                           device=score.weight.device)
+    if weights.numel() != score.out_features:
+        raise UserError(f"{folder}: {weights.numel()} criteria weights for a score head with "
+                        f"{score.out_features} outputs")
+    head = nn.Linear(score.in_features, 1, bias=True, device=device)
     with torch.no_grad():
-        if score.out_features == 1:  # value = normalised reward-model score at every position
-            head.weight.copy_(score.weight * weight / std)
-            head.bias.fill_(((score.bias.item() if score.bias is not None else 0.0) * weight - mean) / std)
-        else:
-            nn.init.normal_(head.weight, std=1 / math.sqrt(score.in_features + 1))
-            head.bias.zero_()
+        # One linear head can say exactly what the reward model says: (weights . (W h + b) - mean) / std.
+        # A fresh head instead starts with values as far off as the scores vary, and the advantages built
+        # from them pushed the reward down for the first rounds of PPO.
+        head.weight.copy_((weights @ score.weight).unsqueeze(0) / std)
+        bias = float(weights @ score.bias) if score.bias is not None else 0.0
+        head.bias.fill_((bias - mean) / std)
     return ValueModel(no_dropout(rm.base_model), head)
 
 
