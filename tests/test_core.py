@@ -76,6 +76,21 @@ def test_early_stopping_after_patience_evaluations_without_improvement(tmp_path)
     assert result.state.best_step == 2
 
 
+def test_the_untrained_model_is_never_the_best_checkpoint(tmp_path, caplog):
+    run = RunDir(tmp_path / "run")
+    # A small validation set can favour the starting weights by noise; the run must still return a trained model.
+    scores = iter([0.9, 0.6, 0.7, 0.65, 0.62])  # evals at steps 0, 2, 4, 6, 8
+    model = nn.Linear(4, 1)
+    start = model.weight.detach().clone()
+    with caplog.at_level("WARNING", logger="alignloop.train.core"):
+        result = fit(model, ITEMS, collate, mse_sum, cfg(eval_steps=2, epochs=1, metric="eval_accuracy"), run,
+                     evaluate=lambda m: {"eval_accuracy": next(scores)})
+    assert result.state.best_step == 4 and result.state.best_metric == 0.7
+    assert result.best is not None and result.best["step"] == 4  # restored from the step-4 checkpoint
+    assert not torch.equal(model.weight, start)
+    assert "before training had a better eval_accuracy (0.9)" in caplog.text
+
+
 def test_schedules_warm_up_and_decay():
     opt = build_optimizer([nn.Parameter(torch.zeros(2, 2))], cfg(lr=1.0))
     lin = build_scheduler(opt, cfg(lr=1.0, schedule="linear", warmup_steps=2), total_steps=10)

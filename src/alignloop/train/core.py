@@ -197,6 +197,7 @@ def fit(
 
     greater = metric_greater_is_better(cfg)
     last_eval: dict[str, float] = {}
+    start_value: float | None = None  # the metric before any training step
 
     def run_eval() -> dict[str, float]:
         model.eval()
@@ -214,7 +215,7 @@ def fit(
         acc.wait_for_everyone()
 
     def after_eval(result: dict[str, float]) -> None:
-        nonlocal last_eval
+        nonlocal last_eval, start_value
         last_eval = result
         if main:
             metrics.write({"step": state.step, "epoch": round(state.step / steps_per_epoch, 4), **result})
@@ -223,6 +224,12 @@ def fit(
             on_eval(state.step, result)
         value = result.get(cfg.metric)
         if value is None or not math.isfinite(value):
+            return
+        if state.step == 0:
+            # The untrained model is the curve's baseline, never the "best checkpoint": on a small validation
+            # set it can win by noise (a reward model at 0.67 validation accuracy before training scored 0.36
+            # on its test pairs), and a training run that silently returns its starting weights surprises.
+            start_value = value
             return
         better = state.best_metric is None or (value > state.best_metric if greater else value < state.best_metric)
         if better:
@@ -322,6 +329,12 @@ def fit(
             checkpoint()
     bar.close()
 
+    best_value = state.best_metric
+    if main and start_value is not None and best_value is not None and \
+            (start_value > best_value if greater else start_value < best_value):
+        log.warning("the model before training had a better %s (%.4g) than any checkpoint (best %.4g at step %s); "
+                    "check the learning rate and the validation set's size", cfg.metric, start_value, best_value,
+                    state.best_step)
     best = None
     if cfg.load_best_at_end and state.best_step is not None and state.best_step != state.step:
         best = ckpt.load_best(acc.unwrap_model(model))
