@@ -73,6 +73,35 @@ def test_simulated_annotators_rank_by_their_criterion_weights():
         annotator({"relevance": 1.0}).judge(task)
 
 
+def test_annotators_taking_turns_label_a_seeded_round_the_same_way_every_time(tmp_path, live_server_factory):
+    rng = random.Random(2)
+    items = [{"prompt": rd.prompt(rng), "responses": [rd.response(rng) for _ in range(3)]} for _ in range(12)]
+    names = ["sim1", "sim2", "sim3"]
+
+    def gold(prompt: str, response: str) -> dict[str, float]:
+        return {c: 1.0 + 1.5 * rd.gold(response, c) for c in rd.CRITERION_WORDS}
+
+    def labelled(run: str) -> list[tuple]:
+        db_url = str(tmp_path / f"{run}.db")
+        with open_db(db_url)() as db:
+            rnd = tasks.create_round(db, "sim", [{"name": c, "min": 1, "max": 7} for c in rd.CRITERION_WORDS])
+            tasks.add_items(db, rnd, items)
+        create_users(db_url, dict.fromkeys(names, "annotator"))
+        server = live_server_factory(db_url).start()
+        # Different biases and noise per annotator: who labels which item shows in the labels.
+        annotators = make_annotators(server.url, names, PASSWORD, gold, noise=1.0, bias_scale=1.0, seed=4)
+        assert run_annotators(annotators, "sim", max_labels=4, concurrent=False) == dict.fromkeys(names, 4)
+        with open_db(db_url)() as db:
+            # Fresh databases filled in the same order: the same ids for the same prompts and candidates.
+            return sorted((lb.prompt_id, lb.user.username, lb.ranking,
+                           sorted((r.candidate_id, r.criterion, r.value) for r in lb.ratings))
+                          for lb in db.query(Label).all())
+
+    first, second = labelled("a"), labelled("b")
+    assert len(first) == 12 and {row[1] for row in first} == set(names)
+    assert first == second
+
+
 def total_gold(response: str) -> int:
     return sum(rd.gold(response, c) for c in rd.CRITERION_WORDS)
 

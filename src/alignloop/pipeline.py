@@ -442,7 +442,9 @@ def simulate_round(cfg: PipelineConfig, stage: Stage, round_name: str, quota: in
     with FeedbackServer(db) as server:
         people = make_annotators(server.url, annotators, password, gold, noise=sim.noise, bias_scale=sim.bias_scale,
                                  seed=cfg.sft.train.seed * 100 + stage.round, weights=sim.weights)
-        done = run_annotators(people, round_name, max_labels=math.ceil(quota / len(people)))
+        # In turn, not in threads: who labels which task then does not depend on timing, so a seeded run
+        # gets the same labels every time (with threads, two runs of one seed ranked most items differently).
+        done = run_annotators(people, round_name, max_labels=math.ceil(quota / len(people)), concurrent=False)
         reviewed = sum(_review(server.url, name, password, round_name, lambda p, r: total(p, r) >= sim.approve_at)
                        for name in reviewers)
     log.info("round %d: simulated labels %s, %d reviews", stage.round, done, reviewed)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import httpx
@@ -79,6 +79,10 @@ class SimulatedAnnotator:
 
     def run(self, round_name: str, max_labels: int) -> int:
         """Label until ``max_labels`` are submitted or the queue is empty; returns how many were submitted."""
+        return sum(1 for _ in self.labels(round_name, max_labels))
+
+    def labels(self, round_name: str, max_labels: int) -> Iterator[int]:
+        """Label one task per iteration (yielding its id) until ``max_labels`` or the queue is empty."""
         if self.token is None:
             self.login()
         r = self.client.post(f"/api/rounds/{round_name}/next")
@@ -91,8 +95,8 @@ class SimulatedAnnotator:
             r.raise_for_status()
             self.labelled.append(task["task_id"])
             n += 1
+            yield task["task_id"]
             task = r.json().get("next")
-        return n
 
 
 def make_annotators(base_url: str, usernames: list[str], password: str, gold: GoldFn, noise: float = 0.5,
@@ -104,14 +108,28 @@ def make_annotators(base_url: str, usernames: list[str], password: str, gold: Go
                                seed=seed * 1000 + i, skip_rate=skip_rate) for i, name in enumerate(usernames)]
 
 
-def run_annotators(annotators: list[SimulatedAnnotator], round_name: str, max_labels: int) -> dict[str, int]:
-    """Run all annotators concurrently (one thread each) until each did ``max_labels`` or the queue is empty."""
-    done: dict[str, int] = {}
+def run_annotators(annotators: list[SimulatedAnnotator], round_name: str, max_labels: int,
+                   concurrent: bool = True) -> dict[str, int]:
+    """Run the annotators until each did ``max_labels`` or the queue is empty: concurrently (one thread
+    each, as people work), or taking turns one label at a time, so that who labels which task, and so every
+    label of a seeded run, is the same on every run."""
+    if not concurrent:
+        done = dict.fromkeys((a.username for a in annotators), 0)
+        turns = [(a.username, a.labels(round_name, max_labels)) for a in annotators]
+        while turns:
+            for name, labelling in list(turns):
+                if next(labelling, None) is None:
+                    turns.remove((name, labelling))
+                else:
+                    done[name] += 1
+        return done
+
+    finished: dict[str, int] = {}
     errors: list[BaseException] = []
 
     def work(a: SimulatedAnnotator) -> None:
         try:
-            done[a.username] = a.run(round_name, max_labels)
+            finished[a.username] = a.run(round_name, max_labels)
         except BaseException as exc:  # surfaced below, after every thread stopped
             errors.append(exc)
 
@@ -122,4 +140,4 @@ def run_annotators(annotators: list[SimulatedAnnotator], round_name: str, max_la
         t.join()
     if errors:
         raise errors[0]
-    return done
+    return finished

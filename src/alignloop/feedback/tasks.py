@@ -13,6 +13,7 @@ execute atomically, so concurrent requests never over-assign. Skipping gives the
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 from typing import Any
@@ -146,40 +147,48 @@ def open_assignment(db: Session, user: User, rnd: Round) -> Assignment | None:
     ).order_by(Assignment.id).limit(1))
 
 
-def next_task(db: Session, user: User, rnd: Round, seed: int | None = None) -> Assignment | None:
+def _user_item_hash(user: User, prompt_id: int) -> int:
+    """A fixed pseudo-random number per (user, item): each user's own order of the queue and of an item's
+    candidates, the same on every run (so a seeded simulation labels the same way every time)."""
+    digest = hashlib.blake2b(f"{user.id}:{prompt_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+def next_task(db: Session, user: User, rnd: Round) -> Assignment | None:
     """The user's open task in this round, else a newly assigned item with a free slot, else None."""
     current = open_assignment(db, user, rnd)
     if current is not None:
         return current
     mine = select(Assignment.prompt_id).where(Assignment.user_id == user.id)
     has_candidates = select(Candidate.prompt_id).where(Candidate.kind == "candidate")
-    rng = random.Random(seed)
     # Concurrent requests race for the same free slots; a lost race just means looking again. Only an
     # empty query result means the queue is really empty for this user.
     for _attempt in range(50):
         # Fill items that already have labels first, so overlapping items complete and agreement can be
-        # measured; shuffled within equal fill so concurrent requests mostly try different items.
+        # measured; within equal fill each user goes through the items in an order of their own, so
+        # concurrent requests mostly try different items.
         rows = db.execute(select(Prompt.id, Prompt.assigned).where(
             Prompt.round_id == rnd.id, Prompt.assigned < rnd.overlap, Prompt.id.not_in(mine),
             Prompt.id.in_(has_candidates),
         ).order_by(Prompt.assigned.desc(), Prompt.id).limit(50)).all()
         if not rows:
             break
-        pids = sorted(rows, key=lambda r: (-r.assigned, rng.random()))
+        pids = sorted(rows, key=lambda r: (-r.assigned, _user_item_hash(user, r.id)))
         for pid, _ in pids:
             took = db.execute(update(Prompt).where(Prompt.id == pid, Prompt.assigned < rnd.overlap)
                               .values(assigned=Prompt.assigned + 1))
             if took.rowcount == 1:
-                return _assign(db, user, rnd, pid, rng)
+                return _assign(db, user, rnd, pid)
         db.rollback()
     db.rollback()
     return None
 
 
-def _assign(db: Session, user: User, rnd: Round, pid: int, rng: random.Random) -> Assignment | None:
+def _assign(db: Session, user: User, rnd: Round, pid: int) -> Assignment | None:
     prompt = db.get(Prompt, pid)
     order = [c.id for c in prompt.candidates if c.kind == "candidate"]
-    rng.shuffle(order)
+    # Shown in an order of the user's own, so position in the list says nothing about the candidate.
+    random.Random(_user_item_hash(user, pid)).shuffle(order)
     a = Assignment(prompt_id=pid, user_id=user.id, order=order)
     db.add(a)
     try:
