@@ -1,7 +1,7 @@
 """`alignloop demo`, shortened: the same path as `make demo` (demo world, pretraining, SFT, two rounds of
 collect -> simulated annotators through the feedback app's HTTP API -> reward model -> PPO -> eval, report)
-at the SHORT size (48 labelled prompts and 10 PPO steps per round). What a run that short can honestly
-promise is asserted here: SFT lowers the validation loss, the reward model orders the current policy's
+at the SHORT size (48 labelled prompts and 15 PPO steps per round, 256 evaluation prompts). What a run
+that short can honestly promise is asserted here: SFT lowers the validation loss, the reward model orders the current policy's
 held-out candidates like the hidden gold judgement more often than chance, and the final policy beats the
 SFT model on gold within the KL budget. The full demo's thresholds are checked (and printed) by
 `alignloop demo` itself. To stay short, this run's reward model starts from the SFT policy instead of
@@ -47,7 +47,7 @@ def run_short_demo(out: Path) -> dict:
 
 # One test for the one demo run: a module fixture shared by two tests runs once per xdist worker, so
 # with -n 2 the demo ran twice.
-@pytest.mark.slow(seconds=190)
+@pytest.mark.slow(seconds=230)
 def test_short_demo_improves_the_model_at_every_stage_and_reports_it(tmp_path):
     demo = run_short_demo(tmp_path / "run")
     check_improvements(demo)
@@ -65,11 +65,12 @@ def check_improvements(demo: dict) -> None:
     assert r2["rm_records"] > r1["rm_records"]  # round 2 trains on all feedback so far
     # RLHF beats SFT on the hidden gold score, within the KL budget.
     assert r2["gold_policy"] > r2["gold_sft"]
-    # At this size rounds differ by noise of about 0.01 (measured 0.432 then 0.429 in one run, the other way
-    # round in another); the full demo checks round 2 >= round 1 strictly.
+    # Each gold mean is over the same 256 prompts (per-prompt spread ~0.1, so +-0.006); at this size the two
+    # rounds' policies are close, and the full demo checks round 2 >= round 1 strictly.
     assert r2["gold_policy"] >= r1["gold_policy"] - 0.02
-    # 32 eval prompts at this size: a win rate above one half is what it supports (measured 0.59-0.70);
-    # the full demo checks the 0.65 target.
+    # Measured at this size, seeds 0-3: final gold win rate 0.66-0.72 (standard error 0.03 on 256 prompts),
+    # gold gain 0.03-0.07, KL 5.8-6.0.
+    # The full demo checks the 0.65 target.
     assert r2["win_rate_gold"] > 0.5
     assert r2["kl"] <= 2 * SHORT.kl_target
     labels = [json.loads((root / f"round-{n}" / "label" / "FINISHED").read_text())["labels"] for n in (1, 2)]
