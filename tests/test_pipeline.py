@@ -122,3 +122,18 @@ def test_human_mode_stops_for_labels_and_picks_up(world, tmp_path, capsys):
     assert main(["run", str(yaml_path), "feedback.mode=human", "feedback.label_quota=3"]) == 0
     assert json.loads((root / "round-1" / "label" / "FINISHED").read_text())["labels"] == 3
     assert (root / "round-1" / "eval" / "FINISHED").is_file()
+
+
+def test_round_overrides_change_one_round_and_bad_ones_name_the_round(world, tmp_path):
+    from alignloop.errors import UserError
+
+    yaml_path = write_pipeline(world, tmp_path, rounds=2, round_overrides={2: {"ppo": {"ppo": {"steps": 9}},
+                                                                               "rm": {"train": {"lr": 5e-4}}}})
+    stages = {s.name: s.config for s in plan(load_pipeline(yaml_path))}
+    assert stages["round-1/ppo"].ppo.steps == 6 and stages["round-2/ppo"].ppo.steps == 9
+    assert stages["round-2/ppo"].ppo.rollout_size == stages["round-1/ppo"].ppo.rollout_size  # the rest is kept
+    assert stages["round-1/rm"].train.lr == 1e-3 and stages["round-2/rm"].train.lr == 5e-4
+    with pytest.raises(UserError, match="round_overrides: round 3, but the pipeline has rounds 1-2"):
+        load_pipeline(yaml_path, ["round_overrides.3.ppo.ppo.steps=4"])
+    with pytest.raises(UserError, match=r"ppo \(round 2\).*nonsense"):
+        load_pipeline(yaml_path, ["round_overrides.2.ppo.ppo.nonsense=4"])

@@ -117,6 +117,9 @@ class PipelineConfig(Strict):
     rm: dict[str, Any] = {}
     ppo: dict[str, Any] = {}
     eval: dict[str, Any] = {}
+    # Per round number, settings laid over ``rm`` / ``ppo`` / ``eval`` for that round only,
+    # e.g. {2: {"ppo": {"ppo": {"steps": 40}}}}.
+    round_overrides: dict[int, dict[Literal["rm", "ppo", "eval"], dict[str, Any]]] = {}
     report_gold: str | None = None  # gold function for the report's over-optimisation plot
 
 
@@ -150,6 +153,21 @@ def _merge(user: dict, wired: dict[str, Any]) -> dict:
     return tree
 
 
+def _overlaid(base: dict, over: dict) -> dict:
+    """``base`` with every leaf of ``over`` set in it (nested dicts merge, anything else replaces)."""
+    tree = copy.deepcopy(base)
+
+    def walk(node: dict, path: list[str]) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict) and value:
+                walk(value, [*path, key])
+            else:
+                set_dotted(tree, [*path, key], copy.deepcopy(value))
+
+    walk(over, [])
+    return tree
+
+
 def _validate(cls, tree: dict, where: str):
     try:
         return cls.model_validate(tree)
@@ -169,20 +187,26 @@ def plan(cfg: PipelineConfig) -> list[Stage]:
     root = Path(cfg.output_dir)
     sft_model = root / "sft" / "model"
     stages = [Stage("sft", root / "sft", 0, cfg.sft.model_copy(update={"output_dir": str(root / "sft")}))]
+    unknown = sorted(set(cfg.round_overrides) - set(range(1, cfg.rounds + 1)))
+    if unknown:
+        raise UserError(f"round_overrides: round {unknown[0]}, but the pipeline has rounds 1-{cfg.rounds}")
     for n in range(1, cfg.rounds + 1):
+        over = cfg.round_overrides.get(n, {})
+        user = {name: _overlaid(getattr(cfg, name), over.get(name, {})) for name in ("rm", "ppo", "eval")}
         rdir = root / f"round-{n}"
         policy = sft_model if n == 1 else root / f"round-{n - 1}" / "ppo" / "model"
         wired = {"output_dir": str(rdir / "rm"), "model.name_or_path": str(sft_model),
                  "data.train": str(rdir / "rm" / "feedback.jsonl")}
         if gold_test(cfg):
             wired["data.test"] = str(rdir / "collect" / "gold_test.jsonl")
-        rm_cfg = _validate(RMConfig, _merge(cfg.rm, wired), "rm")
-        ppo_cfg = _validate(PPOConfig, _merge(cfg.ppo, {
+        where = f" (round {n})" if over else ""
+        rm_cfg = _validate(RMConfig, _merge(user["rm"], wired), "rm" + where)
+        ppo_cfg = _validate(PPOConfig, _merge(user["ppo"], {
             "output_dir": str(rdir / "ppo"), "model.name_or_path": str(policy),
-            "reward.model": str(rdir / "rm"), "data.train": cfg.collect.prompts}), "ppo")
-        eval_cfg = _validate(EvalConfig, _merge(cfg.eval, {
+            "reward.model": str(rdir / "rm"), "data.train": cfg.collect.prompts}), "ppo" + where)
+        eval_cfg = _validate(EvalConfig, _merge(user["eval"], {
             "output_dir": str(rdir / "eval"), "policy": str(rdir / "ppo" / "model"), "baseline": str(sft_model),
-            "reward_model": str(rdir / "rm" / "model"), "feedback_db": feedback_db(cfg)}), "eval")
+            "reward_model": str(rdir / "rm" / "model"), "feedback_db": feedback_db(cfg)}), "eval" + where)
         stages += [Stage(f"round-{n}/collect", rdir / "collect", n, policy),
                    Stage(f"round-{n}/label", rdir / "label", n),
                    Stage(f"round-{n}/rm", rdir / "rm", n, rm_cfg),

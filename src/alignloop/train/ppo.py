@@ -154,7 +154,7 @@ def critic_from_reward_model(path: str, device: torch.device, policy_tokenizer) 
     with torch.no_grad():
         # One linear head can say exactly what the reward model says: (weights . (W h + b) - mean) / std.
         # A fresh head instead starts with values as far off as the scores vary, and the advantages built
-        # from them pushed the reward down for the first rounds of PPO.
+        # from them pushed the reward down over the first PPO steps.
         head.weight.copy_((weights @ score.weight).unsqueeze(0) / std)
         bias = float(weights @ score.bias) if score.bias is not None else 0.0
         head.bias.fill_((bias - mean) / std)
