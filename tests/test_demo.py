@@ -1,9 +1,9 @@
 """`alignloop demo`, shortened: the same path as `make demo` (demo world, pretraining, SFT, two rounds of
 collect -> simulated annotators through the feedback app's HTTP API -> reward model -> PPO -> eval, report)
 at the SHORT size (48 labelled prompts and 15 PPO steps per round, 256 evaluation prompts). What a run
-that short can honestly promise is asserted here: SFT lowers the validation loss, the reward model orders the current policy's
-held-out candidates like the hidden gold judgement more often than chance, and the final policy beats the
-SFT model on gold within the KL budget. The full demo's thresholds are checked (and printed) by
+that short can honestly promise is asserted here: SFT lowers the validation loss, the reward model orders
+the current policy's held-out candidates like the hidden gold judgement more often than chance, and the
+final policy beats the SFT model on gold within the KL budget. The full demo's thresholds are checked (and printed) by
 `alignloop demo` itself. To stay short, this run's reward model starts from the SFT policy instead of
 the full demo's MiniLM encoder (the same stages and wiring, in a fraction of the time)."""
 
