@@ -259,6 +259,7 @@ def test_ratings_of_ranked_responses_share_the_rankings_forward_and_keep_the_obj
 @pytest.mark.real_model
 def test_an_encoder_reward_model_reads_chat_prompts_as_plain_turns():
     """MiniLM has no chat template and no EOS token: chat prompts reach it as "role: content" lines."""
+    from alignloop.data.tokenize import ensure_chat_template
     from alignloop.models.load import load_tokenizer
     from alignloop.models.reward import encode_for_reward, format_for_reward
 
@@ -268,3 +269,5 @@ def test_an_encoder_reward_model_reads_chat_prompts_as_plain_turns():
     assert format_for_reward(tok, chat, " It sings.") == "system: Be brief.\nuser: Describe the red fox.\nassistant: It sings."
     ids, truncated = encode_for_reward(tok, chat, "It sings.", 64)
     assert ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id and not truncated
+    ensure_chat_template(tok)  # what a stage that also serves decoders does to a tokenizer without a template
+    assert encode_for_reward(tok, chat, "It sings.", 64) == (ids, False)

@@ -32,9 +32,10 @@ def join_plain(prompt: str, response: str) -> str:
 
 
 def _chat_as_plain_text(tokenizer) -> bool:
-    """An encoder's tokenizer (BERT, MiniLM) has neither a chat template nor an EOS token to end turns
-    with: a chat prompt reaches it as plain "role: content" lines, with its own [CLS] / [SEP]."""
-    return tokenizer.chat_template is None and tokenizer.eos_token is None
+    """An encoder's tokenizer (BERT, MiniLM) has no chat template of its own and no EOS token for the
+    default template to end turns with: a chat prompt reaches it as plain "role: content" lines, with its
+    own [CLS] / [SEP]."""
+    return tokenizer.eos_token is None and tokenizer.chat_template in (None, DEFAULT_CHAT_TEMPLATE)
 
 
 def format_for_reward(tokenizer, prompt: PromptLike, response: str) -> str:
