@@ -76,10 +76,8 @@ def pipeline_config(root: Path, data: dict[str, Path], base_model: Path, size: D
     if size.reward_model:
         rm_model = {"model": {"name_or_path": size.reward_model, "freeze_embeddings": True, "freeze_layers": 2}}
         rm_lr = 3e-4
-    else:
-        # The real model's reward model starts from the base weights with its own LoRA (SFT saved an adapter).
-        rm_model = {"model": {"name_or_path": model_name, **lora}} if real else {}
-        rm_lr = 2e-4 if real else 1e-3
+    else:  # the runner starts the reward model from the SFT policy
+        rm_model, rm_lr = {}, 1e-3
     return PipelineConfig.model_validate({
         "output_dir": str(root),
         "rounds": 2,

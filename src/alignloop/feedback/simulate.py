@@ -115,11 +115,11 @@ def run_annotators(annotators: list[SimulatedAnnotator], round_name: str, max_la
     label of a seeded run, is the same on every run."""
     if not concurrent:
         done = dict.fromkeys((a.username for a in annotators), 0)
-        turns = [(a.username, a.labels(round_name, max_labels)) for a in annotators]
+        turns = {a.username: a.labels(round_name, max_labels) for a in annotators}
         while turns:
-            for name, labelling in list(turns):
-                if next(labelling, None) is None:
-                    turns.remove((name, labelling))
+            for name in list(turns):
+                if next(turns[name], None) is None:
+                    del turns[name]
                 else:
                     done[name] += 1
         return done
