@@ -10,7 +10,7 @@ from alignloop.cli import main
 from alignloop.data.formats import parse_feedback
 from alignloop.data.io import Record
 from alignloop.feedback import agreement, auth, tasks
-from alignloop.feedback.db import Prompt, User, open_db
+from alignloop.feedback.db import DEFAULT_CRITERIA, Prompt, User, open_db
 from alignloop.feedback.export import borda, export_records
 from feedback_fixtures import *  # noqa: F403  (fixtures)
 from feedback_fixtures import PASSWORD
@@ -169,3 +169,26 @@ def test_add_items_from_file_and_gold(tmp_path, fb_sessions, fb_db_url):
         q = db.query(Prompt).filter_by(text="Q").one()
         assert [c.text for c in q.candidates] == ["x", "y"]
         assert q.gold_ranking == [q.candidates[1].id, q.candidates[0].id]
+
+
+def test_cli_create_round_default_and_custom_criteria_and_errors(tmp_path, capsys, fb_sessions, fb_db_url):
+    assert main(["feedback", "create-round", "--db", fb_db_url, "--name", "plain", "--overlap", "2"]) == 0
+    criteria = tmp_path / "criteria.json"
+    criteria.write_text(json.dumps([{"name": "helpful", "min": 1, "max": 5, "guideline": "does it help?"}]))
+    assert main(["feedback", "create-round", "--db", fb_db_url, "--name", "custom", "--criteria", str(criteria),
+                 "--guidelines", "Prefer short answers."]) == 0
+    with fb_sessions() as db:
+        plain, custom = tasks.get_round(db, "plain"), tasks.get_round(db, "custom")
+        assert [c["name"] for c in plain.criteria] == [c["name"] for c in DEFAULT_CRITERIA] and plain.overlap == 2
+        assert [c["name"] for c in custom.criteria] == ["helpful"] and custom.guidelines == "Prefer short answers."
+    broken = tmp_path / "broken.json"
+    broken.write_text("[{")
+    capsys.readouterr()
+    for argv, needle in [
+        (["--name", "plain"], "round 'plain' already exists"),
+        (["--name", "x", "--criteria", str(broken)], f"--criteria {broken}:"),
+        (["--name", "y", "--overlap", "0"], "overlap: between 1 and 50"),
+    ]:
+        assert main(["feedback", "create-round", "--db", fb_db_url, *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and len(err.splitlines()) == 1, err

@@ -11,13 +11,10 @@ Everything is seeded and resumable: re-running the same command skips what is fi
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-
-from alignloop.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -233,36 +230,3 @@ def run_demo(output: str | Path, size: DemoSize = FULL, seed: int = 0, model_nam
 REAL = replace(FULL, sft_records=400, rl_prompts=256, eval_prompts=32, gold_test_prompts=32, sft_steps=20,
                sft_batch=8, prompts_per_round=48, rm_epochs=2.0, ppo_steps=6, round2_ppo_steps=None, rollout_size=16,
                max_new_tokens=40, ppo_lr=1e-4, ppo_epochs=1)
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
-    if args.model not in (None, "tiny", "smollm2-135m-instruct"):
-        raise UserError(f"--model: 'tiny' or 'smollm2-135m-instruct' (got {args.model!r})")
-    real = args.model == "smollm2-135m-instruct"
-    output = args.output or ("runs/demo-smollm2" if real else "runs/demo")
-    out = run_demo(output, REAL if real else FULL, args.seed, args.model if real else None, args.force)
-    print(out["table"])
-    print(f"report: {out['report']}")
-    print(f"wall time: {out['seconds'] / 60:.1f} min")
-    return 0 if all(out["checks"].values()) else 1
-
-
-def add_command(sub) -> None:
-    from alignloop.cli import examples_epilog
-
-    p = sub.add_parser(
-        "demo", help="the whole loop offline: demo world, tiny model, SFT, 2 RLHF rounds, report",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Builds the demo world (corpus, tasks, simulated annotators), pretrains a tiny Llama on "
-                    "it, then runs the pipeline: SFT and two rounds of collect -> simulated labelling through "
-                    "the feedback app's HTTP API -> reward model -> PPO -> evaluation, and writes the HTML "
-                    "report. Prints a summary table; exits 1 if a check of a healthy loop failed. About 13-14 "
-                    "minutes on 2 CPU cores; re-running resumes.",
-        epilog=examples_epilog("alignloop demo", "alignloop demo --output runs/demo-seed1 --seed 1",
-                               "alignloop demo --model smollm2-135m-instruct   # real model + LoRA, < 1 h on 2 cores"),
-    )
-    p.add_argument("--model", help="tiny (default) or smollm2-135m-instruct")
-    p.add_argument("--output", help="run folder (default runs/demo or runs/demo-smollm2)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--force", action="store_true", help="rerun every pipeline stage")
-    p.set_defaults(func=_cmd_demo)

@@ -8,7 +8,6 @@ Every input field is kept, so gold labels sit next to predictions.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from alignloop.errors import UserError
@@ -142,38 +141,3 @@ def predict(model_dir: str | Path, data: str, output: str | Path, data_format: s
     out = Path(output)
     atomic_write_text(out, "".join(to_json(r, indent=None) + "\n" for r in rows))
     return out
-
-
-def _cmd_predict(args: argparse.Namespace) -> int:
-    out = predict(args.model, args.data, args.output, args.format, args.batch_size, args.max_new_tokens,
-                  args.temperature, args.top_p, args.seed)
-    print(f"predictions: {out}")
-    return 0
-
-
-def add_command(subparsers) -> None:
-    from alignloop.cli import examples_epilog
-
-    p = subparsers.add_parser(
-        "predict", help="predictions of a trained SFT model (labels, tags or generated completions)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Run a trained model over a data file. Classification writes the label and class "
-                    "probabilities, tagging one tag per word, a causal LM its completion of the prompt.",
-        epilog=examples_epilog(
-            "alignloop predict --model runs/cls/model --data reviews.jsonl --output predictions.jsonl",
-            "alignloop predict --model runs/ner/model --data test.conll --format conll --output tags.jsonl",
-            "alignloop predict --model runs/sft/model --data prompts.jsonl --output gen.jsonl "
-            "--temperature 0.7 --top-p 0.9",
-        ),
-    )
-    p.add_argument("--model", required=True, help="a run's model/ folder")
-    p.add_argument("--data", required=True, help="input file: text (classification), tokens (tagging), "
-                   "prompt or messages (causal LM)")
-    p.add_argument("--output", required=True, help="JSONL file to write")
-    p.add_argument("--format", default="auto", choices=["auto", "jsonl", "csv", "parquet", "dataset", "conll"])
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-new-tokens", type=int, default=128, help="causal LM: tokens to generate")
-    p.add_argument("--temperature", type=float, default=0.0, help="causal LM: 0 = greedy, above 0 = sampling")
-    p.add_argument("--top-p", type=float, default=1.0, help="causal LM: nucleus sampling mass")
-    p.add_argument("--seed", type=int, default=0, help="causal LM: sampling seed")
-    p.set_defaults(func=_cmd_predict)

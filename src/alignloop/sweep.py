@@ -10,7 +10,6 @@ values are written into ``<sweep>/best.yaml``, a config ready for ``alignloop sf
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import logging
@@ -19,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import ValidationError, model_validator
 
-from alignloop.config import SFTConfig, Strict, build_config, describe_validation_error, read_yaml, set_dotted
+from alignloop.config import SFTConfig, Strict, describe_validation_error, read_yaml, set_dotted
 from alignloop.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -194,44 +193,3 @@ def _fmt(v: Any) -> str:
     if v is None:
         return "-"
     return f"{v:.3g}" if isinstance(v, float) else str(v)
-
-
-def _cmd_sweep(args: argparse.Namespace) -> int:
-    if args.trials < 1:
-        raise UserError("--trials must be at least 1")
-    cfg = build_config(SFTConfig, args.config, {"model.name_or_path": args.model, "data.train": args.data},
-                       args.overrides)
-    space = read_space(args.space) if args.space else default_space(cfg)
-    sweep_dir = Path(args.output or f"{cfg.output_dir}-sweep")
-    study, best = run_sweep(cfg, args.trials, space, sweep_dir)
-    print(trials_table(study, cfg.train.metric))
-    print(f"best trial {study.best_trial.number}: {cfg.train.metric}={study.best_value:.4f}; "
-          f"train it with: alignloop sft -c {best}")
-    return 0
-
-
-def add_command(subparsers) -> None:
-    from alignloop.cli import examples_epilog
-
-    p = subparsers.add_parser(
-        "sweep", help="hyperparameter search over an SFT config (Optuna; resumable)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Search learning rate, batch size, epochs, weight decay, warm-up (and LoRA rank with an "
-                    "adapter) to maximise the validation metric (train.metric). The study is kept in "
-                    "<output>/study.db: rerun the same command to resume. Space file format: "
-                    "'train.lr: {type: float, low: 1e-5, high: 1e-3, log: true}', "
-                    "'train.batch_size: {type: categorical, choices: [8, 16]}'.",
-        epilog=examples_epilog(
-            "alignloop sweep -c examples/classification.yaml --trials 20",
-            "alignloop sweep -c examples/tagging.yaml --trials 10 --space space.yaml --output runs/ner-sweep",
-            "alignloop sft -c runs/ner-sweep/best.yaml      # train the winner",
-        ),
-    )
-    p.add_argument("-c", "--config", required=True, help="the SFT config to tune (any task)")
-    p.add_argument("--trials", type=int, required=True, help="total trials wanted (finished ones count)")
-    p.add_argument("--space", help="YAML search space (dotted config key -> range); default per task")
-    p.add_argument("--output", help="sweep folder (default: <output_dir>-sweep)")
-    p.add_argument("--model", help="override model.name_or_path")
-    p.add_argument("--data", help="override data.train")
-    p.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides, e.g. train.metric=eval_f1")
-    p.set_defaults(func=_cmd_sweep)

@@ -3,27 +3,26 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from alignloop.cli.common import examples_epilog, run_training_command
+from alignloop.config import PPOConfig, build_config
 
 
-def _cmd_ppo(args: argparse.Namespace) -> int:
-    from alignloop.cli import run_training_command
-    from alignloop.config import PPOConfig, build_config
-
+def run(args: argparse.Namespace) -> int:
     flags = {"model.name_or_path": args.model, "reward.model": args.reward_model, "data.train": args.prompts,
              "data.eval": args.eval_prompts, "output_dir": args.output, "ppo.algorithm": args.algorithm}
     cfg = build_config(PPOConfig, args.config, flags, args.overrides)
 
-    def run():
-        from alignloop.train.ppo import run_ppo
+    def train() -> Path:
+        from alignloop.train.ppo import run_ppo  # torch: only once the command runs
 
         return run_ppo(cfg, overwrite=args.overwrite)
 
-    return run_training_command(args, run)
+    return run_training_command(args, train)
 
 
 def add_command(sub) -> None:
-    from alignloop.cli import examples_epilog
-
     p = sub.add_parser(
         "ppo", help="RLHF: optimise the policy against a reward with PPO (or GRPO / RLOO)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -49,4 +48,4 @@ def add_command(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --output")
     p.add_argument("overrides", nargs="*", metavar="key.path=value",
                    help="override any config field, e.g. ppo.kl_coef=0.1 generation.temperature=0.7")
-    p.set_defaults(func=_cmd_ppo, nproc=1)
+    p.set_defaults(func=run, nproc=1)

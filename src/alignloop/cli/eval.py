@@ -1,10 +1,12 @@
-"""``alignloop eval`` (compare a policy with a baseline) and ``alignloop report`` (HTML report of a run)."""
+"""``alignloop eval``: a policy against a baseline (reward, gold, KL, win rates, safety)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 
-from alignloop.cli import examples_epilog
+from alignloop.cli.common import examples_epilog
+from alignloop.config import EvalConfig, build_config
 
 EVAL_HELP = """\
 Sample one response per prompt from the policy (and the baseline, with the same seed), then report:
@@ -15,9 +17,7 @@ records, and blind side-by-side human win rates from the feedback database.
 Writes eval.json and samples.jsonl (every prompt with each model's response and scores)."""
 
 
-def _cmd_eval(args: argparse.Namespace) -> int:
-    from alignloop.config import EvalConfig, build_config
-
+def run(args: argparse.Namespace) -> int:
     flags = {"policy": args.policy, "baseline": args.baseline, "reference": args.reference,
              "reward_model": args.reward_model, "prompts": args.prompts, "gold": args.gold,
              "output_dir": args.output, "test_data": args.test_data, "max_prompts": args.max_prompts,
@@ -27,20 +27,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         flags["safety.blocklist"] = [w.strip() for w in args.blocklist.split(",") if w.strip()]
     cfg = build_config(EvalConfig, args.config, flags, args.overrides)
 
-    import json
-
-    from alignloop.evaluate.eval import headline, run_eval
+    from alignloop.evaluate.eval import headline, run_eval  # torch: only once the config is valid
 
     out = run_eval(cfg, overwrite=args.overwrite)
     print(headline(json.loads((out / "eval.json").read_text())))
     print(f"finished: {out}")
-    return 0
-
-
-def _cmd_report(args: argparse.Namespace) -> int:
-    from alignloop.evaluate.report import build_report
-
-    print(f"report: {build_report(args.run, output=args.output, gold=args.gold)}")
     return 0
 
 
@@ -73,17 +64,4 @@ def add_command(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a finished evaluation in --output")
     p.add_argument("overrides", nargs="*", metavar="key.path=value",
                    help="override any config field, e.g. generation.temperature=0.7 seed=1")
-    p.set_defaults(func=_cmd_eval)
-
-    r = sub.add_parser(
-        "report", help="self-contained HTML report of a pipeline run (plots and sample responses)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Reads a pipeline run folder (sft/, round-N/rm, round-N/ppo, round-N/eval) and writes "
-                    "one HTML file with inline SVG plots; it opens offline and needs no JavaScript.",
-        epilog=examples_epilog("alignloop report runs/demo",
-                               "alignloop report runs/demo --gold alignloop.data.synthetic:gold_total"),
-    )
-    r.add_argument("run", help="pipeline run folder")
-    r.add_argument("--output", help="HTML file to write (default RUN/report.html)")
-    r.add_argument("--gold", help="gold function scoring PPO samples, for gold-vs-reward as KL grows")
-    r.set_defaults(func=_cmd_report)
+    p.set_defaults(func=run)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 
+from alignloop.cli.common import examples_epilog
 from alignloop.errors import UserError
 
 
-def _cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+def run(args: argparse.Namespace) -> int:
+    import uvicorn  # the web stack and torch: only once the command runs
 
     from alignloop.serve.app import Limits, build_server, create_app
 
@@ -40,8 +41,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def add_command(sub) -> None:
-    from alignloop.cli import examples_epilog
-
     p = sub.add_parser(
         "serve", help="OpenAI-compatible server (completions, chat, streaming, /v1/score for reward models)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -76,4 +75,4 @@ def add_command(sub) -> None:
     p.add_argument("--max-tokens-limit", type=int, default=2048, help="largest max_tokens a request may ask for")
     p.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request omits it")
     p.add_argument("--max-body-bytes", type=int, default=1_000_000, help="largest request body (default 1 MB)")
-    p.set_defaults(func=_cmd_serve)
+    p.set_defaults(func=run)

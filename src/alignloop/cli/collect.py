@@ -1,0 +1,40 @@
+"""``alignloop collect``: K candidate responses per prompt, written into a feedback round."""
+
+from __future__ import annotations
+
+import argparse
+
+from alignloop.cli.common import add_db_flag, examples_epilog
+
+
+def run(args: argparse.Namespace) -> int:
+    from alignloop.feedback.collect import collect  # torch and the database: only once the command runs
+
+    n = collect(args.model, args.prompts, args.db, args.round, k=args.k, temperature=args.temperature,
+                top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                overlap=args.overlap, batch_size=args.batch_size, model_label=args.model_label)
+    print(f"collected {args.k} candidates for each of {n} prompts into round {args.round!r} ({args.db})")
+    return 0
+
+
+def add_command(sub) -> None:
+    p = sub.add_parser(
+        "collect", help="generate K candidate responses per prompt into a feedback round",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=examples_epilog("alignloop collect --model runs/sft/model --prompts prompts.jsonl --k 4 --round r1",
+                               "alignloop collect --model smollm2-135m-instruct --prompts prompts.jsonl --round r1 "
+                               "--db postgresql://feedback@db/feedback --temperature 0.8"))
+    p.add_argument("--model", required=True, help="model folder, hub id, .gguf or short name")
+    p.add_argument("--prompts", required=True, help="JSONL/CSV/parquet with 'prompt' or 'messages' per record")
+    p.add_argument("--round", required=True, help="round to add to (created with default criteria if new)")
+    p.add_argument("--k", type=int, default=4, help="candidates per prompt (default 4)")
+    add_db_flag(p)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
+    p.add_argument("--overlap", type=int, default=1, help="people per item when the round is created here")
+    p.add_argument("--model-label", help="name stored with each candidate (default: --model)")
+    p.set_defaults(func=run)

@@ -1,0 +1,39 @@
+"""``alignloop sft``: supervised fine-tuning (causal LM, classification or tagging, by the config's task)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from alignloop.cli.common import add_training_flags, examples_epilog, run_training_command
+from alignloop.config import SFTConfig, build_config
+
+
+def run(args: argparse.Namespace) -> int:
+    flags = {"model.name_or_path": args.model, "data.train": args.data, "data.eval": args.eval_data,
+             "data.test": args.test_data, "output_dir": args.output}
+    cfg = build_config(SFTConfig, args.config, flags, args.overrides)
+
+    def train() -> Path:
+        from alignloop.train.sft import run_sft  # torch: only once the command runs
+
+        return run_sft(cfg, overwrite=args.overwrite)
+
+    return run_training_command(args, train)
+
+
+def add_command(sub) -> None:
+    p = sub.add_parser(
+        "sft", help="supervised fine-tuning of a causal LM",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Fine-tune a causal language model on prompt/completion, chat messages or plain text. "
+                    "Loss is only on completions / assistant turns.",
+        epilog=examples_epilog(
+            "alignloop sft -c examples/sft.yaml",
+            "alignloop sft --model smollm2-135m-instruct --data data/sft.jsonl --output runs/sft "
+            "model.adapter=lora train.lr=2e-4",
+            "alignloop sft -c examples/sft.yaml --nproc 2        # two processes (DDP)",
+        ),
+    )
+    add_training_flags(p)
+    p.set_defaults(func=run)

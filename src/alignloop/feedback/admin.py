@@ -1,0 +1,48 @@
+"""Administration of the feedback database outside the web app (the ``alignloop feedback`` commands):
+users with a password, invite links, rounds and their items. Each call opens the database (upgrading its
+schema), does one thing and commits it; a rule broken is a UserError."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alignloop.data.io import read_records
+from alignloop.errors import UserError
+from alignloop.feedback import auth, tasks
+from alignloop.feedback.db import DEFAULT_CRITERIA, open_db
+
+
+def create_user(db_url: str, username: str, role: str, password: str) -> None:
+    with open_db(db_url)() as db:
+        auth.create_user(db, username, role, password)
+        db.commit()
+
+
+def invite(db_url: str, username: str, role: str) -> str:
+    """Create a user without a password; returns the one-time token of their invite link (/invite/TOKEN)."""
+    with open_db(db_url)() as db:
+        user = auth.create_user(db, username, role)
+        token = auth.issue_token(db, user, "invite")
+        db.commit()
+    return token
+
+
+def create_round(db_url: str, name: str, criteria: list[dict] | None = None, guidelines: str = "",
+                 overlap: int = 1) -> None:
+    """A new round; without ``criteria`` it rates the default ones (relevance, consistency, creativity)."""
+    criteria = [dict(c) for c in DEFAULT_CRITERIA] if criteria is None else criteria
+    with open_db(db_url)() as db:
+        try:
+            tasks.create_round(db, name, criteria, guidelines, overlap)
+        except tasks.Invalid as exc:
+            raise UserError(str(exc)) from None
+
+
+def add_items(db_url: str, round_name: str, items_path: str | Path, kind: str = "candidate") -> int:
+    """Add the prompts (with their responses) of a records file to a round; returns how many prompts."""
+    items = [r.data for r in read_records(items_path)]
+    with open_db(db_url)() as db:
+        try:
+            return tasks.add_items(db, tasks.get_round(db, round_name), items, kind)
+        except (tasks.Invalid, tasks.NotFound) as exc:
+            raise UserError(f"{items_path}: {exc}") from None
