@@ -3,7 +3,8 @@
 Each module here parses its flags (``add_command`` registers the subparser, with examples in its --help),
 builds the stage's config and calls the stage's run function; the stage logic lives in the stage modules.
 Stage modules that pull in torch, transformers or the web stack are imported inside the run functions, so
-``alignloop --help`` and ``alignloop COMMAND --help`` stay fast. Nothing outside this package imports it.
+``alignloop --help`` and ``alignloop COMMAND --help`` stay fast. Only ``alignloop/__main__.py`` imports this
+package; no stage module does.
 """
 
 from __future__ import annotations
