@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 
+import fastapi.routing
 import pytest
 from sqlalchemy import select
 
@@ -17,6 +18,13 @@ from feedback_fixtures import PASSWORD, api_login
 
 PUBLIC = {("POST", "/api/login"), ("POST", "/api/invites/accept"), ("GET", "/login"), ("POST", "/login"),
           ("GET", "/invite/{token}"), ("POST", "/invite/{token}"), ("GET", "/static/app.js")}
+
+
+def app_routes(app) -> list:
+    """Every route of the app. FastAPI 0.137 and later keep included routers as a tree in ``app.routes``;
+    ``iter_route_contexts`` flattens it (0.137.2 and later); older versions list the routes themselves."""
+    flatten = getattr(fastapi.routing, "iter_route_contexts", None)
+    return list(flatten(app.routes)) if flatten is not None else list(app.routes)
 
 
 def make_round(client, admin, name="r1", overlap=2, items=None, kind="candidate"):
@@ -45,7 +53,7 @@ def browser_login(client, username):
 
 def test_every_route_refuses_anonymous_requests(fb_app, fb_client):
     checked = 0
-    for route in fb_app.routes:
+    for route in app_routes(fb_app):
         for method in sorted(getattr(route, "methods", None) or []):
             if method == "HEAD" or (method, route.path) in PUBLIC:
                 continue

@@ -68,7 +68,7 @@ def _add_collect(sub) -> None:
 def _cmd_label(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from alignloop.feedback.app import create_app
+    from alignloop.feedback.web.app import create_app
 
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.secure_cookies:
         print("alignloop label: warning: listening beyond loopback without --secure-cookies; serve it "
