@@ -21,6 +21,7 @@ from alignloop.feedback.web.forms import parse_criteria, parse_jsonl_upload
 from alignloop.feedback.web.middleware import MAX_BODY_BYTES
 from alignloop.feedback.web.pages import render, win_rate_chart
 from alignloop.feedback.web.schemas import (
+    API_ERRORS,
     AgreementReport,
     ExportFormat,
     InviteBody,
@@ -35,9 +36,14 @@ from alignloop.feedback.web.schemas import (
 )
 
 ADMIN_ONLY = [Depends(require("admin"))]
-api = APIRouter(prefix=API_PREFIX, tags=["admin"], dependencies=ADMIN_ONLY)
+api = APIRouter(prefix=API_PREFIX, tags=["admin"], dependencies=ADMIN_ONLY, responses=API_ERRORS)
 pages = APIRouter(tags=["admin"], dependencies=ADMIN_ONLY, include_in_schema=False)
-NDJSON = "application/x-ndjson"
+
+
+class JSONLinesResponse(PlainTextResponse):
+    """One JSON record a line (what ``alignloop feedback export`` writes)."""
+
+    media_type = "application/x-ndjson"
 
 
 def invite_url(request: Request, token: str) -> str:
@@ -46,7 +52,7 @@ def invite_url(request: Request, token: str) -> str:
 
 def export_response(db: Session, name: str, fmt: str, include_unsafe: bool, per_annotator: bool) -> Response:
     records = export_records(db, tasks.get_round(db, name), fmt, include_unsafe, per_annotator)
-    return PlainTextResponse(to_jsonl(records), media_type=NDJSON, headers={
+    return JSONLinesResponse(to_jsonl(records), headers={
         "Content-Disposition": f'attachment; filename="{quote(name)}-{fmt}.jsonl"'})
 
 
@@ -56,7 +62,8 @@ def export_response(db: Session, name: str, fmt: str, include_unsafe: bool, per_
 @api.post("/invites", response_model=InviteOut)
 def api_invite(body: InviteBody, request: Request, db: DB) -> InviteOut:
     invitee, token = auth.invite(db, body.username, body.role)
-    return InviteOut(username=invitee.username, role=invitee.role, token=token, url=invite_url(request, token))
+    return InviteOut(username=invitee.username, role=invitee.role, token=token,
+                     url=invite_url(request, token))
 
 
 @api.get("/users", response_model=list[UserRow])
@@ -88,9 +95,7 @@ def api_agreement(name: str, db: DB) -> dict[str, Any]:
     return agreement.agreement_report(db, tasks.get_round(db, name))
 
 
-@api.get("/rounds/{name}/export", response_class=PlainTextResponse,
-         responses={200: {"content": {NDJSON: {"schema": {"type": "string"}}},
-                          "description": "one JSON record a line"}})
+@api.get("/rounds/{name}/export", response_class=JSONLinesResponse)
 def api_export(name: str, db: DB, fmt: Annotated[ExportFormat, Query(alias="format")] = "rankings",
                include_unsafe: bool = False, per_annotator: bool = False) -> Response:
     return export_response(db, name, fmt, include_unsafe, per_annotator)
@@ -140,13 +145,14 @@ def admin_round(request: Request, name: str, user: Admin, db: DB) -> Response:
     progress = tasks.round_progress(db, rnd)
     report = agreement.agreement_report(db, rnd)
     items = progress["items"] or 1
+    per_user = sorted(progress["per_annotator"].items())
     progress_chart = charts.progress_bars([("all labels", progress["labels"], progress["slots"])]
-                                          + [(n, c["done"], items) for n, c in sorted(progress["per_annotator"].items())])
+                                          + [(n, c["done"], items) for n, c in per_user])
     tau_chart = charts.line_chart([(p["until"], p["tau"]) for p in report["rankings"]["over_time"]])
     rates = tasks.win_rates(db, rnd)
     return render(request, "round_admin.html", user, round=rnd, progress=progress, report=report,
-                  progress_chart=progress_chart, tau_chart=tau_chart, rate_chart=win_rate_chart(rates), rates=rates,
-                  formats=FORMATS)
+                  progress_chart=progress_chart, tau_chart=tau_chart, rate_chart=win_rate_chart(rates),
+                  rates=rates, formats=FORMATS)
 
 
 @pages.get("/admin/rounds/{name}/export")

@@ -13,9 +13,16 @@ from alignloop.feedback import tasks
 from alignloop.feedback.db import Candidate, Comparison
 from alignloop.feedback.web.deps import API_PREFIX, DB, Annotator
 from alignloop.feedback.web.pages import render, win_rate_chart
-from alignloop.feedback.web.schemas import CompareBody, ComparisonView, VoteBody, VoteOut, WinRate
+from alignloop.feedback.web.schemas import (
+    API_ERRORS,
+    CompareBody,
+    ComparisonView,
+    VoteBody,
+    VoteOut,
+    WinRate,
+)
 
-api = APIRouter(prefix=API_PREFIX, tags=["compare"])
+api = APIRouter(prefix=API_PREFIX, tags=["compare"], responses=API_ERRORS)
 pages = APIRouter(tags=["compare"], include_in_schema=False)
 
 
@@ -52,8 +59,8 @@ def compare_get(request: Request, name: str, user: Annotator, db: DB,
         comp = tasks.next_comparison(db, user, rnd, model_a, model_b)
         view = comparison_view(db, comp) if comp is not None else None
     rates = tasks.win_rates(db, rnd)
-    return render(request, "compare.html", user, round=rnd, models=tasks.round_models(db, rnd), model_a=model_a,
-                  model_b=model_b, comparison=view, rates=rates, chart=win_rate_chart(rates))
+    return render(request, "compare.html", user, round=rnd, models=tasks.round_models(db, rnd),
+                  model_a=model_a, model_b=model_b, comparison=view, rates=rates, chart=win_rate_chart(rates))
 
 
 @pages.post("/rounds/{name}/compare")

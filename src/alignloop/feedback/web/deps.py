@@ -16,9 +16,10 @@ from __future__ import annotations
 import functools
 import secrets
 from collections.abc import Callable, Iterator
-from typing import Annotated
+from typing import Annotated, NamedTuple
 
 from fastapi import Depends, Form, HTTPException, Request
+from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from alignloop.feedback import auth
@@ -45,40 +46,48 @@ def get_db(request: Request) -> Iterator[Session]:
 DB = Annotated[Session, Depends(get_db)]
 
 
-def bearer_secret(request: Request) -> str | None:
-    header = request.headers.get("authorization", "")
-    return header[7:].strip() if header.lower().startswith("bearer ") else None
+# Declared as security schemes, so the OpenAPI schema says how to authenticate.
+BEARER = HTTPBearer(auto_error=False, description="An API token from POST /api/login.")
+SESSION = APIKeyCookie(name=SESSION_COOKIE, auto_error=False,
+                       description="A browser session from the login page; a request that changes something "
+                                   "also needs the X-CSRF-Token header.")
 
 
-def presented_secret(request: Request) -> str:
+class Credential(NamedTuple):
+    kind: str  # "api" (bearer token) or "session" (cookie)
+    secret: str
+
+
+def credential(bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)],
+               session: Annotated[str | None, Depends(SESSION)]) -> Credential:
     """The secret this request authenticates with: its bearer token, else its session cookie."""
-    bearer = bearer_secret(request)
-    return bearer if bearer is not None else request.cookies.get(SESSION_COOKIE, "")
+    if bearer is not None:
+        return Credential("api", bearer.credentials)
+    return Credential("session", session or "")
 
 
 async def csrf_form_field(request: Request) -> str | None:
     """The ``csrf_token`` field of a form body (parsed once; the route reads the same parsed form)."""
-    if request.method in SAFE_METHODS or not request.headers.get("content-type", "").startswith(FORM_CONTENT_TYPES):
+    content_type = request.headers.get("content-type", "")
+    if request.method in SAFE_METHODS or not content_type.startswith(FORM_CONTENT_TYPES):
         return None
     value = (await request.form()).get(CSRF_FIELD)
     return value if isinstance(value, str) else None
 
 
-def current_user(request: Request, db: DB, form_csrf: Annotated[str | None, Depends(csrf_form_field)]) -> User:
-    bearer = bearer_secret(request)
-    if bearer is not None:
-        token = auth.lookup_token(db, bearer, "api")
+def current_user(request: Request, db: DB, presented: Annotated[Credential, Depends(credential)],
+                 form_csrf: Annotated[str | None, Depends(csrf_form_field)]) -> User:
+    token = auth.lookup_token(db, presented.secret, presented.kind)
+    if presented.kind == "api":
         if token is None:
             raise NotLoggedIn("invalid or expired token")
         return token.user
-    secret = request.cookies.get(SESSION_COOKIE)
-    token = auth.lookup_token(db, secret, "session")
     if token is None:
         raise NotLoggedIn("log in first")
     given = request.headers.get(CSRF_HEADER) or form_csrf
-    if request.method not in SAFE_METHODS and not auth.check_csrf(secret, given):
+    if request.method not in SAFE_METHODS and not auth.check_csrf(presented.secret, given):
         raise HTTPException(403, "CSRF token missing or wrong")
-    request.state.csrf = auth.csrf_for(secret)  # for the forms of the page this request renders
+    request.state.csrf = auth.csrf_for(presented.secret)  # for the forms of the page this request renders
     return token.user
 
 

@@ -16,7 +16,8 @@ from alignloop.errors import UserError
 from alignloop.feedback import auth, tasks
 from alignloop.feedback.web.deps import API_PREFIX, NotLoggedIn
 
-STATUS = {tasks.NotFound: 404, tasks.Forbidden: 403, tasks.Invalid: 422, UserError: 422, auth.Unauthorized: 401}
+STATUS: dict[type[Exception], int] = {tasks.NotFound: 404, tasks.Forbidden: 403, tasks.Invalid: 422,
+                                      UserError: 422, auth.Unauthorized: 401}
 
 
 async def detail_response(_request: Request, exc: Exception) -> Response:

@@ -17,9 +17,9 @@ from alignloop.feedback.db import Assignment, Round, User
 from alignloop.feedback.web.deps import API_PREFIX, DB, Annotator
 from alignloop.feedback.web.forms import label_from_form
 from alignloop.feedback.web.pages import render
-from alignloop.feedback.web.schemas import LabelBody, LabelOut, RoundRow, TaskView
+from alignloop.feedback.web.schemas import API_ERRORS, LabelBody, LabelOut, RoundRow, TaskView
 
-api = APIRouter(prefix=API_PREFIX, tags=["labelling"])
+api = APIRouter(prefix=API_PREFIX, tags=["labelling"], responses=API_ERRORS)
 pages = APIRouter(tags=["labelling"], include_in_schema=False)
 NO_CONTENT = {204: {"description": "nothing left for the caller in this queue"}}
 
@@ -54,7 +54,8 @@ def api_label(task_id: int, body: LabelBody, user: Annotator, db: DB,
     """Store a label (committed before the answer). With ``?next=true`` the answer also carries the
     next task of the same round (or null), saving a round trip per label."""
     label, created = tasks.submit_label(db, user, task_id, body.model_dump())
-    out: dict[str, Any] = {"label_id": label.id, "task_id": task_id, "created": created, "skipped": label.skipped}
+    out: dict[str, Any] = {"label_id": label.id, "task_id": task_id, "created": created,
+                           "skipped": label.skipped}
     if with_next:
         rnd = db.get(Assignment, task_id).prompt.round
         following = tasks.next_task(db, user, rnd)

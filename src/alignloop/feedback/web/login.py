@@ -17,13 +17,14 @@ from alignloop.feedback.web.deps import (
     LOGIN_CSRF_COOKIE,
     SESSION_COOKIE,
     Annotator,
+    Credential,
     checked_login_csrf,
-    presented_secret,
+    credential,
 )
 from alignloop.feedback.web.pages import render
-from alignloop.feedback.web.schemas import AcceptBody, LoginBody, OkOut, TokenOut, UserOut
+from alignloop.feedback.web.schemas import API_ERRORS, AcceptBody, LoginBody, OkOut, TokenOut, UserOut
 
-api = APIRouter(prefix=API_PREFIX, tags=["login"])
+api = APIRouter(prefix=API_PREFIX, tags=["login"], responses=API_ERRORS)
 pages = APIRouter(tags=["login"], include_in_schema=False)
 
 
@@ -41,8 +42,8 @@ def api_login(body: LoginBody, db: DB) -> TokenOut:
 
 
 @api.post("/logout", response_model=OkOut)
-def api_logout(request: Request, user: Annotator, db: DB) -> OkOut:
-    auth.revoke(db, presented_secret(request))
+def api_logout(user: Annotator, presented: Annotated[Credential, Depends(credential)], db: DB) -> OkOut:
+    auth.revoke(db, presented.secret)
     return OkOut(ok=True)
 
 
@@ -77,7 +78,8 @@ def start_session(request: Request, secret: str, next_url: str) -> RedirectRespo
 
 
 @pages.get("/login", response_class=HTMLResponse)
-def login_page(request: Request, next_url: Annotated[str, Query(alias="next", max_length=500)] = "/") -> Response:
+def login_page(request: Request,
+               next_url: Annotated[str, Query(alias="next", max_length=500)] = "/") -> Response:
     token = secrets.token_urlsafe(24)
     response = render(request, "login.html", None, next=next_url, login_csrf=token)
     response.set_cookie(LOGIN_CSRF_COOKIE, token, httponly=True, samesite="strict",
@@ -87,7 +89,8 @@ def login_page(request: Request, next_url: Annotated[str, Query(alias="next", ma
 
 @pages.post("/login")
 def login_submit(request: Request, db: DB, login_token: Annotated[str, Depends(checked_login_csrf)],
-                 username: Annotated[str, Form(max_length=64)], password: Annotated[str, Form(max_length=256)],
+                 username: Annotated[str, Form(max_length=64)],
+                 password: Annotated[str, Form(max_length=256)],
                  next_url: Annotated[str, Form(alias="next", max_length=500)] = "/") -> Response:
     try:
         _user, secret = auth.log_in(db, username, password, "session")
@@ -98,8 +101,8 @@ def login_submit(request: Request, db: DB, login_token: Annotated[str, Depends(c
 
 
 @pages.post("/logout")
-def logout(request: Request, user: Annotator, db: DB) -> Response:
-    auth.revoke(db, presented_secret(request))
+def logout(user: Annotator, presented: Annotated[Credential, Depends(credential)], db: DB) -> Response:
+    auth.revoke(db, presented.secret)
     response = RedirectResponse("/login", status_code=303)
     response.delete_cookie(SESSION_COOKIE)
     return response
@@ -123,5 +126,6 @@ def invite_submit(request: Request, token: str, db: DB, password: Annotated[str,
             raise UserError("the two passwords differ")
         secret = auth.accept_invite(db, invite, password, "session")
     except UserError as exc:
-        return render(request, "invite.html", None, status=400, token=token, invitee=invite.user, error=str(exc))
+        return render(request, "invite.html", None, status=400, token=token, invitee=invite.user,
+                      error=str(exc))
     return start_session(request, secret, "/")

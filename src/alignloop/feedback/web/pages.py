@@ -32,5 +32,5 @@ def render(request: Request, name: str, user: User | None, status: int = 200, **
 
 
 def win_rate_chart(rates: list[dict[str, Any]]) -> str:
-    return charts.interval_chart([(f"{r['model_a']} vs {r['model_b']}", r["win_rate"], r["ci_low"], r["ci_high"])
-                                  for r in rates])
+    return charts.interval_chart([(f"{r['model_a']} vs {r['model_b']}", r["win_rate"], r["ci_low"],
+                                   r["ci_high"]) for r in rates])

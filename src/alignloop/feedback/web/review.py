@@ -12,9 +12,9 @@ from alignloop.feedback import tasks
 from alignloop.feedback.db import Candidate
 from alignloop.feedback.web.deps import API_PREFIX, DB, Reviewer
 from alignloop.feedback.web.pages import render
-from alignloop.feedback.web.schemas import ReviewBody, ReviewOut, ReviewSample
+from alignloop.feedback.web.schemas import API_ERRORS, ReviewBody, ReviewOut, ReviewSample
 
-api = APIRouter(prefix=API_PREFIX, tags=["review"])
+api = APIRouter(prefix=API_PREFIX, tags=["review"], responses=API_ERRORS)
 pages = APIRouter(tags=["review"], include_in_schema=False)
 
 
@@ -24,7 +24,8 @@ def api_next_review(name: str, user: Reviewer, db: DB) -> Any:
     sample = tasks.next_review(db, user, tasks.get_round(db, name))
     if sample is None:
         return Response(status_code=204)
-    return ReviewSample(sample_id=sample.id, prompt=sample.prompt.text, response=sample.text, model=sample.model)
+    return ReviewSample(sample_id=sample.id, prompt=sample.prompt.text, response=sample.text,
+                        model=sample.model)
 
 
 @api.post("/reviews/{sample_id}", response_model=ReviewOut)
@@ -48,6 +49,6 @@ def review_post(request: Request, name: str, user: Reviewer, db: DB, sample_id: 
         tasks.submit_review(db, user, sample_id, decision, reason)
     except tasks.Invalid as exc:
         # Show the sample again with the message instead of an error page.
-        return render(request, "review.html", user, status=400, round=rnd, sample=db.get(Candidate, sample_id),
-                      error=str(exc))
+        return render(request, "review.html", user, status=400, round=rnd,
+                      sample=db.get(Candidate, sample_id), error=str(exc))
     return RedirectResponse(f"/rounds/{quote(name)}/review", status_code=303)

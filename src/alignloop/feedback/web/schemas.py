@@ -117,6 +117,26 @@ class AcceptBody(Body):
 # ---------------------------------------------------------------- responses
 
 
+class ErrorOut(BaseModel):
+    detail: str
+
+
+class InvalidOut(BaseModel):
+    """A rule of the service layer was broken (a message) or the request has the wrong shape (FastAPI's
+    list of validation errors)."""
+
+    detail: str | list[dict[str, Any]]
+
+
+# The error answers every JSON route may give (errors.py makes them).
+API_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorOut, "description": "not logged in, or wrong credentials"},
+    403: {"model": ErrorOut, "description": "the caller's role or CSRF token does not allow this"},
+    404: {"model": ErrorOut, "description": "no such round, task, sample or comparison"},
+    422: {"model": InvalidOut, "description": "the request breaks a rule or has the wrong shape"},
+}
+
+
 class UserOut(BaseModel):
     username: str
     role: Role
