@@ -64,7 +64,7 @@ def fb_users(fb_sessions) -> dict[str, str]:
 
 @pytest.fixture
 def fb_app(fb_db_url, fb_sessions, fb_users):
-    from alignloop.feedback.app import create_app
+    from alignloop.feedback.web.app import create_app
 
     return create_app(fb_db_url, sessions=fb_sessions)
 

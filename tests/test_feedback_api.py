@@ -6,17 +6,30 @@ from __future__ import annotations
 
 import json
 import re
+import typing
 
+import fastapi.routing
 import pytest
 from sqlalchemy import select
 
 from alignloop.feedback import tasks
-from alignloop.feedback.db import Label, Prompt, Token, User
+from alignloop.feedback.db import ROLES, Label, Prompt, Token, User
+from alignloop.feedback.export import FORMATS
+from alignloop.feedback.web.app import create_app
+from alignloop.feedback.web.deps import require
+from alignloop.feedback.web.schemas import ExportFormat
 from feedback_fixtures import *  # noqa: F403  (fixtures)
 from feedback_fixtures import PASSWORD, api_login
 
 PUBLIC = {("POST", "/api/login"), ("POST", "/api/invites/accept"), ("GET", "/login"), ("POST", "/login"),
           ("GET", "/invite/{token}"), ("POST", "/invite/{token}"), ("GET", "/static/app.js")}
+
+
+def app_routes(app) -> list:
+    """Every route of the app. FastAPI 0.137 and later keep included routers as a tree in ``app.routes``;
+    ``iter_route_contexts`` flattens it (0.137.2 and later); older versions list the routes themselves."""
+    flatten = getattr(fastapi.routing, "iter_route_contexts", None)
+    return list(flatten(app.routes)) if flatten is not None else list(app.routes)
 
 
 def make_round(client, admin, name="r1", overlap=2, items=None, kind="candidate"):
@@ -45,7 +58,7 @@ def browser_login(client, username):
 
 def test_every_route_refuses_anonymous_requests(fb_app, fb_client):
     checked = 0
-    for route in fb_app.routes:
+    for route in app_routes(fb_app):
         for method in sorted(getattr(route, "methods", None) or []):
             if method == "HEAD" or (method, route.path) in PUBLIC:
                 continue
@@ -328,3 +341,98 @@ def test_admin_review_and_compare_pages_work_through_forms(fb_client, fb_session
 def tasks_winrates(Sessions, name):
     with Sessions() as db:
         return tasks.win_rates(db, tasks.get_round(db, name))
+
+
+# ---------------------------------------------------------------- the shape of the app
+
+
+def role_checks(route) -> set[str]:
+    """The roles that ``require(role)`` dependencies anywhere in the route's dependency tree ask for."""
+    found, stack = set(), [route.dependant]
+    while stack:
+        dependant = stack.pop()
+        found |= {role for role in ROLES if dependant.call is require(role)}
+        stack.extend(dependant.dependencies)
+    return found
+
+
+def test_every_route_but_the_public_ones_has_exactly_one_role_check(fb_app):
+    routes = [(m, r) for r in app_routes(fb_app) for m in r.methods if m != "HEAD"]
+    assert len(routes) == 39
+    for method, route in routes:
+        expected = set() if (method, route.path) in PUBLIC else {"admin"} if "admin" in route.tags else None
+        checks = role_checks(route)
+        assert checks == expected if expected is not None else len(checks) == 1, (method, route.path, checks)
+
+
+def test_annotators_and_reviewers_get_403_on_every_admin_route(fb_app, fb_client):
+    admin_routes = [(m, r.path) for r in app_routes(fb_app) if "admin" in r.tags for m in r.methods]
+    assert len(admin_routes) == 13  # 7 JSON, 6 HTML
+    for who in ("ann1", "rev"):
+        headers = api_login(fb_client, who)  # a bearer token works on the HTML routes too
+        for method, path in admin_routes:
+            r = fb_client.request(method, re.sub(r"\{[a-z_]+\}", "1", path), headers=headers,
+                                  follow_redirects=False)
+            assert r.status_code == 403 and r.json()["detail"] == "needs the admin role", (who, method, path)
+
+
+def test_every_json_route_declares_its_response_model_in_the_openapi_schema(fb_app):
+    api = {(m, r.path): r for r in app_routes(fb_app) if r.path.startswith("/api/") for m in r.methods}
+    schema = fb_app.openapi()
+    described = {(m.upper(), path) for path, ops in schema["paths"].items() for m in ops}
+    assert described == set(api)  # the JSON API, all of it, and no HTML page
+    for (method, path), route in api.items():
+        ok = next(v for k, v in schema["paths"][path][method.lower()]["responses"].items() if k.startswith("2"))
+        if path.endswith("/export"):  # the one non-JSON answer: JSON lines
+            assert set(ok["content"]) == {"application/x-ndjson"}
+            continue
+        assert route.response_model is not None, (method, path)
+        assert "$ref" in json.dumps(ok["content"]["application/json"]["schema"]), (method, path)
+    task = schema["components"]["schemas"]["TaskView"]["properties"]
+    assert set(task) == {"task_id", "round", "status", "prompt", "candidates", "criteria", "guidelines",
+                         "flag_kinds"}
+
+
+def test_export_formats_in_the_schema_are_the_exporters(fb_client):
+    assert typing.get_args(ExportFormat) == FORMATS
+
+
+def test_login_redirects_only_to_local_paths(fb_client):
+    for next_url, expected in (("/rounds/r1/label", "/rounds/r1/label"), ("//evil.example/", "/"),
+                               ("/\\evil.example/", "/"), ("https://evil.example/", "/")):
+        client = fb_client.__class__(fb_client.app)
+        token = re.search(r'name="login_csrf" value="([^"]+)"', client.get("/login").text).group(1)
+        r = client.post("/login", data={"username": "ann1", "password": PASSWORD, "login_csrf": token,
+                                        "next": next_url}, follow_redirects=False)
+        assert r.status_code == 303 and r.headers["location"] == expected, next_url
+
+
+def test_cookies_are_httponly_samesite_and_secure_when_asked(fb_db_url, fb_sessions, fb_users):
+    with fb_client_for(create_app(fb_db_url, sessions=fb_sessions, secure_cookies=True)) as client:
+        page = client.get("/login")
+        assert all(p in page.headers["set-cookie"].lower() for p in ("httponly", "samesite=strict", "secure"))
+        token = re.search(r'name="login_csrf" value="([^"]+)"', page.text).group(1)
+        r = client.post("/login", data={"username": "ann1", "password": PASSWORD, "login_csrf": token},
+                        follow_redirects=False)
+        session = next(c for c in r.headers.get_list("set-cookie") if c.startswith("alignloop_session="))
+        assert all(p in session.lower() for p in ("httponly", "samesite=lax", "secure"))
+
+
+def fb_client_for(app):
+    from fastapi.testclient import TestClient
+
+    return TestClient(app, base_url="https://testserver")
+
+
+def test_odd_csrf_tokens_and_oversized_bodies_get_clean_answers(fb_client):
+    admin = api_login(fb_client, "admin")
+    make_round(fb_client, admin)
+    browser_login(fb_client, "ann1")
+    odd = fb_client.post("/api/rounds/r1/next", headers={"X-CSRF-Token": "\u00e9t\u00e9".encode("latin-1")})
+    assert odd.status_code == 403
+    big = fb_client.post("/api/rounds", content=b"x" * (9 * 1024 * 1024),
+                         headers={**admin, "content-type": "application/json"})
+    assert big.status_code == 413
+    for r in (odd, big):
+        assert "frame-ancestors 'none'" in r.headers["content-security-policy"]
+        assert r.headers["cache-control"] == "no-store" and r.headers["x-frame-options"] == "DENY"

@@ -369,7 +369,7 @@ class FeedbackServer:
     def __init__(self, db_url: str):
         import uvicorn
 
-        from alignloop.feedback.app import create_app
+        from alignloop.feedback.web.app import create_app
 
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"

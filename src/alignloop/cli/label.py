@@ -11,7 +11,7 @@ from alignloop.cli.common import add_db_flag, examples_epilog
 def run(args: argparse.Namespace) -> int:
     import uvicorn  # the web stack: only once the command runs
 
-    from alignloop.feedback.app import create_app
+    from alignloop.feedback.web.app import create_app
 
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.secure_cookies:
         print("alignloop label: warning: listening beyond loopback without --secure-cookies; serve it "

@@ -21,9 +21,7 @@ def create_user(db_url: str, username: str, role: str, password: str) -> None:
 def invite(db_url: str, username: str, role: str) -> str:
     """Create a user without a password; returns the one-time token of their invite link (/invite/TOKEN)."""
     with open_db(db_url)() as db:
-        user = auth.create_user(db, username, role)
-        token = auth.issue_token(db, user, "invite")
-        db.commit()
+        _, token = auth.invite(db, username, role)
     return token
 
 

@@ -1,4 +1,5 @@
-"""Credentials: argon2 password hashes, random tokens stored as SHA-256, CSRF tokens, role checks.
+"""Credentials: argon2 password hashes, random tokens stored as SHA-256, CSRF tokens, role checks, and the
+account rules the web app runs (log in, log out, invite, accept an invite).
 
 Three kinds of token share one table: ``session`` (browser cookie), ``api`` (``Authorization:
 Bearer``) and ``invite`` (one-time link that lets a new person choose a password). Tokens are 256
@@ -39,6 +40,11 @@ def _dummy_hash() -> str:
     # Verifying against this keeps a login for an unknown user as slow as one for a known user.
     return _hasher().hash("not-a-real-password")
 
+
+class Unauthorized(Exception):
+    """Wrong credentials, or a token that is unknown, expired or already used."""
+
+
 LIFETIMES = {"session": dt.timedelta(days=7), "api": dt.timedelta(days=30), "invite": dt.timedelta(days=7)}
 MIN_PASSWORD = 8
 
@@ -52,7 +58,8 @@ def csrf_for(session_secret: str) -> str:
 
 
 def check_csrf(session_secret: str, given: str | None) -> bool:
-    return bool(given) and hmac.compare_digest(csrf_for(session_secret), given)
+    # Compared as bytes: compare_digest refuses non-ASCII str, and a header may carry any latin-1 text.
+    return bool(given) and hmac.compare_digest(csrf_for(session_secret).encode(), given.encode())
 
 
 def check_password_rules(password: str) -> None:
@@ -114,7 +121,46 @@ def revoke(db: Session, secret: str) -> None:
     tok = db.scalar(select(Token).where(Token.token_hash == hash_secret(secret)))
     if tok is not None:
         db.delete(tok)
+    db.commit()
 
 
 def has_role(user: User, minimum: str) -> bool:
     return ROLE_RANK[user.role] >= ROLE_RANK[minimum]
+
+
+def log_in(db: Session, username: str, password: str, kind: str) -> tuple[User, str]:
+    """Check the password and issue a ``kind`` token (``session`` or ``api``); commits."""
+    user = authenticate(db, username, password)
+    if user is None:
+        raise Unauthorized("wrong username or password")
+    secret = issue_token(db, user, kind)
+    db.commit()
+    return user, secret
+
+
+def invite(db: Session, username: str, role: str) -> tuple[User, str]:
+    """A new user without a password and the secret of their one-time invite link; commits."""
+    invitee = create_user(db, username, role)
+    secret = issue_token(db, invitee, "invite")
+    db.commit()
+    return invitee, secret
+
+
+def open_invite(db: Session, secret: str) -> Token:
+    invite_token = lookup_token(db, secret, "invite")
+    if invite_token is None:
+        raise Unauthorized("invite link is invalid, used or expired")
+    return invite_token
+
+
+def accept_invite(db: Session, invite_token: Token, password: str, kind: str) -> str:
+    """Set the invitee's password, use up the invite and issue a ``kind`` token for them; commits."""
+    set_password(invite_token.user, password)
+    invite_token.used_at = utcnow()
+    secret = issue_token(db, invite_token.user, kind)
+    db.commit()
+    return secret
+
+
+def list_users(db: Session) -> list[User]:
+    return list(db.scalars(select(User).order_by(User.id)))

@@ -94,6 +94,10 @@ def get_round(db: Session, name: str) -> Round:
     return rnd
 
 
+def list_rounds(db: Session) -> list[Round]:
+    return list(db.scalars(select(Round).order_by(Round.id)))
+
+
 def add_items(db: Session, rnd: Round, items: list[dict], kind: str = "candidate") -> int:
     """Add prompts with their responses. Each item: {"prompt", "responses": [...] or [{"text", "model",
     "generation"}], optional "gold_ranking": [indices best..worst]}; policy samples may also be PPO

@@ -1,0 +1,39 @@
+"""The labelling web app: a JSON API under ``/api`` and server-rendered HTML pages, one FastAPI app.
+
+Authentication: every route needs a logged-in user except logging in, accepting an invite and the
+static script. Browsers hold a session cookie (HttpOnly, SameSite=Lax; Secure with ``secure_cookies``)
+and every form carries a CSRF token; API clients (scripts, simulated annotators) send ``Authorization:
+Bearer <token>`` from ``POST /api/login``. Roles are checked on the server for every route, by
+``deps.require``: annotator < reviewer < admin (a reviewer can also label; an admin can do everything).
+
+Untrusted text (prompts, model outputs, comments, names) is only ever rendered through Jinja2's
+autoescaping, and the Content-Security-Policy allows no inline script, so a response holding
+``<script>`` shows as text and runs nothing. The OpenAPI schema is not served (``app.openapi()`` builds
+it); it describes the JSON API only.
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+from sqlalchemy.orm import sessionmaker
+
+from alignloop.feedback.db import open_db
+from alignloop.feedback.web import admin, compare, labelling, login, pages, review
+from alignloop.feedback.web.errors import add_exception_handlers
+from alignloop.feedback.web.middleware import MAX_BODY_BYTES, BodyLimit, SecurityHeaders
+
+AREAS = (login, labelling, review, compare, admin)
+
+
+def create_app(db_url: str, sessions: sessionmaker | None = None, secure_cookies: bool = False) -> FastAPI:
+    app = FastAPI(title="alignloop feedback", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.sessions = sessions or open_db(db_url)
+    app.state.secure_cookies = secure_cookies
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
+    app.add_middleware(SecurityHeaders)  # added last, so outermost: also on BodyLimit's 413
+    add_exception_handlers(app)
+    for area in AREAS:
+        app.include_router(area.api)
+        app.include_router(area.pages)
+    app.include_router(pages.router)
+    return app
