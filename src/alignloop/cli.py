@@ -111,9 +111,9 @@ def _cmd_sft(args: argparse.Namespace) -> int:
     cfg = build_config(SFTConfig, args.config, flags, args.overrides)
 
     def run():
-        from alignloop.train.sft import run_sft
+        from alignloop.train.supervised import run_supervised
 
-        return run_sft(cfg, overwrite=args.overwrite)
+        return run_supervised(cfg, overwrite=args.overwrite)
 
     return run_training_command(args, run)
 
