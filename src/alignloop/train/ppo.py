@@ -330,8 +330,10 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
         extra = {"critic": trainable_state(critic)} if critic is not None else {}
         if ema is not None:
             extra["ema"] = ema
-        ckpt.save(state["step"], policy, optimizer, {"scheduler": scheduler.state_dict(), "loop": state,
-                                                      "kl_controller": kl_ctl.state_dict()}, extra)
+        if acc.is_main_process:
+            ckpt.save(state["step"], policy, optimizer, {"scheduler": scheduler.state_dict(), "loop": state,
+                                                          "kl_controller": kl_ctl.state_dict()}, extra)
+        acc.wait_for_everyone()
 
     t_prev = time.perf_counter()
     while state["step"] < p.steps:
