@@ -9,8 +9,10 @@ from torch import nn
 from alignloop.config import TrainConfig
 from alignloop.errors import TrainingDiverged
 from alignloop.runs import RunDir, read_metrics
-from alignloop.train.checkpoint import Checkpointer
-from alignloop.train.core import build_optimizer, build_scheduler, epoch_batches, fit
+from alignloop.training.batch_order import epoch_batches
+from alignloop.training.checkpoint import Checkpointer
+from alignloop.training.fit import fit
+from alignloop.training.optim import build_optimizer, build_scheduler, param_groups
 
 torch.manual_seed(0)
 X = torch.randn(64, 4)
@@ -48,7 +50,7 @@ def test_nan_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_p
 
     run = RunDir(tmp_path / "run")
     model = nn.Linear(4, 1)
-    with pytest.raises(TrainingDiverged, match=r"diverged at step 5: loss is nan.*step-0000004"):
+    with pytest.raises(TrainingDiverged, match=r"diverged at step 5: the loss is nan.*step-0000004"):
         fit(model, ITEMS, collate, poisoned, cfg(save_steps=2), run)
     latest = Checkpointer(run.checkpoints).latest()
     assert latest is not None and latest.name == "step-0000004"
@@ -82,7 +84,7 @@ def test_the_untrained_model_is_never_the_best_checkpoint(tmp_path, caplog):
     scores = iter([0.9, 0.6, 0.7, 0.65, 0.62])  # evals at steps 0, 2, 4, 6, 8
     model = nn.Linear(4, 1)
     start = model.weight.detach().clone()
-    with caplog.at_level("WARNING", logger="alignloop.train.core"):
+    with caplog.at_level("WARNING", logger="alignloop.training.fit"):
         result = fit(model, ITEMS, collate, mse_sum, cfg(eval_steps=2, epochs=1, metric="eval_accuracy"), run,
                      evaluate=lambda m: {"eval_accuracy": next(scores)})
     assert result.state.best_step == 4 and result.state.best_metric == 0.7
@@ -92,7 +94,7 @@ def test_the_untrained_model_is_never_the_best_checkpoint(tmp_path, caplog):
 
 
 def test_schedules_warm_up_and_decay():
-    opt = build_optimizer([nn.Parameter(torch.zeros(2, 2))], cfg(lr=1.0))
+    opt = build_optimizer(param_groups([("w", nn.Parameter(torch.zeros(2, 2)))], 0.0), cfg(lr=1.0))
     lin = build_scheduler(opt, cfg(lr=1.0, schedule="linear", warmup_steps=2), total_steps=10)
     lrs = []
     for _ in range(10):
@@ -100,7 +102,7 @@ def test_schedules_warm_up_and_decay():
         opt.step()
         lin.step()
     assert lrs[:3] == [0.0, 0.5, 1.0] and lrs[-1] == pytest.approx(0.125)
-    opt2 = build_optimizer([nn.Parameter(torch.zeros(2, 2))], cfg(lr=1.0))
+    opt2 = build_optimizer(param_groups([("w", nn.Parameter(torch.zeros(2, 2)))], 0.0), cfg(lr=1.0))
     cos = build_scheduler(opt2, cfg(lr=1.0, schedule="cosine", warmup_ratio=0.1), total_steps=10)
     seen = []
     for _ in range(10):

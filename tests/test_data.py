@@ -13,7 +13,7 @@ from alignloop.config import CleanConfig
 from alignloop.data.clean import clean_records
 from alignloop.data.formats import Conversation, PromptCompletion, parse_sft
 from alignloop.data.io import Record, read_records
-from alignloop.data.split import split_by_seed
+from alignloop.data.splits import split_by_seed
 from alignloop.data.tokenize import IGNORE, collate_packed, pack_examples, tokenize_sft
 from alignloop.errors import UserError
 from conftest import write_jsonl

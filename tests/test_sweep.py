@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-import alignloop.train.sft as sft_module
+import alignloop.train.supervised as supervised
 from alignloop.cli import main
 from test_classification import FAST_TRAIN, generated_reviews, write_config, write_jsonl
 
@@ -37,16 +37,16 @@ def test_sweep_resumes_after_interruption_and_best_config_trains(tmp_path, tiny_
     sweep = tmp_path / "sweep"
     args = ["sweep", "-c", str(cfg), "--trials", "3", "--space", str(space), "--output", str(sweep)]
 
-    real_run_sft = sft_module.run_sft
+    real_run = supervised.run_supervised
     calls: list[str] = []
 
     def interrupted_on_third(c, overwrite=False, on_eval=None):
         calls.append(c.output_dir)
         if len(calls) == 3:
             raise KeyboardInterrupt  # Ctrl-C in the middle of the third trial
-        return real_run_sft(c, overwrite, on_eval)
+        return real_run(c, overwrite, on_eval)
 
-    monkeypatch.setattr(sft_module, "run_sft", interrupted_on_third)
+    monkeypatch.setattr(supervised, "run_supervised", interrupted_on_third)
     assert main(args) == 130
     study = optuna.load_study(study_name="alignloop", storage=f"sqlite:///{sweep / 'study.db'}")
     states = [t.state.name for t in study.trials]
@@ -56,8 +56,8 @@ def test_sweep_resumes_after_interruption_and_best_config_trains(tmp_path, tiny_
     assert len(finished) == 2
 
     calls.clear()
-    monkeypatch.setattr(sft_module, "run_sft", lambda c, overwrite=False, on_eval=None:
-                        calls.append(c.output_dir) or real_run_sft(c, overwrite, on_eval))
+    monkeypatch.setattr(supervised, "run_supervised", lambda c, overwrite=False, on_eval=None:
+                        calls.append(c.output_dir) or real_run(c, overwrite, on_eval))
     assert main(args) == 0
     assert len(calls) == 1  # only the missing trial ran; the two finished ones were kept
     assert {p: (p / "FINISHED").stat().st_mtime_ns for p in finished} == finished

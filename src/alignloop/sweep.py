@@ -110,8 +110,8 @@ def run_sweep(cfg: SFTConfig, trials: int, space: dict[str, Param], sweep_dir: P
 
     from alignloop.config import dump_config
     from alignloop.errors import TrainingDiverged
-    from alignloop.train.core import metric_greater_is_better
-    from alignloop.train.sft import run_sft
+    from alignloop.train.supervised import run_supervised
+    from alignloop.training.fit import metric_greater_is_better
 
     base = cfg.model_dump(mode="json")
     for key, p in space.items():  # every key must exist in the config: fail now, not in trial 7
@@ -157,7 +157,7 @@ def run_sweep(cfg: SFTConfig, trials: int, space: dict[str, Param], sweep_dir: P
                 raise optuna.TrialPruned(f"{metric}={metrics[metric]:.4g} after evaluation {evals}")
 
         try:
-            run_sft(trial_cfg, overwrite=True, on_eval=on_eval)
+            run_supervised(trial_cfg, overwrite=True, on_eval=on_eval)
         except TrainingDiverged as exc:  # these values are bad, the sweep is not
             raise optuna.TrialPruned(str(exc)) from None
         return validation_value(run_dir, metric)

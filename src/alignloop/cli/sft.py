@@ -15,9 +15,9 @@ def run(args: argparse.Namespace) -> int:
     cfg = build_config(SFTConfig, args.config, flags, args.overrides)
 
     def train() -> Path:
-        from alignloop.train.sft import run_sft  # torch: only once the command runs
+        from alignloop.train.supervised import run_supervised  # torch: only once the command runs
 
-        return run_sft(cfg, overwrite=args.overwrite)
+        return run_supervised(cfg, overwrite=args.overwrite)
 
     return run_training_command(args, train)
 

@@ -20,10 +20,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from alignloop.config import SFTConfig, dump_config
+from alignloop.config import SFTConfig
+from alignloop.data.formats import LabelledText, validate_record
 from alignloop.data.io import Record
+from alignloop.data.splits import load_splits
 from alignloop.errors import UserError
-from alignloop.runs import RunDir, atomic_write_json, atomic_write_text, to_json
+from alignloop.models.load import count_parameters, load_pretrained, prepare_for_training, save_model
+from alignloop.runs import RunDir, atomic_write_json
+from alignloop.train.labelled import check_known, check_metric, write_jsonl
+from alignloop.training.accelerator import make_accelerator
+from alignloop.training.finish import finish_run
+from alignloop.training.fit import fit
+from alignloop.training.resume import SUPERVISED_MUTABLE, open_run
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +46,6 @@ class LabelledExample:
 
 
 def parse_labelled(rec: Record) -> LabelledExample:
-    from alignloop.data.formats import LabelledText, validate_record
-
     r = validate_record(LabelledText, rec)
     return LabelledExample(r.text, r.label, rec.where)
 
@@ -50,23 +56,6 @@ def label_names(examples: Sequence[LabelledExample]) -> tuple[list[str], str]:
     if all(isinstance(v, int) for v in values):
         return [str(v) for v in sorted(values)], "int"
     return sorted(str(v) for v in values), "str"
-
-
-def check_known(examples: Sequence, names: set[str], field: str, values: Callable[[object], list[str]]) -> None:
-    """Every label of a validation/test example must exist in training: a head cannot predict a
-    class it never had, and the score would silently count it as wrong."""
-    for e in examples:
-        for v in values(e):
-            if v not in names:
-                known = ", ".join(sorted(names)[:20])
-                raise UserError(f"{e.where}: field '{field}': {v!r} does not appear in the training data "
-                                f"(known: {known})")
-
-
-def check_metric(cfg: SFTConfig, known: Sequence[str]) -> None:
-    if cfg.train.metric not in known:
-        raise UserError(f"train.metric: {cfg.train.metric!r} is not reported for task {cfg.task}; "
-                        f"choose from {', '.join(known)}")
 
 
 def pad_ids(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,10 +73,6 @@ def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Inference batches of similar length (less padding); callers restore the original order."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def write_jsonl(path: Path, rows: Sequence[dict]) -> None:
-    atomic_write_text(path, "".join(to_json(r, indent=None) + "\n" for r in rows))
 
 
 def encode_texts(tokenizer, texts: Sequence[str], max_len: int) -> list[list[int]]:
@@ -137,12 +122,9 @@ def class_weights(train_ids: list[int], n_classes: int) -> torch.Tensor:
     return torch.tensor(w, dtype=torch.float32)
 
 
-def run_classification(cfg: SFTConfig, overwrite: bool = False, on_eval=None) -> Path:
+def run_classification(cfg: SFTConfig, overwrite: bool = False,
+                       on_eval: Callable[[int, dict[str, float]], None] | None = None) -> Path:
     from transformers import AutoModelForSequenceClassification
-
-    from alignloop.models.load import count_parameters, load_pretrained, prepare_for_training, save_model
-    from alignloop.train.core import fit, make_accelerator
-    from alignloop.train.sft import load_splits
 
     check_metric(cfg, METRICS)
     run = RunDir(cfg.output_dir)
@@ -152,9 +134,9 @@ def run_classification(cfg: SFTConfig, overwrite: bool = False, on_eval=None) ->
         raise UserError(f"{cfg.data.train}: field 'label': only one class ({names[0]!r}) in the training data")
     check_known(splits["validation"] + splits["test"], set(names), "label", lambda e: [str(e.label)])
     data_report["labels"] = dict(Counter(str(e.label) for e in splits["train"]))
-    run.prepare(overwrite)
-
     acc = make_accelerator(cfg.train, run)
+    open_run(run, cfg, overwrite, SUPERVISED_MUTABLE, acc.is_main_process)
+
     id2label = dict(enumerate(names))
     model, tokenizer = load_pretrained(
         cfg.model, auto_cls=AutoModelForSequenceClassification, device=acc.device, for_training=True,
@@ -172,7 +154,6 @@ def run_classification(cfg: SFTConfig, overwrite: bool = False, on_eval=None) ->
         return collate_classification([b[0] for b in batch], [b[1] for b in batch], pad_id)
 
     if acc.is_main_process:
-        dump_config(cfg, run.root / "config.yaml")
         atomic_write_json(run.root / "data_report.json", data_report)
     params = count_parameters(model)
     log.info("model: %s parameters, %s trainable; %d classes", f"{params['total']:,}",
@@ -199,12 +180,10 @@ def run_classification(cfg: SFTConfig, overwrite: bool = False, on_eval=None) ->
                  lengths=[len(x) for x in ids["train"]] if cfg.train.group_by_length else None, accelerator=acc,
                  tracker_config=cfg.model_dump(mode="json"), description="classification", on_eval=on_eval)
 
-    final_model = acc.unwrap_model(model)
-    final_model.eval()
-    evaluation: dict = {"task": "classification", "labels": names, "steps": result.state.step,
-                        "stopped_early": result.state.stopped_early, "best_step": result.state.best_step,
-                        "parameters": params}
-    with torch.no_grad(), acc.autocast():
+    def final_eval(final_model) -> dict:
+        evaluation: dict = {"task": "classification", "labels": names, "steps": result.state.step,
+                            "stopped_early": result.state.stopped_early, "best_step": result.state.best_step,
+                            "parameters": params}
         for split in ("validation", "test"):
             if splits[split]:
                 metrics, rows = evaluate_split(final_model, splits[split], ids[split], names, pad_id, eval_bs,
@@ -212,13 +191,13 @@ def run_classification(cfg: SFTConfig, overwrite: bool = False, on_eval=None) ->
                 evaluation[split] = metrics
                 if acc.is_main_process:
                     write_jsonl(run.root / f"predictions.{split}.jsonl", rows)
-    if acc.is_main_process:
-        atomic_write_json(run.root / "eval.json", evaluation)
+        log.info("%s", json.dumps({k: evaluation[k]["accuracy"] for k in ("validation", "test") if k in evaluation}))
+        return evaluation
+
+    def save(final_model) -> None:
         save_model(final_model, tokenizer, run.model_dir,
                    meta={"stage": "sft", "task": "classification", "base_model": cfg.model.name_or_path,
                          "adapter": cfg.model.adapter, "labels": names, "label_type": label_type,
                          "max_seq_len": max_len})
-        run.mark_finished({"stage": "sft", "task": "classification"})
-        log.info("%s", json.dumps({k: evaluation[k]["accuracy"] for k in ("validation", "test") if k in evaluation}))
-    acc.wait_for_everyone()
-    return run.root
+
+    return finish_run(acc, run, model, final_eval, save, {"stage": "sft", "task": "classification"})

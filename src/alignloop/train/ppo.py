@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -25,28 +24,40 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from alignloop.config import ModelConfig, PPOConfig, dump_config
+from alignloop.config import ModelConfig, PPOConfig
 from alignloop.data.formats import parse_rl_prompt, parse_sft
 from alignloop.data.io import Record, read_records
-from alignloop.data.split import split_by_seed
+from alignloop.data.splits import split_by_seed
 from alignloop.data.tokenize import (
     collate_padded,
     ensure_chat_template,
     render_prompt,
     tokenize_sft,
 )
-from alignloop.errors import TrainingDiverged, UserError
+from alignloop.errors import UserError
 from alignloop.models.forward import _body_and_head, causal_lm_loss_sum
 from alignloop.models.load import count_parameters, load_pretrained, prepare_for_training, save_model
 from alignloop.rl import ppo_math as pm
 from alignloop.rl.rewards import build_reward, reward_model_dir
 from alignloop.rl.rollout import Rollout, SamplingSettings, generate, scatter_response, sequence_inputs
-from alignloop.runs import MetricsLog, RunDir, atomic_write_json
-from alignloop.train.checkpoint import Checkpointer, load_trainable_state, trainable_state
-from alignloop.train.core import build_optimizer, build_scheduler, epoch_batches, make_accelerator
+from alignloop.runs import MetricsLog, RunDir
+from alignloop.training.accelerator import make_accelerator
+from alignloop.training.batch_order import epoch_batches
+from alignloop.training.checkpoint import Checkpointer, load_trainable_state, trainable_state
+from alignloop.training.divergence import DivergenceCheck
+from alignloop.training.finish import finish_run
+from alignloop.training.logger import StepLogger
+from alignloop.training.optim import build_optimizer, build_scheduler, optimizer_step, param_groups
+from alignloop.training.resume import OUTPUT_KEYS, open_run, resume
 
 log = logging.getLogger(__name__)
 TIMING_KEYS = ("time_generation", "time_scoring", "time_reward", "time_training", "time_step", "samples_per_sec")
+# Settings a resumed run may change: the loop reads them from the config at every step, ``resume`` puts the
+# learning rates (train.lr, ppo.critic_lr) into the restored optimizer and schedule, and run_ppo puts the KL
+# target and horizon (and a changed starting coefficient) into the restored KL controller.
+PPO_MUTABLE = OUTPUT_KEYS | frozenset({
+    "train.lr", "train.max_grad_norm", "train.sample_steps", "train.samples_to_log", "ppo.steps", "ppo.critic_lr",
+    "ppo.kl_coef", "ppo.kl_target", "ppo.kl_horizon", "reward.remote_timeout"})
 
 
 # ---------------------------------------------------------------- data
@@ -250,21 +261,19 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
     sampling = SamplingSettings(g.max_new_tokens, g.temperature, g.top_k, g.top_p, g.stop_on_eos)
     scoring_batch = g.batch_size or p.rollout_size  # no-grad reference / critic forwards, batched as generation
 
-    optimizer = build_optimizer(list(policy.named_parameters()), tcfg)
+    groups = param_groups(policy.named_parameters(), tcfg.weight_decay)
     if critic is not None:  # one optimizer, so one state file restores both
-        critic_cfg = tcfg.model_copy(update={"lr": p.critic_lr or tcfg.lr})
-        for group in build_optimizer(list(critic.named_parameters()), critic_cfg).param_groups:
-            optimizer.add_param_group({k: v for k, v in group.items() if k != "initial_lr"})
+        groups += param_groups(critic.named_parameters(), tcfg.weight_decay, lr=p.critic_lr or tcfg.lr)
+    optimizer = build_optimizer(groups, tcfg)
     updates_per_step = p.ppo_epochs * (p.rollout_size // p.mini_batch_size)
     scheduler = build_scheduler(optimizer, tcfg, p.steps * updates_per_step)
     kl_ctl = pm.KLController(p.kl_coef, p.kl_target, p.kl_horizon)
     ema = {n: t.clone() for n, t in trainable_state(policy).items()} if p.ema_decay else None
 
-    run.prepare(overwrite)
+    changed = open_run(run, cfg, overwrite, PPO_MUTABLE, acc.is_main_process)
     ckpt = Checkpointer(run.checkpoints, cfg.train.save_total_limit)
-    metrics = MetricsLog(run.metrics_path)
-    samples_log = MetricsLog(run.root / "samples.jsonl")
-    dump_config(cfg, run.root / "config.yaml")
+    divergence = DivergenceCheck(ckpt, "PPO", "lower train.lr or raise the KL coefficient")
+    samples_log = MetricsLog(run.root / "samples.jsonl", enabled=acc.is_main_process)
     params = count_parameters(policy)
     log.info("policy: %s parameters, %s trainable; %d training prompts, %d held out", f"{params['total']:,}",
              f"{params['trainable']:,}", len(train_prompts), len(eval_prompts))
@@ -290,42 +299,42 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
         return score.mean().item()
 
     state = {"step": 0, "epoch": 0, "position": 0, "negative_kl_streak": 0}
-    latest = ckpt.latest()
-    if latest is not None:
-        saved = ckpt.load(latest, policy, optimizer)
-        scheduler.load_state_dict(saved["scheduler"])
+    resumed = resume(ckpt, policy, optimizer, scheduler)
+    if resumed is not None:
+        latest, saved = resumed
         kl_ctl.load_state_dict(saved["kl_controller"])
+        # The target and horizon are settings, the coefficient is state (unless the config changed it).
+        kl_ctl.target, kl_ctl.horizon = p.kl_target, p.kl_horizon
+        if "ppo.kl_coef" in changed:
+            kl_ctl.coef = p.kl_coef
         if critic is not None:
             load_trainable_state(critic, ckpt.load_extra(latest, "critic"))
         if ema is not None:
             ema = ckpt.load_extra(latest, "ema")
         state = saved["loop"]
-        metrics.truncate_after(state["step"])
-        samples_log.truncate_after(state["step"])
         log.info("resuming from %s (step %d of %d)", latest, state["step"], p.steps)
     else:
-        state["eval_reward_before"] = held_out_reward()
-        metrics.truncate_after(0)
-        samples_log.truncate_after(0)
-    if acc.trackers:
-        acc.init_trackers("alignloop", config={"algorithm": p.algorithm, "lr": tcfg.lr, "kl_coef": p.kl_coef})
+        with torch.no_grad(), acc.autocast():  # as the final evaluation in finish_run
+            state["eval_reward_before"] = held_out_reward()
+    samples_log.truncate_after(state["step"])
+    # The accelerator places the modules, puts mixed precision on their forward and (on several processes)
+    # wraps them for DDP; generation, the reference's disabled adapter, EMA and checkpoints use `policy`.
+    if critic is None:
+        train_policy, optimizer = acc.prepare(policy, optimizer)
+    else:
+        train_policy, critic, optimizer = acc.prepare(policy, critic, optimizer)
+    logger = StepLogger(acc, run, p.steps, state["step"] if resumed else None, p.algorithm,
+                        cfg.model_dump(mode="json"))
 
     def checkpoint() -> None:
         extra = {"critic": trainable_state(critic)} if critic is not None else {}
         if ema is not None:
             extra["ema"] = ema
-        ckpt.save(state["step"], policy, optimizer, {"scheduler": scheduler.state_dict(), "loop": state,
-                                                      "kl_controller": kl_ctl.state_dict()}, extra)
+        if acc.is_main_process:
+            ckpt.save(state["step"], policy, optimizer, {"scheduler": scheduler.state_dict(), "loop": state,
+                                                          "kl_controller": kl_ctl.state_dict()}, extra)
+        acc.wait_for_everyone()
 
-    def diverged(what: str) -> TrainingDiverged:
-        kept = ckpt.latest()
-        keep = f"the last good checkpoint is kept at {kept}" if kept else "no checkpoint had been written yet"
-        return TrainingDiverged(f"PPO diverged at step {state['step'] + 1}: {what}; stopped ({keep}); lower "
-                                "train.lr or raise the KL coefficient, then rerun to resume")
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=p.steps, initial=state["step"], desc=p.algorithm, dynamic_ncols=True, leave=False)
     t_prev = time.perf_counter()
     while state["step"] < p.steps:
         # ---- rollout: the next prompts in a seeded order, each repeated samples_per_prompt times
@@ -349,8 +358,7 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
         score, source_means = reward([q.source for q in batch], responses, column_lists(batch))
         score = score.to(device)
         t_reward = time.perf_counter() - t1
-        if not torch.isfinite(score).all():
-            raise diverged("the reward is NaN/inf")
+        divergence.check(score, state["step"] + 1, "the reward")
         ref_logp = reference_logprobs(r)
         old_values = None
         if critic is not None:
@@ -399,7 +407,7 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
                     m = r.select(idx)
                     m_mask = mask[idx]
                     with acc.autocast():
-                        loss, stats = _micro_loss(policy, critic, m, m_mask, old_logp[idx], ref_logp[idx],
+                        loss, stats = _micro_loss(train_policy, critic, m, m_mask, old_logp[idx], ref_logp[idx],
                                                   advantages[idx], None if returns is None else returns[idx],
                                                   None if old_values is None else old_values[idx], kl_ctl.coef, p,
                                                   g.temperature)
@@ -407,23 +415,17 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
                             ptx_batch = {k: v.to(device) if torch.is_tensor(v) else v
                                          for k, v in ptx(state.setdefault("ptx_position", 0)).items()}
                             state["ptx_position"] += 1
-                            lm_sum, lm_n = causal_lm_loss_sum(policy, ptx_batch)
+                            lm_sum, lm_n = causal_lm_loss_sum(train_policy, ptx_batch)
                             loss = loss + p.ptx_coef * lm_sum / max(lm_n, 1)
                             stats["ptx_loss"] = lm_sum.item() / max(lm_n, 1)
-                    if not torch.isfinite(loss):
-                        raise diverged(f"the loss is {loss.item()}")
-                    (loss / n_micro).backward()
+                    divergence.check(loss, state["step"] + 1, "the loss")
+                    acc.backward(loss / n_micro)
                     for k, v in stats.items():
                         sums[k] += v / n_micro
                     mb_kl += stats["approx_kl"] / n_micro
-                policy_norm = _clip(policy, tcfg.max_grad_norm)
-                if critic is not None:
-                    _clip(critic, tcfg.max_grad_norm)
-                if not math.isfinite(policy_norm):
-                    raise diverged(f"the gradient norm is {policy_norm}")
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                # policy and critic are clipped each to max_grad_norm on its own
+                clip = [train_policy.parameters()] + ([critic.parameters()] if critic is not None else [])
+                optimizer_step(acc, optimizer, scheduler, clip, tcfg.max_grad_norm, divergence, state["step"] + 1)
                 n_updates += 1
                 if p.max_approx_kl is not None and mb_kl > p.max_approx_kl:
                     stopped_early = True
@@ -467,32 +469,31 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
         t_prev = t3
         kl_ctl.update(mean_kl, len(r))
         if state["step"] % cfg.train.log_steps == 0 or state["step"] == p.steps:
-            metrics.write(record)
-            acc.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=state["step"])
+            logger.log(record)
         if cfg.train.samples_to_log and (state["step"] % cfg.train.sample_steps == 0 or state["step"] == 1):
             for i in range(min(cfg.train.samples_to_log, len(r))):
                 samples_log.write({"step": state["step"], "prompt": batch[i].text, "response": responses[i],
                                    "score": raw_score[i].item(), "kl": seq_kl[i].item(),
                                    "ended_with_eos": bool(r.ended[i])})
-        bar.update(1)
-        bar.set_postfix(score=f"{record['score_mean']:.3f}", kl=f"{mean_kl:.3f}")
+        logger.advance(score=f"{record['score_mean']:.3f}", kl=f"{mean_kl:.3f}")
         if state["step"] % cfg.train.save_steps == 0 or state["step"] == p.steps:
             checkpoint()
-    bar.close()
+    logger.close()
 
     # ---- final model and evaluation
     if ema is not None:
         load_trainable_state(policy, {n: t.to(device) for n, t in ema.items()})
-    evaluation = {"algorithm": p.algorithm, "steps": state["step"], "held_out_prompts": len(eval_prompts),
-                  "reward_before": state["eval_reward_before"], "reward_after": held_out_reward(),
-                  "parameters": params}
-    atomic_write_json(run.root / "eval.json", evaluation)
-    policy.eval()
-    save_model(policy, tok, run.model_dir, meta={"stage": "ppo", "algorithm": p.algorithm,
-                                                 "base_model": cfg.model.name_or_path, "adapter": cfg.model.adapter})
-    acc.end_training()
-    run.mark_finished({"stage": "ppo"})
-    return run.root
+
+    def final_eval(_final_policy) -> dict:
+        return {"algorithm": p.algorithm, "steps": state["step"], "held_out_prompts": len(eval_prompts),
+                "reward_before": state["eval_reward_before"], "reward_after": held_out_reward(), "parameters": params}
+
+    def save(final_policy) -> None:
+        save_model(final_policy, tok, run.model_dir, meta={"stage": "ppo", "algorithm": p.algorithm,
+                                                           "base_model": cfg.model.name_or_path,
+                                                           "adapter": cfg.model.adapter})
+
+    return finish_run(acc, run, train_policy, final_eval, save, {"stage": "ppo"})
 
 
 # ---------------------------------------------------------------- helpers
@@ -560,13 +561,3 @@ def _micro_loss(policy, critic, m: Rollout, mask, old_logp, ref_logp, advantages
         loss = loss + p.vf_coef * vloss
         stats.update(value_loss=vloss.item(), vf_clip_frac=vst["vf_clip_frac"].item())
     return loss, stats
-
-
-def _clip(model: nn.Module, max_norm: float | None) -> float:
-    params = [q for q in model.parameters() if q.grad is not None]
-    if not params:
-        return 0.0
-    if max_norm is None:
-        return float(torch.norm(torch.stack([q.grad.detach().norm() for q in params])))
-    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from alignloop.config import RMConfig, dump_config
+from alignloop.config import RMConfig
 from alignloop.data.formats import (
     Feedback,
     PreferencePair,
@@ -30,6 +30,7 @@ from alignloop.data.formats import (
     ranking_groups,
 )
 from alignloop.data.io import Record
+from alignloop.data.splits import load_splits
 from alignloop.errors import UserError
 from alignloop.models.load import count_parameters, load_pretrained, prepare_for_training, save_model
 from alignloop.models.reward import (
@@ -39,7 +40,6 @@ from alignloop.models.reward import (
     pad_batch,
 )
 from alignloop.runs import RunDir, atomic_write_json
-from alignloop.train.core import fit, make_accelerator
 from alignloop.train.reward_losses import (
     bradley_terry,
     group_mean_sum,
@@ -48,7 +48,10 @@ from alignloop.train.reward_losses import (
     rating_targets,
     regression_loss,
 )
-from alignloop.train.sft import load_splits
+from alignloop.training.accelerator import make_accelerator
+from alignloop.training.finish import finish_run
+from alignloop.training.fit import fit
+from alignloop.training.resume import SUPERVISED_MUTABLE, open_run
 
 log = logging.getLogger(__name__)
 
@@ -488,8 +491,8 @@ def run_rm(cfg: RMConfig, overwrite: bool = False) -> Path:
     splits = {k: share_rated_responses(v) for k, v in splits.items()}
     data_report["units"] = {k: len(v) for k, v in splits.items()}
 
-    run.prepare(overwrite)
     acc = make_accelerator(cfg.train, run)
+    open_run(run, cfg, overwrite, SUPERVISED_MUTABLE, acc.is_main_process)
     from transformers import AutoModelForSequenceClassification, set_seed
 
     set_seed(cfg.train.seed)  # the new reward head is initialised randomly: same seed, same head
@@ -517,7 +520,6 @@ def run_rm(cfg: RMConfig, overwrite: bool = False) -> Path:
     data_report["truncation"] = {**stats, "max_seq_len": max_len}
 
     if acc.is_main_process:
-        dump_config(cfg, run.root / "config.yaml")
         atomic_write_json(run.root / "data_report.json", data_report)
     params = count_parameters(model)
     log.info("model: %s parameters, %s trainable; %d training units", f"{params['total']:,}",
@@ -538,22 +540,22 @@ def run_rm(cfg: RMConfig, overwrite: bool = False) -> Path:
                  lengths=[len(e) for e in train] if cfg.train.group_by_length else None, accelerator=acc,
                  tracker_config=cfg.model_dump(mode="json"), description="rm")
 
-    final = acc.unwrap_model(model)
-    final.eval()
-    with torch.no_grad(), acc.autocast():
-        norm = normalization_stats(final, train, weights, pad_id, eval_bs, cfg.normalization_samples,
-                                   cfg.train.seed)
+    norm: dict = {}  # the final model's reward statistics: in eval.json and in the saved model's meta
+
+    def final_eval(final) -> dict:
+        norm.update(normalization_stats(final, train, weights, pad_id, eval_bs, cfg.normalization_samples,
+                                        cfg.train.seed))
         evaluation: dict = {"steps": result.state.step, "stopped_early": result.state.stopped_early,
                             "best_step": result.state.best_step, "parameters": params, "normalization": norm}
         for name, items in (("validation", val), ("test", test)):
             if items:
                 evaluation[name] = evaluate_split(final, items, cfg, weights, pad_id, eval_bs, norm, detailed=True)
-    agreement = annotator_agreement([g for v in splits.values() for g in v])
-    if agreement:
-        evaluation["annotator_agreement"] = agreement
+        agreement = annotator_agreement([g for v in splits.values() for g in v])
+        if agreement:
+            evaluation["annotator_agreement"] = agreement
+        return evaluation
 
-    if acc.is_main_process:
-        atomic_write_json(run.root / "eval.json", evaluation)
+    def save(final) -> None:
         from peft import PeftModel
 
         # LoRA runs are saved merged: model/ is always a plain sequence-classification model.
@@ -569,6 +571,5 @@ def run_rm(cfg: RMConfig, overwrite: bool = False) -> Path:
                       "assistant turn; plain prompts as prompt + response + EOS",
             "max_seq_len": max_len,
         })
-        run.mark_finished({"stage": "rm"})
-    acc.wait_for_everyone()
-    return run.root
+
+    return finish_run(acc, run, model, final_eval, save, {"stage": "rm"})

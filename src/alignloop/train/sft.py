@@ -9,16 +9,14 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from alignloop.config import DataConfig, SFTConfig, dump_config
-from alignloop.data.clean import clean_records
-from alignloop.data.io import Record, read_records
-from alignloop.data.split import split_by_seed
+from alignloop.config import DataConfig, SFTConfig
+from alignloop.data.formats import parse_sft
+from alignloop.data.splits import load_splits
 from alignloop.data.tokenize import (
     TokenizedExample,
     collate_packed,
@@ -27,7 +25,6 @@ from alignloop.data.tokenize import (
     pack_examples,
     tokenize_sft,
 )
-from alignloop.errors import UserError
 from alignloop.models.forward import causal_lm_loss_sum
 from alignloop.models.load import (
     count_parameters,
@@ -37,42 +34,12 @@ from alignloop.models.load import (
     save_model,
 )
 from alignloop.runs import RunDir, atomic_write_json
-from alignloop.train.core import fit, make_accelerator
+from alignloop.training.accelerator import make_accelerator
+from alignloop.training.finish import finish_run
+from alignloop.training.fit import fit
+from alignloop.training.resume import SUPERVISED_MUTABLE, open_run
 
 log = logging.getLogger(__name__)
-
-
-def load_splits(data: DataConfig, seed: int, parse: Callable[[Record], Any],
-                group: Callable[[Any], Hashable] | None = None) -> tuple[dict[str, list], dict]:
-    """Read, clean, validate (``parse`` maps a Record to a typed example) and split the data (keeping
-    examples with the same ``group(example)`` key on one side, see split_by_seed).
-
-    Returns {"train", "validation", "test"} lists and a report of what cleaning did per file.
-    """
-    report: dict = {}
-
-    def load(path: str | None, name: str) -> list:
-        if not path:
-            return []
-        records = read_records(path, data.format, data.column_map)
-        for rec in records:  # validate everything (original line numbers) before cleaning touches it
-            parse(rec)
-        kept, counts = clean_records(records, data.clean)
-        report[name] = {"file": str(path), **counts}
-        if not kept:
-            raise UserError(f"{path}: every record was removed by cleaning (see data.clean)")
-        return [parse(r) for r in kept]
-
-    train = load(data.train, "train")
-    val = load(data.eval, "validation")
-    test = load(data.test, "test")
-    if not val:
-        frac_test = 0.0 if test else data.split.test
-        train, val, split_test = split_by_seed(train, data.split.validation, frac_test, seed, group)
-        test = test or split_test
-        report["split"] = {"seed": seed, "by": "group" if group else "record", "train": len(train),
-                           "validation": len(val), "test": len(test)}
-    return {"train": train, "validation": val, "test": test}, report
 
 
 def tokenize_all(examples: list, tokenizer, data: DataConfig, stats: Counter, chat: bool) -> list[TokenizedExample]:
@@ -92,23 +59,15 @@ def lm_eval(model, examples: list[TokenizedExample], pad_id: int, batch_size: in
     return {"eval_loss": mean, "eval_perplexity": math.exp(min(mean, 50.0)), "eval_tokens": count}
 
 
-def run_sft(cfg: SFTConfig, overwrite: bool = False, on_eval=None) -> Path:
-    """Train and evaluate; ``on_eval(step, metrics)`` is handed to ``fit`` (sweeps prune through it)."""
-    if cfg.task == "classification":
-        from alignloop.train.classification import run_classification
-
-        return run_classification(cfg, overwrite, on_eval)
-    if cfg.task == "tagging":
-        from alignloop.train.tagging import run_tagging
-
-        return run_tagging(cfg, overwrite, on_eval)
-    from alignloop.data.formats import parse_sft
-
+def run_sft(cfg: SFTConfig, overwrite: bool = False,
+            on_eval: Callable[[int, dict[str, float]], None] | None = None) -> Path:
+    """Train and evaluate a causal LM (task causal_lm; run_supervised picks the recipe of other tasks);
+    ``on_eval(step, metrics)`` is handed to ``fit`` (sweeps prune through it)."""
     run = RunDir(cfg.output_dir)
     splits, data_report = load_splits(cfg.data, cfg.train.seed, parse_sft)
     resolve_source(cfg.model.name_or_path or "", cfg.model.gguf_file)  # fail on a bad path before creating the run
-    run.prepare(overwrite)
     acc = make_accelerator(cfg.train, run)
+    open_run(run, cfg, overwrite, SUPERVISED_MUTABLE, acc.is_main_process)
     model, tokenizer = load_pretrained(cfg.model, device=acc.device, for_training=True)
     ensure_chat_template(tokenizer, cfg.data.chat_template)
     model = prepare_for_training(model, cfg.model)
@@ -141,7 +100,6 @@ def run_sft(cfg: SFTConfig, overwrite: bool = False, on_eval=None) -> Path:
         lengths = [len(e) for e in items]
 
     if acc.is_main_process:
-        dump_config(cfg, run.root / "config.yaml")
         atomic_write_json(run.root / "data_report.json", data_report)
     params = count_parameters(model)
     log.info("model: %s parameters, %s trainable", f"{params['total']:,}", f"{params['trainable']:,}")
@@ -158,20 +116,18 @@ def run_sft(cfg: SFTConfig, overwrite: bool = False, on_eval=None) -> Path:
                  lengths=lengths if cfg.train.group_by_length else None, accelerator=acc,
                  tracker_config=cfg.model_dump(mode="json"), description="sft", on_eval=on_eval)
 
-    final_model = acc.unwrap_model(model)
-    final_model.eval()
-    evaluation: dict = {"steps": result.state.step, "stopped_early": result.state.stopped_early,
-                        "best_step": result.state.best_step, "parameters": params}
-    with torch.no_grad(), acc.autocast():
+    def final_eval(final_model) -> dict:
+        evaluation: dict = {"steps": result.state.step, "stopped_early": result.state.stopped_early,
+                            "best_step": result.state.best_step, "parameters": params}
         if val_ex:
             evaluation["validation"] = lm_eval(final_model, val_ex, pad_id, eval_bs, acc.device)
         if test_ex:
             evaluation["test"] = lm_eval(final_model, test_ex, pad_id, eval_bs, acc.device)
-    if acc.is_main_process:
-        atomic_write_json(run.root / "eval.json", evaluation)
+        return evaluation
+
+    def save(final_model) -> None:
         save_model(final_model, tokenizer, run.model_dir,
                    meta={"stage": "sft", "task": cfg.task, "base_model": cfg.model.name_or_path,
                          "adapter": cfg.model.adapter})
-        run.mark_finished({"stage": "sft"})
-    acc.wait_for_everyone()
-    return run.root
+
+    return finish_run(acc, run, model, final_eval, save, {"stage": "sft"})

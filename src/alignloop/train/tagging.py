@@ -12,19 +12,27 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from alignloop.config import SFTConfig, dump_config
+from alignloop.config import SFTConfig
+from alignloop.data.formats import TaggedTokens, validate_record
 from alignloop.data.io import Record
+from alignloop.data.splits import load_splits
 from alignloop.data.tokenize import IGNORE, TokenizedExample, collate_padded
 from alignloop.errors import UserError
+from alignloop.models.load import count_parameters, load_pretrained, prepare_for_training, save_model
 from alignloop.runs import RunDir, atomic_write_json
-from alignloop.train.classification import check_known, check_metric, length_batches, pad_ids, write_jsonl
+from alignloop.train.classification import length_batches, pad_ids
+from alignloop.train.labelled import check_known, check_metric, write_jsonl
+from alignloop.training.accelerator import make_accelerator
+from alignloop.training.finish import finish_run
+from alignloop.training.fit import fit
+from alignloop.training.resume import SUPERVISED_MUTABLE, open_run
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +47,6 @@ class TaggedExample:
 
 
 def parse_tagged(rec: Record) -> TaggedExample:
-    from alignloop.data.formats import TaggedTokens, validate_record
-
     r = validate_record(TaggedTokens, rec)
     for i, tag in enumerate(r.tags):
         if tag != "O" and not (tag[:2] in ("B-", "I-") and len(tag) > 2):
@@ -125,12 +131,9 @@ def evaluate_split(model, examples: list[TaggedExample], encoded, items: list[To
     return metrics, rows
 
 
-def run_tagging(cfg: SFTConfig, overwrite: bool = False, on_eval=None) -> Path:
+def run_tagging(cfg: SFTConfig, overwrite: bool = False,
+                on_eval: Callable[[int, dict[str, float]], None] | None = None) -> Path:
     from transformers import AutoModelForTokenClassification
-
-    from alignloop.models.load import count_parameters, load_pretrained, prepare_for_training, save_model
-    from alignloop.train.core import fit, make_accelerator
-    from alignloop.train.sft import load_splits
 
     check_metric(cfg, METRICS)
     run = RunDir(cfg.output_dir)
@@ -150,9 +153,9 @@ def run_tagging(cfg: SFTConfig, overwrite: bool = False, on_eval=None) -> Path:
         raise UserError(f"{cfg.data.train}: field 'tags': no entity tags in the training data (only 'O')")
     check_known(splits["validation"] + splits["test"], set(names), "tags", lambda e: e.tags)
     data_report["entity_types"] = sorted({n[2:] for n in names if n != "O"})
-    run.prepare(overwrite)
-
     acc = make_accelerator(cfg.train, run)
+    open_run(run, cfg, overwrite, SUPERVISED_MUTABLE, acc.is_main_process)
+
     id2label = dict(enumerate(names))
     model, tokenizer = load_pretrained(
         cfg.model, auto_cls=AutoModelForTokenClassification, device=acc.device, for_training=True,
@@ -176,7 +179,6 @@ def run_tagging(cfg: SFTConfig, overwrite: bool = False, on_eval=None) -> Path:
         return collate_padded(batch, pad_id)
 
     if acc.is_main_process:
-        dump_config(cfg, run.root / "config.yaml")
         atomic_write_json(run.root / "data_report.json", data_report)
     params = count_parameters(model)
     log.info("model: %s parameters, %s trainable; %d tags", f"{params['total']:,}", f"{params['trainable']:,}",
@@ -203,12 +205,10 @@ def run_tagging(cfg: SFTConfig, overwrite: bool = False, on_eval=None) -> Path:
                  lengths=[len(x) for x in items["train"]] if cfg.train.group_by_length else None, accelerator=acc,
                  tracker_config=cfg.model_dump(mode="json"), description="tagging", on_eval=on_eval)
 
-    final_model = acc.unwrap_model(model)
-    final_model.eval()
-    evaluation: dict = {"task": "tagging", "tags": names, "steps": result.state.step,
-                        "stopped_early": result.state.stopped_early, "best_step": result.state.best_step,
-                        "parameters": params}
-    with torch.no_grad(), acc.autocast():
+    def final_eval(final_model) -> dict:
+        evaluation: dict = {"task": "tagging", "tags": names, "steps": result.state.step,
+                            "stopped_early": result.state.stopped_early, "best_step": result.state.best_step,
+                            "parameters": params}
         for split in ("validation", "test"):
             if splits[split]:
                 metrics, rows = evaluate_split(final_model, splits[split], encoded[split], items[split], names,
@@ -216,11 +216,11 @@ def run_tagging(cfg: SFTConfig, overwrite: bool = False, on_eval=None) -> Path:
                 evaluation[split] = metrics
                 if acc.is_main_process:
                     write_jsonl(run.root / f"predictions.{split}.jsonl", rows)
-    if acc.is_main_process:
-        atomic_write_json(run.root / "eval.json", evaluation)
+        return evaluation
+
+    def save(final_model) -> None:
         save_model(final_model, tokenizer, run.model_dir,
                    meta={"stage": "sft", "task": "tagging", "base_model": cfg.model.name_or_path,
                          "adapter": cfg.model.adapter, "labels": names, "max_seq_len": max_len})
-        run.mark_finished({"stage": "sft", "task": "tagging"})
-    acc.wait_for_everyone()
-    return run.root
+
+    return finish_run(acc, run, model, final_eval, save, {"stage": "sft", "task": "tagging"})

@@ -1,4 +1,4 @@
-"""The loop mechanics every supervised objective shares (SFT, classification, reward models).
+"""The supervised loop (SFT, classification, tagging, reward models), built from the training parts.
 
 A stage supplies its items, a collate function and a loss function; ``fit`` does the rest:
 seeded and resumable batch order (optionally grouped by length), gradient accumulation with
@@ -25,83 +25,21 @@ import torch
 from torch import nn
 
 from alignloop.config import TrainConfig
-from alignloop.errors import TrainingDiverged
-from alignloop.runs import MetricsLog, RunDir
-from alignloop.train.checkpoint import Checkpointer
+from alignloop.errors import UserError
+from alignloop.runs import RunDir
+from alignloop.training.accelerator import make_accelerator
+from alignloop.training.batch_order import epoch_batches
+from alignloop.training.checkpoint import Checkpointer
+from alignloop.training.divergence import DivergenceCheck
+from alignloop.training.logger import StepLogger
+from alignloop.training.optim import build_optimizer, build_scheduler, optimizer_step, param_groups
+from alignloop.training.resume import resume
 
 log = logging.getLogger(__name__)
 
 # (model, batch) -> (loss summed over units, number of units, extra metric sums over units)
 LossFn = Callable[[nn.Module, dict], tuple[torch.Tensor, int, dict[str, float]]]
 EvalFn = Callable[[nn.Module], dict[str, float]]
-
-
-def make_accelerator(cfg: TrainConfig, run: RunDir | None = None, trackers: bool = True):
-    import importlib.util
-
-    from accelerate import Accelerator
-
-    cuda = torch.cuda.is_available()
-    mp = cfg.mixed_precision
-    if mp == "auto":
-        mp = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
-    log_with = []
-    if trackers and run is not None:
-        modules = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
-        log_with = [t for t in cfg.report_to if importlib.util.find_spec(modules[t])]
-    return Accelerator(cpu=not cuda, mixed_precision=mp, log_with=log_with or None,
-                       project_dir=str(run.root / "logs") if run else None)
-
-
-def build_optimizer(params: Sequence[nn.Parameter] | Sequence[tuple[str, nn.Parameter]],
-                    cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; biases and norm weights (1-D tensors) are exempt from weight decay."""
-    named = [(n, p) for n, p in params] if params and isinstance(params[0], tuple) else \
-        [(str(i), p) for i, p in enumerate(params)]
-    decay = [p for _, p in named if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for _, p in named if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.adam_betas,
-                             eps=cfg.adam_eps, foreach=True)
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
-    from transformers import (
-        get_constant_schedule_with_warmup,
-        get_cosine_schedule_with_warmup,
-        get_linear_schedule_with_warmup,
-    )
-
-    warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total_steps)
-    if cfg.schedule == "constant":
-        return get_constant_schedule_with_warmup(optimizer, warmup)
-    if cfg.schedule == "cosine":
-        return get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
-    return get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
-
-
-def epoch_batches(n_items: int, batch_size: int, seed: int, epoch: int,
-                  lengths: Sequence[int] | None = None) -> list[list[int]]:
-    """Micro-batches of item indices for one epoch, a pure function of (seed, epoch).
-
-    With lengths, items are shuffled, cut into mega-batches of 32 batches, sorted by length
-    inside each, batched, and the batch order is shuffled again: batches hold similar lengths
-    (little padding) while the order stays random.
-    """
-    rng = random.Random(seed * 1_000_003 + epoch)
-    order = list(range(n_items))
-    rng.shuffle(order)
-    if lengths is not None:
-        mega = batch_size * 32
-        grouped: list[int] = []
-        for i in range(0, n_items, mega):
-            chunk = order[i : i + mega]
-            grouped.extend(sorted(chunk, key=lambda j: -lengths[j]))
-        order = grouped
-    batches = [order[i : i + batch_size] for i in range(0, n_items, batch_size)]
-    if lengths is not None:
-        rng.shuffle(batches)
-    return batches
 
 
 @dataclass
@@ -149,8 +87,6 @@ def fit(
 
     ``on_eval(step, metrics)`` is called after every evaluation; it may raise to stop training
     (a hyperparameter sweep prunes a hopeless trial this way)."""
-    from tqdm.auto import tqdm
-
     acc = accelerator or make_accelerator(cfg, run)
     world, rank, main = acc.num_processes, acc.process_index, acc.is_main_process
     torch.manual_seed(cfg.seed)
@@ -165,8 +101,6 @@ def fit(
     batches_per_epoch = len(epoch_batches(len(items), cfg.batch_size, cfg.seed, 0))
     steps_per_epoch = batches_per_epoch // group
     if steps_per_epoch == 0:
-        from alignloop.errors import UserError
-
         raise UserError(f"too little training data: {len(items)} items make {batches_per_epoch} batches of "
                         f"{cfg.batch_size}, fewer than one optimizer step needs ({group}); lower train.batch_size "
                         "or train.grad_accum")
@@ -174,26 +108,23 @@ def fit(
     eval_every = cfg.eval_steps or steps_per_epoch
     save_every = cfg.save_steps or eval_every
 
-    optimizer = build_optimizer(list(model.named_parameters()), cfg)
+    optimizer = build_optimizer(param_groups(model.named_parameters(), cfg.weight_decay), cfg)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     run.root.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpointer(run.checkpoints, cfg.save_total_limit)
-    metrics = MetricsLog(run.metrics_path, enabled=main)
+    divergence = DivergenceCheck(ckpt, "training", "lower train.lr or check the data")
 
     state = TrainState()
     window = _new_window()
-    latest = ckpt.latest()
-    if latest is not None:
-        saved = ckpt.load(latest, model, optimizer)
-        scheduler.load_state_dict(saved["scheduler"])
+    resumed = resume(ckpt, model, optimizer, scheduler)
+    if resumed is not None:
+        latest, saved = resumed
         state = TrainState(**saved["train_state"])
         window.update(state.extra.get("window", {}))
-        metrics.truncate_after(state.step)
         if main:
             log.info("resuming from %s (step %d of %d)", latest, state.step, total_steps)
     model, optimizer = acc.prepare(model, optimizer)
-    if acc.trackers and tracker_config is not None and main:
-        acc.init_trackers("alignloop", config=_flat(tracker_config))
+    logger = StepLogger(acc, run, total_steps, state.step if resumed else None, description, tracker_config)
 
     greater = metric_greater_is_better(cfg)
     last_eval: dict[str, float] = {}
@@ -217,9 +148,7 @@ def fit(
     def after_eval(result: dict[str, float]) -> None:
         nonlocal last_eval, start_value
         last_eval = result
-        if main:
-            metrics.write({"step": state.step, "epoch": round(state.step / steps_per_epoch, 4), **result})
-            acc.log(result, step=state.step)
+        logger.log({"step": state.step, "epoch": round(state.step / steps_per_epoch, 4), **result})
         if on_eval is not None:
             on_eval(state.step, result)
         value = result.get(cfg.metric)
@@ -241,11 +170,9 @@ def fit(
             if cfg.early_stopping_patience and state.evals_without_improvement >= cfg.early_stopping_patience:
                 state.stopped_early = True
 
-    if state.step == 0 and evaluate is not None and latest is None:
+    if state.step == 0 and evaluate is not None and resumed is None:
         after_eval(run_eval())
 
-    bar = tqdm(total=total_steps, initial=state.step, desc=description, disable=not main, dynamic_ncols=True,
-               leave=False)
     model.train()
     while state.step < total_steps and not state.stopped_early:
         plan = epoch_batches(len(items), cfg.batch_size, cfg.seed, state.epoch, lengths)
@@ -268,23 +195,15 @@ def fit(
             with ctx:
                 with acc.autocast():
                     loss_sum, _, extras = loss_fn(model, batch)
-                if not torch.isfinite(loss_sum):
-                    raise _diverged(ckpt, state.step + 1, f"loss is {loss_sum.item()}")
+                divergence.check(loss_sum, state.step + 1, "the loss")
                 # DDP averages gradients over processes; scale so the step averages over units.
                 acc.backward(loss_sum * (world / total_units))
             step_loss += loss_sum.item()
             for key, v in extras.items():
                 step_extras[key] = step_extras.get(key, 0.0) + float(v)
             window["tokens"] += batch.get("tokens", 0)
-        grad_norm = None
-        if cfg.max_grad_norm:
-            grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            grad_norm = float(grad_norm) if grad_norm is not None else None
-            if grad_norm is not None and not math.isfinite(grad_norm):
-                raise _diverged(ckpt, state.step + 1, f"gradient norm is {grad_norm}")
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(acc, optimizer, scheduler, [model.parameters()], cfg.max_grad_norm, divergence,
+                                   state.step + 1)[0]
 
         state.step += 1
         state.micro_in_epoch += group
@@ -300,9 +219,10 @@ def fit(
         window["units"] += my_units
         for key, v in step_extras.items():
             window["extras"][key] = window["extras"].get(key, 0.0) + v
-        if grad_norm is not None:
+        if cfg.max_grad_norm and grad_norm is not None:  # unclipped runs log no norm
             window["grad_norm"] = grad_norm
 
+        postfix = {}
         if state.step % cfg.log_steps == 0 or state.step == total_steps:
             elapsed = time.perf_counter() - window["t0"]
             record = {"step": state.step, "epoch": round(state.step / steps_per_epoch, 4),
@@ -313,13 +233,11 @@ def fit(
             if "grad_norm" in window:
                 record["grad_norm"] = window["grad_norm"]
             record["tokens_per_sec"] = round(window["tokens"] * world / elapsed, 1) if elapsed > 0 else None
-            if main:
-                metrics.write(record)
-                acc.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=state.step)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                tok_s=record["tokens_per_sec"])
+            logger.log(record)
+            postfix = {"loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}",
+                       "tok_s": record["tokens_per_sec"]}
             window = _new_window()
-        bar.update(1)
+        logger.advance(**postfix)
 
         evaluated = False
         if evaluate is not None and (state.step % eval_every == 0 or state.step == total_steps):
@@ -327,7 +245,7 @@ def fit(
             evaluated = True
         if state.step % save_every == 0 or state.step == total_steps or evaluated or state.stopped_early:
             checkpoint()
-    bar.close()
+    logger.close()
 
     best_value = state.best_metric
     if main and start_value is not None and best_value is not None and \
@@ -341,31 +259,8 @@ def fit(
         if best and main:
             log.info("loaded the best checkpoint (step %s, %s=%s)", best["step"], cfg.metric, best.get(cfg.metric))
     acc.wait_for_everyone()
-    # Not acc.end_training(): it also tears down the process group the stage still needs to save.
-    for tracker in acc.trackers:
-        tracker.finish()
     return FitResult(state=state, last_eval=last_eval, best=best)
 
 
 def _new_window() -> dict:
     return {"loss": 0.0, "units": 0, "tokens": 0, "t0": time.perf_counter(), "extras": {}}
-
-
-def _diverged(ckpt: Checkpointer, step: int, what: str) -> TrainingDiverged:
-    latest = ckpt.latest()
-    keep = f"the last good checkpoint is kept at {latest}" if latest else "no checkpoint had been written yet"
-    return TrainingDiverged(f"training diverged at step {step}: {what}; stopped ({keep}); "
-                            "lower train.lr or check the data, then rerun to resume")
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out: dict = {}
-    for k, v in tree.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat(v, key + "."))
-        elif isinstance(v, (int, float, str, bool)) or v is None:
-            out[key] = v if v is not None else "none"
-        else:
-            out[key] = str(v)
-    return out

@@ -1,0 +1,27 @@
+"""One accelerate setup for every loop: device, mixed precision and the experiment trackers."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+from accelerate import Accelerator
+
+from alignloop.config import TrainConfig
+from alignloop.runs import RunDir
+
+TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+
+
+def make_accelerator(cfg: TrainConfig, run: RunDir | None = None, trackers: bool = True) -> Accelerator:
+    """``mixed_precision=auto`` is bf16 on GPUs that support it and fp32 elsewhere; trackers named in
+    ``report_to`` that are not installed are skipped."""
+    cuda = torch.cuda.is_available()
+    mp = cfg.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+    log_with = []
+    if trackers and run is not None:
+        log_with = [t for t in cfg.report_to if importlib.util.find_spec(TRACKER_MODULES[t])]
+    return Accelerator(cpu=not cuda, mixed_precision=mp, log_with=log_with or None,
+                       project_dir=str(run.root / "logs") if run else None)
