@@ -99,7 +99,7 @@ def class_probabilities(model, ids: list[list[int]], pad_id: int, batch_size: in
 def evaluate_split(model, examples: list[LabelledExample], ids: list[list[int]], names: list[str], pad_id: int,
                    batch_size: int, device) -> tuple[dict, list[dict]]:
     """Metrics (with the mean cross-entropy) and one prediction row per example."""
-    from alignloop.evaluate.metrics import classification_metrics
+    from alignloop.train.metrics import classification_metrics
 
     probs = class_probabilities(model, ids, pad_id, batch_size, device)
     gold = torch.tensor([names.index(str(e.label)) for e in examples])

@@ -122,7 +122,7 @@ def predict_word_tags(model, encoded: list[tuple[list[int], list[int]]], names: 
 
 def evaluate_split(model, examples: list[TaggedExample], encoded, items: list[TokenizedExample], names: list[str],
                    pad_id: int, batch_size: int, device) -> tuple[dict, list[dict]]:
-    from alignloop.evaluate.metrics import tagging_metrics
+    from alignloop.train.metrics import tagging_metrics
 
     pred, loss = predict_word_tags(model, encoded, names, pad_id, batch_size, device, [it.labels for it in items])
     metrics = {"loss": loss, **tagging_metrics([e.tags for e in examples], pred)}
