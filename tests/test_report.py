@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from alignloop.data import synthetic as S
-from alignloop.evaluate.report import build_report, discover, nice_ticks, overoptimisation_series
+from alignloop.evaluate.report import build_report, discover, overoptimisation_series
+from alignloop.plots import nice_ticks
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 PLOTS = {"pretrain-loss", "sft-loss", "rm-accuracy", "ppo-reward", "ppo-kl", "ppo-entropy", "gold-vs-rm", "win-rates"}
