@@ -100,7 +100,8 @@ def test_runner_order_sigkill_resume_and_from(world, tmp_path, caplog):
 
 
 def test_human_mode_stops_for_labels_and_picks_up(world, tmp_path, capsys):
-    from alignloop.feedback.simulate import make_annotators, run_annotators
+    from alignloop.data.synthetic import make_annotators
+    from alignloop.feedback.simulate import AnnotatorClient, run_annotators
     from alignloop.pipeline import _simulated_people, feedback_db
 
     yaml_path = write_pipeline(world, tmp_path)
@@ -118,7 +119,8 @@ def test_human_mode_stops_for_labels_and_picks_up(world, tmp_path, capsys):
     from alignloop.data.synthetic import gold_ratings
 
     with FeedbackServer(db) as server:
-        run_annotators(make_annotators(server.url, ["alice"], password, gold_ratings), "round-1", max_labels=3)
+        (alice,) = make_annotators(["alice"], gold_ratings)
+        run_annotators([AnnotatorClient(server.url, password, alice)], "round-1", max_labels=3)
     assert main(["run", str(yaml_path), "feedback.mode=human", "feedback.label_quota=3"]) == 0
     assert json.loads((root / "round-1" / "label" / "FINISHED").read_text())["labels"] == 3
     assert (root / "round-1" / "eval" / "FINISHED").is_file()
