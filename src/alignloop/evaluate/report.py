@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from alignloop.data.formats import chat_as_lines
 from alignloop.plots import Series, line_chart
 from alignloop.runs import atomic_write_text
 
@@ -271,7 +272,7 @@ def _prompt_text(prompt) -> str:
     if isinstance(prompt, str):
         return prompt
     if isinstance(prompt, list):
-        return "\n".join(f"{m.get('role', '')}: {m.get('content', '')}" for m in prompt if isinstance(m, dict))
+        return chat_as_lines([m for m in prompt if isinstance(m, dict)])
     return str(prompt)
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from alignloop.config import ModelConfig
+from alignloop.data.formats import chat_as_lines
 from alignloop.data.tokenize import DEFAULT_CHAT_TEMPLATE
 from alignloop.errors import UserError
 from alignloop.models.load import load_pretrained, read_meta
@@ -46,7 +47,7 @@ def format_for_reward(tokenizer, prompt: PromptLike, response: str) -> str:
         return join_plain(prompt, response) + (tokenizer.eos_token or "")
     messages = [m if isinstance(m, dict) else m.model_dump() for m in prompt]
     if _chat_as_plain_text(tokenizer):
-        return join_plain("\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:", response)
+        return join_plain(chat_as_lines(messages) + "\nassistant:", response)
     messages = messages + [{"role": "assistant", "content": response}]
     return tokenizer.apply_chat_template(messages, tokenize=False,
                                          chat_template=tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE)
