@@ -67,6 +67,13 @@ def encode_for_reward(tokenizer, prompt: PromptLike, response: str, max_len: int
     return ids[:1] + ids[len(ids) - max_len + 1 :], True
 
 
+def combine_criteria(scores: torch.Tensor, weights: torch.Tensor, mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
+    """A reward model's reward from its criteria heads' outputs ``scores`` [..., H]: their sum weighted by
+    ``weights`` [H], normalised with the training set's ``mean`` and ``std`` (0 and 1: the raw weighted
+    sum). Linear in ``scores``, so it also maps a score head's weight matrix (transposed) onto one head."""
+    return (scores @ weights.to(scores) - mean) / std
+
+
 def model_max_len(model, wanted: int) -> int:
     """``wanted`` capped by the model's position embeddings (encoders such as BERT stop at 512)."""
     limit = getattr(model.config, "max_position_embeddings", None)
@@ -151,4 +158,4 @@ class RewardModel:
         if not responses:
             return []
         raw = head_scores(self.model, self._encode(prompts, responses), self.tokenizer.pad_token_id, batch_size)
-        return ((raw @ self.weights - self.mean) / self.std).tolist()
+        return combine_criteria(raw, self.weights, self.mean, self.std).tolist()

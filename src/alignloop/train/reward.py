@@ -33,6 +33,7 @@ from alignloop.data.io import Record
 from alignloop.errors import UserError
 from alignloop.models.load import count_parameters, load_pretrained, prepare_for_training, save_model
 from alignloop.models.reward import (
+    combine_criteria,
     encode_for_reward,
     head_scores,
     model_max_len,
@@ -248,7 +249,7 @@ def collate(items: list[Encoded], pad_id: int, n_heads: int) -> dict:
 
 def rewards_with_combined(logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """[N, H] head outputs -> [N, H + 1]: the last column is the weighted reward."""
-    return torch.cat([logits, (logits @ weights.to(logits))[:, None]], dim=1)
+    return torch.cat([logits, combine_criteria(logits, weights)[:, None]], dim=1)
 
 
 def objective_sum(cols: torch.Tensor, b: dict, cfg: RMConfig) -> torch.Tensor:
