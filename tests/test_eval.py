@@ -17,6 +17,7 @@ from alignloop.evaluate.eval import distinct_n, run_eval
 from alignloop.evaluate.safety import SafetyCheck
 from alignloop.models.load import load_tokenizer
 from alignloop.models.tiny import build_tiny_model
+from alignloop.runs import read_metrics
 
 GOLD = "alignloop.data.synthetic:gold_breakdown"
 
@@ -52,7 +53,7 @@ def _cfg(world, out: str, **kw) -> EvalConfig:
 
 def _read(out) -> tuple[dict, list[dict]]:
     return (json.loads((out / "eval.json").read_text()),
-            [json.loads(ln) for ln in (out / "samples.jsonl").read_text().splitlines()])
+            read_metrics(out / "samples.jsonl"))
 
 
 def test_policy_against_itself_has_zero_kl_and_only_ties(world):

@@ -169,11 +169,10 @@ def test_seeded_annotators_label_the_same_tasks_the_same_way(items):
 def test_base_model_pretrains_on_the_corpus_and_is_reused(tmp_path):
     """The demo's pretraining path: {"text"} records through the SFT stage lower the held-out loss,
     and a finished run is reused rather than trained again."""
-    import json
-
     import torch
 
     from alignloop.demo_world import BaseModelSize, build_base_model
+    from alignloop.runs import read_metrics
 
     corpus = S.write_jsonl(tmp_path / "corpus.jsonl", S.pretraining_corpus(240, seed=0))
     size = BaseModelSize(vocab_size=300, hidden=32, layers=2, heads=2, max_positions=160)
@@ -184,8 +183,7 @@ def test_base_model_pretrains_on_the_corpus_and_is_reused(tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert (model / "config.json").is_file() and (tmp_path / "base" / "pretrain" / "FINISHED").is_file()
-    evals = [r["eval_loss"] for r in map(json.loads, (tmp_path / "base" / "pretrain" / "metrics.jsonl").open())
-             if "eval_loss" in r]
+    evals = [r["eval_loss"] for r in read_metrics(tmp_path / "base" / "pretrain" / "metrics.jsonl") if "eval_loss" in r]
     assert evals[-1] < 0.85 * evals[0]  # 25 steps of a 32-wide model: a clear drop, far from converged
     stamp = (model / "model.safetensors").stat().st_mtime_ns
     assert build_base_model(tmp_path / "base", corpus, size=size, steps=25) == model

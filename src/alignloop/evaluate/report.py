@@ -26,7 +26,7 @@ from pathlib import Path
 
 from alignloop.data.formats import chat_as_lines
 from alignloop.plots import Series, line_chart
-from alignloop.runs import atomic_write_text
+from alignloop.runs import atomic_write_text, read_metrics
 
 GoldFn = Callable[[str, str], "float | dict[str, float]"]
 
@@ -74,19 +74,11 @@ def _json(path: Path | None) -> dict:
 
 
 def _metrics(folder: Path | None) -> list[dict]:
-    return _jsonl(folder / "metrics.jsonl" if folder else None)
+    return read_metrics(folder / "metrics.jsonl") if folder else []
 
 
-def _jsonl(path: Path | None) -> list[dict]:
-    if path is None or not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut off by a crash: skip it, keep the rest
-    return rows
+def _samples(folder: Path | None) -> list[dict]:
+    return read_metrics(folder / "samples.jsonl") if folder else []
 
 
 def _num(v) -> float | None:
@@ -174,7 +166,7 @@ def overoptimisation_series(inputs: ReportInputs, gold: GoldFn | None) -> list[S
             if value is not None:
                 pts.append((kl, value))
     out = [Series("reward model (eval)", rm_pts), Series("gold (eval)", gold_pts, right=True)]
-    ppo_samples = [s for rnd in inputs.rounds for s in _jsonl(rnd.ppo / "samples.jsonl" if rnd.ppo else None)]
+    ppo_samples = [s for rnd in inputs.rounds for s in _samples(rnd.ppo)]
     sample_pts = _sample_points(ppo_samples, gold)
     if sample_pts:
         out.append(Series("reward model (PPO samples)", [(k, r) for k, r, _ in sample_pts], dashed=True))
@@ -282,7 +274,7 @@ def sample_table(inputs: ReportInputs, limit: int = 8) -> str:
     columns: dict[str, dict[str, dict]] = {}  # model column -> prompt -> response record
     order: list[str] = []
     for rnd in inputs.rounds:
-        for row in _jsonl(rnd.eval / "samples.jsonl" if rnd.eval else None):
+        for row in _samples(rnd.eval):
             prompt = _prompt_text(row.get("prompt"))
             responses = row.get("responses") or {}
             if not isinstance(responses, dict):
