@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from alignloop.cli import main
+from alignloop.runs import read_metrics
 
 
 def shared_data() -> Path:
@@ -87,7 +88,7 @@ def test_generated_task_on_tiny_decoder_beats_threshold_and_metrics_match_sklear
         assert sum(r["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
         assert r["prediction"] == max(r["probabilities"], key=r["probabilities"].get)
     # Validation was held out and scored during training (early-stopping metric).
-    logged = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    logged = read_metrics(run / "metrics.jsonl")
     assert any("eval_accuracy" in m for m in logged)
     assert "validation" in ev
 

@@ -11,7 +11,7 @@ import torch
 
 from alignloop.config import CleanConfig
 from alignloop.data.clean import clean_records
-from alignloop.data.formats import Conversation, PromptCompletion, parse_sft
+from alignloop.data.formats import Conversation, PromptCompletion, chat_as_lines, parse_sft
 from alignloop.data.io import Record, read_records
 from alignloop.data.splits import split_by_seed
 from alignloop.data.tokenize import IGNORE, collate_packed, pack_examples, tokenize_sft
@@ -156,3 +156,10 @@ def test_packing_keeps_examples_apart(tiny_model, tokenizer):
 def test_parse_errors_name_the_field():
     with pytest.raises(UserError, match=r"f.jsonl:3: field 'messages': needs at least one assistant"):
         parse_sft(Record({"messages": [{"role": "user", "content": "hi"}]}, "f.jsonl:3"))
+
+
+def test_chat_as_lines_writes_role_content_turns():
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"content": "no role"}]
+    assert chat_as_lines(chat) == "system: Be brief.\nuser: Hi\nuser: no role"
+    assert chat_as_lines(chat[:2], separator="\n\n") == "system: Be brief.\n\nuser: Hi"
+    assert chat_as_lines([]) == ""

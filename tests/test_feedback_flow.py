@@ -11,10 +11,11 @@ import torch
 
 import reward_data as rd
 from alignloop.cli import main
+from alignloop.data.synthetic import Annotator, make_annotators
 from alignloop.errors import UserError
 from alignloop.feedback import tasks
 from alignloop.feedback.db import Candidate, Label, open_db
-from alignloop.feedback.simulate import SimulatedAnnotator, make_annotators, run_annotators
+from alignloop.feedback.simulate import AnnotatorClient, run_annotators
 from alignloop.models.tiny import build_tiny_model
 from feedback_fixtures import *  # noqa: F403  (fixtures)
 from feedback_fixtures import PASSWORD, create_users
@@ -62,15 +63,17 @@ def test_simulated_annotators_rank_by_their_criterion_weights():
     task = {"prompt": "p", "criteria": [{"name": c, "min": 1, "max": 7} for c in ("relevance", "creativity")],
             "candidates": [{"id": 10, "text": "a"}, {"id": 11, "text": "b"}]}
 
-    def annotator(weights):
-        return SimulatedAnnotator("http://unused", "u", "pw", lambda p, r: judgement[r], noise=0.0, weights=weights)
+    def annotator(weights, skip_rate=0.0):
+        person = Annotator("u", lambda p, r: judgement[r], noise=0.0, weights=weights, skip_rate=skip_rate)
+        return AnnotatorClient("http://unused", "pw", person)
 
-    assert annotator(None).judge(task)["ranking"] == [11, 10]
-    labels = annotator({"relevance": 0.8, "creativity": 0.2}).judge(task)
+    assert annotator(None).label_payload(task)["ranking"] == [11, 10]
+    labels = annotator({"relevance": 0.8, "creativity": 0.2}).label_payload(task)
     assert labels["ranking"] == [10, 11]
     assert labels["ratings"] == {10: {"relevance": 7.0, "creativity": 1.0}, 11: {"relevance": 3.0, "creativity": 6.0}}
+    assert annotator(None, skip_rate=1.0).label_payload(task) == {"skip": True}
     with pytest.raises(UserError, match="'creativity'"):
-        annotator({"relevance": 1.0}).judge(task)
+        annotator({"relevance": 1.0}).label_payload(task)
 
 
 def test_annotators_taking_turns_label_a_seeded_round_the_same_way_every_time(tmp_path, live_server_factory):
@@ -89,7 +92,8 @@ def test_annotators_taking_turns_label_a_seeded_round_the_same_way_every_time(tm
         create_users(db_url, dict.fromkeys(names, "annotator"))
         server = live_server_factory(db_url).start()
         # Different biases and noise per annotator: who labels which item shows in the labels.
-        annotators = make_annotators(server.url, names, PASSWORD, gold, noise=1.0, bias_scale=1.0, seed=4)
+        annotators = [AnnotatorClient(server.url, PASSWORD, a)
+                      for a in make_annotators(names, gold, noise=1.0, bias_scale=1.0, seed=4)]
         assert run_annotators(annotators, "sim", max_labels=4, concurrent=False) == dict.fromkeys(names, 4)
         with open_db(db_url)() as db:
             # Fresh databases filled in the same order: the same ids for the same prompts and candidates.
@@ -133,7 +137,8 @@ def test_simulated_annotators_export_feeds_alignloop_rm(tiny_model, tmp_path, li
     def gold(prompt: str, response: str) -> dict[str, float]:
         return {c: 1.0 + 1.5 * rd.gold(response, c) for c in rd.CRITERION_WORDS}
 
-    annotators = make_annotators(server.url, names, PASSWORD, gold, noise=0.3, bias_scale=0.3, seed=1)
+    annotators = [AnnotatorClient(server.url, PASSWORD, a)
+                  for a in make_annotators(names, gold, noise=0.3, bias_scale=0.3, seed=1)]
     done = run_annotators(annotators, "sim", max_labels=100)  # until the queue is empty
     assert sum(done.values()) == 180 and all(n > 0 for n in done.values())
     with open_db(db_url)() as db:

@@ -18,6 +18,7 @@ from alignloop.cli import main
 from alignloop.config import dump_config
 from alignloop.demo import TINY, pipeline_config, prepare
 from alignloop.pipeline import FeedbackServer, load_pipeline, plan
+from alignloop.runs import read_metrics
 
 os.environ.setdefault("ALIGNLOOP_ARGON2", "cheap")
 SIZE = TINY
@@ -46,7 +47,7 @@ def write_pipeline(world, tmp_path: Path, **changes) -> Path:
 
 
 def stage_log(root: Path) -> list[dict]:
-    return [json.loads(x) for x in (root / "stages.jsonl").read_text().splitlines()]
+    return read_metrics(root / "stages.jsonl")
 
 
 def finished_mtimes(cfg) -> dict[str, int]:
@@ -87,7 +88,7 @@ def test_runner_order_sigkill_resume_and_from(world, tmp_path, caplog):
     rerun = stage_log(root)[len(log):]
     assert [e["stage"] for e in rerun if e["event"] == "skip"] == names[:4]
     assert [e["stage"] for e in rerun if e["event"] == "start"] == names[4:]
-    steps = [json.loads(x)["step"] for x in (root / "round-1" / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    steps = [m["step"] for m in read_metrics(root / "round-1" / "ppo" / "metrics.jsonl")]
     assert steps == list(range(1, 7))  # every step once: nothing lost, nothing logged twice
     assert (root / "report.html").is_file()
 
@@ -100,7 +101,8 @@ def test_runner_order_sigkill_resume_and_from(world, tmp_path, caplog):
 
 
 def test_human_mode_stops_for_labels_and_picks_up(world, tmp_path, capsys):
-    from alignloop.feedback.simulate import make_annotators, run_annotators
+    from alignloop.data.synthetic import make_annotators
+    from alignloop.feedback.simulate import AnnotatorClient, run_annotators
     from alignloop.pipeline import _simulated_people, feedback_db
 
     yaml_path = write_pipeline(world, tmp_path)
@@ -118,7 +120,8 @@ def test_human_mode_stops_for_labels_and_picks_up(world, tmp_path, capsys):
     from alignloop.data.synthetic import gold_ratings
 
     with FeedbackServer(db) as server:
-        run_annotators(make_annotators(server.url, ["alice"], password, gold_ratings), "round-1", max_labels=3)
+        (alice,) = make_annotators(["alice"], gold_ratings)
+        run_annotators([AnnotatorClient(server.url, password, alice)], "round-1", max_labels=3)
     assert main(["run", str(yaml_path), "feedback.mode=human", "feedback.label_quota=3"]) == 0
     assert json.loads((root / "round-1" / "label" / "FINISHED").read_text())["labels"] == 3
     assert (root / "round-1" / "eval" / "FINISHED").is_file()

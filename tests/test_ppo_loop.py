@@ -83,8 +83,8 @@ def test_ppo_raises_reward_with_kl_near_target(toy):
                 "value_loss", "explained_variance", "response_length", "no_eos_frac", "time_generation",
                 "time_scoring", "time_training", "samples_per_sec"):
         assert key in rows[-1], key
-    samples = (toy["root"] / "ppo" / "samples.jsonl").read_text().splitlines()
-    assert samples and {"prompt", "response", "score"} <= json.loads(samples[0]).keys()
+    samples = read_metrics(toy["root"] / "ppo" / "samples.jsonl")
+    assert samples and {"prompt", "response", "score"} <= samples[0].keys()
     assert (toy["root"] / "ppo" / "model" / "config.json").exists()
 
 

@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 from alignloop.data import synthetic as S
-from alignloop.evaluate.report import build_report, discover, nice_ticks, overoptimisation_series
+from alignloop.evaluate.report import build_report, discover, overoptimisation_series
+from alignloop.plots import nice_ticks
+from alignloop.runs import read_metrics
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 PLOTS = {"pretrain-loss", "sft-loss", "rm-accuracy", "ppo-reward", "ppo-kl", "ppo-entropy", "gold-vs-rm", "win-rates"}
@@ -117,7 +119,7 @@ def test_gold_and_reward_against_kl_come_from_the_run(run_dir):
     series = {s.name: s for s in overoptimisation_series(discover(run_dir), gold_total)}
     assert series["gold (eval)"].points == [(0.0, 0.7), (2.0, 0.75), (5.0, 0.8)]
     assert series["reward model (eval)"].points == [(0.0, 0.0), (2.0, 0.5), (5.0, 1.0)]
-    samples = [json.loads(ln) for r in (1, 2) for ln in (run_dir / f"round-{r}" / "ppo" / "samples.jsonl").open()]
+    samples = [s for r in (1, 2) for s in read_metrics(run_dir / f"round-{r}" / "ppo" / "samples.jsonl")]
     step10 = [s for s in samples if s["step"] == 10]
     gold_at_10 = sum(gold_total(s["prompt"], s["response"]) for s in step10) / len(step10)
     assert series["gold (PPO samples)"].points[-1] == pytest.approx((2.0, gold_at_10))

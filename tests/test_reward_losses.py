@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from alignloop.cli import main
+from alignloop.models.reward import combine_criteria
 from alignloop.train.reward_losses import (
     bradley_terry,
     centering_penalty,
@@ -130,3 +131,15 @@ def test_hh_rlhf_dialogues_split_at_the_last_shared_assistant_turn():
     fb = parse_feedback(Record({"chosen": base + " Sure, here is how.", "rejected": base + " No."}, "hh.jsonl:1"))
     assert isinstance(fb, PreferencePair)
     assert fb.prompt == base and fb.chosen == " Sure, here is how." and fb.rejected == " No."
+
+
+def test_combine_criteria_weights_and_normalises_by_hand():
+    scores = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
+    weights = torch.tensor([0.5, 0.3, 0.2])
+    # 0.5·1 + 0.3·2 + 0.2·3 = 1.7; (1.7 - 0.7) / 2 = 0.5 and (0 - 0.7) / 2 = -0.35
+    assert combine_criteria(scores, weights).tolist() == pytest.approx([1.7, 0.0])
+    assert combine_criteria(scores, weights, mean=0.7, std=2.0).tolist() == pytest.approx([0.5, -0.35])
+    # Linear: applied to a score head's parameters it gives one head that says the same.
+    W, b, h = torch.randn(3, 5), torch.randn(3), torch.randn(4, 5)
+    one_head = h @ combine_criteria(W.T, weights, std=2.0) + combine_criteria(b, weights, 0.7, 2.0)
+    assert torch.allclose(one_head, combine_criteria(h @ W.T + b, weights, 0.7, 2.0), atol=1e-6)

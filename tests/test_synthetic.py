@@ -100,12 +100,16 @@ def test_preference_pairs_follow_gold(tmp_path):
     assert len(files["eval_prompts"].read_text().splitlines()) == 5
 
 
-def _tau_with_gold(annotators, items, seed=0) -> float:
+SCALES = dict.fromkeys(S.CRITERIA, (1, 7))
+NO_BIAS = dict.fromkeys(S.CRITERIA, 0.0)
+
+
+def _tau_with_gold(annotators, items) -> float:
     taus = []
     for prompt, responses in items:
         gold = [S.gold_total(prompt, r) for r in responses]
         for a in annotators:
-            ranking = S.annotate(a, prompt, responses, seed).ranking
+            ranking = a.judge(prompt, responses, SCALES).ranking
             position = [ranking.index(i) for i in range(len(responses))]
             taus.append(kendalltau([-g for g in gold], position).statistic)
     return statistics.fmean(t for t in taus if t == t)
@@ -117,9 +121,9 @@ def items():
 
 
 def test_noiseless_unbiased_annotator_reproduces_gold(items):
-    exact = S.Annotator("exact", seed=1, noise=0.0)
+    exact = S.Annotator("exact", noise=0.0, bias=dict(NO_BIAS), weights=S.GOLD_WEIGHTS)
     for prompt, responses in items:
-        j = S.annotate(exact, prompt, responses)
+        j = exact.judge(prompt, responses, SCALES)
         gold = [S.gold_total(prompt, r) for r in responses]
         assert [gold[i] for i in j.ranking] == sorted(gold, reverse=True)
         for r, rating in zip(responses, j.ratings, strict=True):
@@ -127,41 +131,48 @@ def test_noiseless_unbiased_annotator_reproduces_gold(items):
 
 
 def test_agreement_falls_with_noise_and_bias_shifts_ratings(items):
-    careful = S.make_annotators(4, seed=0, noise=0.3, bias_scale=0.0)
-    sloppy = S.make_annotators(4, seed=0, noise=3.0, bias_scale=0.0)
+    names = [f"sim-{i}" for i in range(4)]
+    careful = S.make_annotators(names, noise=0.3, bias_scale=0.0, weights=S.GOLD_WEIGHTS)
+    sloppy = S.make_annotators(names, noise=3.0, bias_scale=0.0, weights=S.GOLD_WEIGHTS)
     tau_careful, tau_sloppy = _tau_with_gold(careful, items), _tau_with_gold(sloppy, items)
     assert tau_careful > 0.75
     assert tau_careful > tau_sloppy + 0.3
-    harsh = S.Annotator("harsh", seed=2, noise=0.3, bias={"relevance": -2.0, "consistency": 0.0, "creativity": 0.0})
-    fair = S.Annotator("fair", seed=2, noise=0.3)
+    harsh = S.Annotator("harsh", seed=2, noise=0.3, bias={**NO_BIAS, "relevance": -2.0})
+    fair = S.Annotator("fair", seed=2, noise=0.3, bias=dict(NO_BIAS))
     shift = statistics.fmean(h["relevance"] - f["relevance"] for p, rs in items
-                             for h, f in zip(S.annotate(harsh, p, rs).ratings, S.annotate(fair, p, rs).ratings,
+                             for h, f in zip(harsh.judge(p, rs, SCALES).ratings, fair.judge(p, rs, SCALES).ratings,
                                              strict=True))
     assert -2.4 < shift < -1.2  # clipping at 1 eats a little of the bias
 
 
-def test_annotators_are_pure_functions_of_their_inputs(items):
-    people = S.make_annotators(3, seed=9)
-    assert people == S.make_annotators(3, seed=9)
-    assert len({p.seed for p in people}) == 3
-    assert all(sum(p.weights.values()) == pytest.approx(1.0) for p in people)
+def test_seeded_annotators_label_the_same_tasks_the_same_way(items):
+    def labels(people):
+        return [a.judge(p, rs, SCALES) for p, rs in items[:10] for a in people]
+
+    names = ["a", "b", "c"]
+    assert labels(S.make_annotators(names, seed=9)) == labels(S.make_annotators(names, seed=9))
+    assert labels(S.make_annotators(names, seed=9)) != labels(S.make_annotators(names, seed=10))
+    people = S.make_annotators(names, seed=9, bias_scale=0.5)
+    labels(people)
+    assert len({tuple(p.bias.values()) for p in people}) == 3  # each has their own bias
+    assert set(people[0].bias) == set(S.CRITERIA)
     prompt, responses = items[0]
-    assert S.annotate(people[0], prompt, responses, seed=1) == S.annotate(people[0], prompt, responses, seed=1)
-    labels = {tuple(S.annotate(people[0], prompt, responses, seed=s).ratings[0].values()) for s in range(12)}
-    assert len(labels) > 1  # the noise is really drawn per labelling
-    ranking, ratings = S.judgement_records(prompt, responses, S.annotate(people[0], prompt, responses))
-    assert sorted(ranking["ranking"]) == [0, 1, 2, 3] and len(ratings) == 4
-    assert all(1 <= v <= 7 for r in ratings for v in r["scores"].values())
+    one = S.Annotator("one", seed=1)
+    again = {tuple(one.judge(prompt, responses, SCALES).ratings[0].values()) for _ in range(12)}
+    assert len(again) > 1  # the noise is really drawn per labelling
+    narrow = S.Annotator("narrow", seed=1, noise=3.0).judge(prompt, responses, {"relevance": (2, 4)})
+    assert sorted(narrow.ranking) == [0, 1, 2, 3]
+    assert all(set(r) == {"relevance"} and 2 <= r["relevance"] <= 4 for r in narrow.ratings)
+    assert S.Annotator("lazy", skip_rate=1.0).judge(prompt, responses, SCALES) is None
 
 
 def test_base_model_pretrains_on_the_corpus_and_is_reused(tmp_path):
     """The demo's pretraining path: {"text"} records through the SFT stage lower the held-out loss,
     and a finished run is reused rather than trained again."""
-    import json
-
     import torch
 
     from alignloop.demo_world import BaseModelSize, build_base_model
+    from alignloop.runs import read_metrics
 
     corpus = S.write_jsonl(tmp_path / "corpus.jsonl", S.pretraining_corpus(240, seed=0))
     size = BaseModelSize(vocab_size=300, hidden=32, layers=2, heads=2, max_positions=160)
@@ -172,8 +183,7 @@ def test_base_model_pretrains_on_the_corpus_and_is_reused(tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert (model / "config.json").is_file() and (tmp_path / "base" / "pretrain" / "FINISHED").is_file()
-    evals = [r["eval_loss"] for r in map(json.loads, (tmp_path / "base" / "pretrain" / "metrics.jsonl").open())
-             if "eval_loss" in r]
+    evals = [r["eval_loss"] for r in read_metrics(tmp_path / "base" / "pretrain" / "metrics.jsonl") if "eval_loss" in r]
     assert evals[-1] < 0.85 * evals[0]  # 25 steps of a 32-wide model: a clear drop, far from converged
     stamp = (model / "model.safetensors").stat().st_mtime_ns
     assert build_base_model(tmp_path / "base", corpus, size=size, steps=25) == model

@@ -451,7 +451,8 @@ def _review(url: str, username: str, password: str, round_name: str, approve: Ca
 
 
 def simulate_round(cfg: PipelineConfig, stage: Stage, round_name: str, quota: int) -> None:
-    from alignloop.feedback.simulate import make_annotators, run_annotators
+    from alignloop.data.synthetic import make_annotators
+    from alignloop.feedback.simulate import AnnotatorClient, run_annotators
     from alignloop.rl.rewards import import_callable
 
     sim, db = cfg.feedback.simulated, feedback_db(cfg)
@@ -462,8 +463,9 @@ def simulate_round(cfg: PipelineConfig, stage: Stage, round_name: str, quota: in
         _add_policy_samples(cfg, stage, round_name)
     gold, total = import_callable(sim.gold), import_callable(sim.gold_total)
     with FeedbackServer(db) as server:
-        people = make_annotators(server.url, annotators, password, gold, noise=sim.noise, bias_scale=sim.bias_scale,
-                                 seed=cfg.sft.train.seed * 100 + stage.round, weights=sim.weights)
+        people = [AnnotatorClient(server.url, password, a)
+                  for a in make_annotators(annotators, gold, noise=sim.noise, bias_scale=sim.bias_scale,
+                                           seed=cfg.sft.train.seed * 100 + stage.round, weights=sim.weights)]
         # In turn, not in threads: who labels which task then does not depend on timing, so a seeded run
         # gets the same labels every time (with threads, two runs of one seed ranked most items differently).
         done = run_annotators(people, round_name, max_labels=math.ceil(quota / len(people)), concurrent=False)

@@ -111,8 +111,8 @@ class MetricsLog:
     def truncate_after(self, step: int) -> None:
         if not self.enabled or not self.path.exists():
             return
-        kept = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        atomic_write_text(self.path, "".join(ln + "\n" for ln in kept))
+        kept = [rec for rec in read_metrics(self.path) if rec.get("step", 0) <= step]
+        atomic_write_text(self.path, "".join(to_json(rec, indent=None) + "\n" for rec in kept))
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -124,7 +124,24 @@ class MetricsLog:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a run folder's JSONL file (metrics.jsonl, samples.jsonl, stages.jsonl); [] when there
+    is none. A last line cut off by a crash mid-write is left out; any other malformed line is an error
+    naming file:line."""
     p = Path(path)
-    if not p.exists():
+    if not p.is_file():
         return []
-    return [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()]
+    lines = p.read_text(encoding="utf-8").splitlines()
+    records = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if lineno == len(lines):
+                break
+            raise UserError(f"{p}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(rec, dict):
+            raise UserError(f"{p}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+        records.append(rec)
+    return records

@@ -20,6 +20,12 @@ class Message(RecordModel):
     content: str
 
 
+def chat_as_lines(messages: list[dict], separator: str = "\n") -> str:
+    """A conversation as plain "role: content" turns joined by ``separator``, for readers that take no
+    chat template: people labelling it, the run report, and reward models with an encoder's tokenizer."""
+    return separator.join(f"{m.get('role', 'user')}: {m.get('content', '')}" for m in messages)
+
+
 class PromptCompletion(RecordModel):
     prompt: str
     completion: str

@@ -31,10 +31,12 @@ optimised hard against that reward model can keep pushing what the reward model 
 adjectives, longer answers, more repeated praise — past the point where gold stops rising and
 starts to fall: reward over-optimisation, visible in the report as gold falling while reward rises.
 
-Simulated annotators see the gold scores through per-annotator bias (a shift in rating points per
-criterion, and their own weighting of the criteria) and Gaussian noise, and produce a ranking of K
-responses and 1-7 ratings per criterion. They are pure functions of (annotator, prompt, responses,
-seed); the feedback app's simulator drives them through the app's HTTP API.
+Simulated annotators see a gold judgement on the rating scale (``gold_ratings`` here, or any other
+gold function) through per-annotator bias (a shift in rating points per criterion) and Gaussian noise,
+and produce a ranking of K responses (by their weighting of the criteria) and ratings per criterion.
+Each draws from its own seeded random stream, so the same annotators labelling the same tasks in the
+same order give the same labels; ``alignloop.feedback.simulate`` drives them through the labelling
+app's HTTP API.
 """
 
 from __future__ import annotations
@@ -43,8 +45,12 @@ import hashlib
 import json
 import random
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+from alignloop.errors import UserError
+from alignloop.runs import atomic_write_text
 
 CRITERIA = ("relevance", "consistency", "creativity")
 GOLD_WEIGHTS = {"relevance": 0.5, "consistency": 0.3, "creativity": 0.2}
@@ -390,8 +396,6 @@ def preference_pairs(n: int = 512, seed: int = 0) -> list[dict]:
 
 
 def write_jsonl(path: str | Path, records: list[dict]) -> Path:
-    from alignloop.runs import atomic_write_text
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
@@ -412,54 +416,64 @@ def write_demo_data(out_dir: str | Path, seed: int = 0, corpus: int = 4000, sft:
 
 # ---------------------------------------------------------------- simulated annotators
 
+GoldFn = Callable[[str, str], dict[str, float]]
 
-@dataclass(frozen=True)
+
+@dataclass
+class Judgement:
+    ranking: list[int]               # indices of the responses, best first
+    ratings: list[dict[str, float]]  # per response: criterion -> rating, rounded and clipped to its scale
+
+
+@dataclass
 class Annotator:
-    """A simulated person: sees gold through ``bias`` (rating points added per criterion), their own
-    ``weights`` over the criteria when ranking, and Gaussian ``noise`` (rating points, per criterion)."""
+    """A simulated person. They judge with a hidden gold function ``gold(prompt, response) -> {criterion:
+    score on the rating scale}``, seen through their own per-criterion ``bias`` (given, or drawn once per
+    criterion from N(0, bias_scale) on first use) and Gaussian ``noise`` (rating points), and order the
+    responses by the ``weights`` of the criteria (None: counted equally). With ``skip_rate`` they skip
+    a task now and then. Every draw comes from their own random stream, seeded by ``seed``."""
 
     name: str
-    seed: int
+    gold: GoldFn = gold_ratings
     noise: float = 0.5
-    bias: dict[str, float] = field(default_factory=lambda: dict.fromkeys(CRITERIA, 0.0))
-    weights: dict[str, float] = field(default_factory=lambda: dict(GOLD_WEIGHTS))
+    bias: dict[str, float] = field(default_factory=dict)
+    bias_scale: float = 0.0
+    weights: dict[str, float] | None = None
+    seed: int = 0
+    skip_rate: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+
+    def judge(self, prompt: str, responses: Sequence[str], scales: dict[str, tuple[float, float]]) -> Judgement | None:
+        """Rank and rate the responses on the criteria of ``scales`` (criterion -> (min, max) rating);
+        None when the annotator skips the task."""
+        if self.skip_rate and self.rng.random() < self.skip_rate:
+            return None
+        noisy: list[dict[str, float]] = []
+        for text in responses:
+            gold = self.gold(prompt, text)
+            for k in gold:
+                if k not in self.bias:
+                    self.bias[k] = self.rng.gauss(0.0, self.bias_scale)
+            noisy.append({k: v + self.bias[k] + self.rng.gauss(0.0, self.noise) for k, v in gold.items() if k in scales})
+        ranking = sorted(range(len(noisy)), key=lambda i: -self.overall(noisy[i]))
+        ratings = [{k: float(min(scales[k][1], max(scales[k][0], round(v)))) for k, v in scores.items()}
+                   for scores in noisy]
+        return Judgement(ranking, ratings)
+
+    def overall(self, scores: dict[str, float]) -> float:
+        """The overall judgement that orders the responses: the weighted mean of the criteria scores."""
+        weights = self.weights or dict.fromkeys(scores, 1.0)
+        missing = sorted(set(scores) - set(weights))
+        if missing:
+            raise UserError(f"simulated annotator weights {weights} give no weight to criterion {missing[0]!r}")
+        return sum(weights[k] * v for k, v in scores.items()) / (sum(weights[k] for k in scores) or 1.0)
 
 
-@dataclass(frozen=True)
-class Judgement:
-    ranking: list[int]                 # indices of the responses, best first
-    ratings: list[dict[str, int]]      # per response: criterion -> 1..7
-
-
-def make_annotators(n: int, seed: int = 0, noise: float = 0.5, bias_scale: float = 0.5,
-                    weight_jitter: float = 0.3) -> list[Annotator]:
-    """``n`` annotators with their own bias (N(0, bias_scale) points per criterion) and criterion weights
-    (gold weights scaled by a factor in [1 - jitter, 1 + jitter], renormalised)."""
-    rng = random.Random(_stable_int("annotators", seed))
-    people = []
-    for i in range(n):
-        bias = {c: rng.gauss(0, bias_scale) for c in CRITERIA}
-        raw = {c: GOLD_WEIGHTS[c] * rng.uniform(1 - weight_jitter, 1 + weight_jitter) for c in CRITERIA}
-        total = sum(raw.values())
-        people.append(Annotator(f"sim-{i}", rng.getrandbits(32), noise, bias, {c: w / total for c, w in raw.items()}))
-    return people
-
-
-def annotate(annotator: Annotator, prompt: str, responses: list[str], seed: int = 0) -> Judgement:
-    """Rank and rate K responses as ``annotator`` would: the same inputs always give the same labels."""
-    rng = random.Random(_stable_int("annotate", annotator.seed, seed, prompt, *responses))
-    perceived = []
-    for r in responses:
-        gold = gold_scores(prompt, r)
-        perceived.append({c: 1 + 6 * gold[c] + annotator.bias[c] + rng.gauss(0, annotator.noise) for c in CRITERIA})
-    utility = [sum(annotator.weights[c] * p[c] for c in CRITERIA) for p in perceived]
-    ranking = sorted(range(len(responses)), key=lambda i: (-utility[i], i))
-    ratings = [{c: min(7, max(1, round(p[c]))) for c in CRITERIA} for p in perceived]
-    return Judgement(ranking, ratings)
-
-
-def judgement_records(prompt: str, responses: list[str], judgement: Judgement) -> tuple[dict, list[dict]]:
-    """The reward-model records of one judgement: a ranking record and one rating record per response."""
-    ranking = {"prompt": prompt, "responses": list(responses), "ranking": list(judgement.ranking)}
-    ratings = [{"prompt": prompt, "response": r, "scores": dict(s)} for r, s in zip(responses, judgement.ratings, strict=True)]
-    return ranking, ratings
+def make_annotators(names: Sequence[str], gold: GoldFn = gold_ratings, noise: float = 0.5, bias_scale: float = 0.5,
+                    seed: int = 0, skip_rate: float = 0.0, weights: dict[str, float] | None = None) -> list[Annotator]:
+    """One annotator per name, each with its own seeded bias (N(0, bias_scale) per criterion); all rank
+    by the same criterion ``weights`` (None = equally)."""
+    return [Annotator(name, gold, noise=noise, bias_scale=bias_scale, weights=weights, seed=seed * 1000 + i,
+                      skip_rate=skip_rate) for i, name in enumerate(names)]

@@ -7,7 +7,7 @@ a conversation. Every other position carries the label -100.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -39,14 +39,6 @@ class TokenizedExample:
 
     def __len__(self) -> int:
         return len(self.input_ids)
-
-
-@dataclass
-class TruncationStats:
-    counts: Counter = field(default_factory=Counter)
-
-    def as_dict(self) -> dict:
-        return dict(self.counts)
 
 
 def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
@@ -122,12 +114,8 @@ def tokenize_sft(
     max_len: int,
     min_completion_tokens: int,
     stats: Counter,
-    chat: bool = False,
 ) -> TokenizedExample:
     eos = tokenizer.eos_token_id
-    if isinstance(example, PromptCompletion) and chat:
-        example = Conversation(messages=[{"role": "user", "content": example.prompt},
-                                         {"role": "assistant", "content": example.completion}])
     if isinstance(example, PromptCompletion):
         prompt_ids = tokenizer(example.prompt, add_special_tokens=True)["input_ids"]
         completion_ids = tokenizer(example.completion, add_special_tokens=False)["input_ids"] + [eos]

@@ -28,10 +28,11 @@ from alignloop.data.formats import parse_rl_prompt
 from alignloop.data.io import read_records
 from alignloop.data.tokenize import ensure_chat_template, render_prompt
 from alignloop.errors import UserError
-from alignloop.evaluate.judge import human_win_rates, win_rate
+from alignloop.evaluate.judge import human_win_rates
 from alignloop.evaluate.safety import SafetyCheck
 from alignloop.rl.rollout import Rollout, SamplingSettings, generate, response_logprobs
 from alignloop.runs import RunDir, atomic_write_json, atomic_write_text, to_json
+from alignloop.stats import paired_win_rate
 
 log = logging.getLogger(__name__)
 
@@ -267,10 +268,10 @@ def run_eval(cfg: EvalConfig, overwrite: bool = False) -> Path:
     if cfg.baseline:
         wr = {}
         if rewards:
-            wr["reward_model"] = win_rate(rewards["policy"], rewards["baseline"]).as_dict()
+            wr["reward_model"] = paired_win_rate(rewards["policy"], rewards["baseline"]).as_dict()
         if golds:
-            wr["gold"] = win_rate([s["total"] for s in golds["policy"]],
-                                  [s["total"] for s in golds["baseline"]]).as_dict()
+            wr["gold"] = paired_win_rate([s["total"] for s in golds["policy"]],
+                                         [s["total"] for s in golds["baseline"]]).as_dict()
         evaluation["win_rate"] = wr
     if cfg.feedback_db:
         evaluation["human_win_rates"] = human_win_rates(cfg.feedback_db, cfg.feedback_round)

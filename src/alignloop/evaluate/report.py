@@ -24,9 +24,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from alignloop.runs import atomic_write_text
+from alignloop.data.formats import chat_as_lines
+from alignloop.plots import Series, line_chart
+from alignloop.runs import atomic_write_text, read_metrics
 
-PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
 GoldFn = Callable[[str, str], "float | dict[str, float]"]
 
 
@@ -73,19 +74,11 @@ def _json(path: Path | None) -> dict:
 
 
 def _metrics(folder: Path | None) -> list[dict]:
-    return _jsonl(folder / "metrics.jsonl" if folder else None)
+    return read_metrics(folder / "metrics.jsonl") if folder else []
 
 
-def _jsonl(path: Path | None) -> list[dict]:
-    if path is None or not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut off by a crash: skip it, keep the rest
-    return rows
+def _samples(folder: Path | None) -> list[dict]:
+    return read_metrics(folder / "samples.jsonl") if folder else []
 
 
 def _num(v) -> float | None:
@@ -103,137 +96,6 @@ def _get(tree: dict, *path: str) -> float | None:
             return None
         tree = tree.get(key)
     return _num(tree)
-
-
-# ---------------------------------------------------------------- SVG line charts
-
-
-@dataclass
-class Series:
-    name: str
-    points: list[tuple[float, float]]
-    right: bool = False  # plotted against the right-hand axis
-    errors: list[tuple[float, float]] | None = None  # (low, high) per point: interval whiskers
-    dashed: bool = False
-
-
-def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
-    """Round tick values (1, 2, 2.5 or 5 x 10^k apart) covering [lo, hi]."""
-    if hi <= lo:
-        lo, hi = lo - 0.5 if lo == hi else hi, hi + 0.5
-    raw = (hi - lo) / max(count - 1, 1)
-    mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
-    first = math.floor(lo / step) * step
-    ticks = []
-    v = first
-    while v < hi + step * 0.999:
-        ticks.append(round(v, 10))
-        v += step
-    return ticks
-
-
-def _fmt(v: float) -> str:
-    if v == 0:
-        return "0"
-    if abs(v) >= 10000 or abs(v) < 0.001:
-        return f"{v:.1e}"
-    return f"{v:.4g}"
-
-
-def _legend_rows(names: Sequence[str], room: float) -> int:
-    rows, used = 1, 0.0
-    for name in names:
-        w = 24 + 6.5 * len(name)
-        if used + w > room and used > 0:
-            rows, used = rows + 1, 0.0
-        used += w
-    return rows
-
-
-def line_chart(plot_id: str, title: str, series: Sequence[Series], xlabel: str, ylabel: str,
-               y2label: str | None = None, x_names: dict[float, str] | None = None,
-               hline: float | None = None, width: int = 560, height: int = 300) -> str:
-    """An SVG line chart with axes, ticks, labels and a legend; "no data" when every series is empty."""
-    series = [s for s in series if s.points]
-    esc = html.escape
-
-    def svg_open(h: int, css: str) -> str:
-        return (f'<svg class="{css}" data-plot="{esc(plot_id)}" xmlns="http://www.w3.org/2000/svg" '
-                f'width="{width}" height="{h}" viewBox="0 0 {width} {h}" role="img" '
-                f'aria-label="{esc(title)}"><title>{esc(title)}</title>'
-                f'<text x="{width / 2}" y="18" class="title">{esc(title)}</text>')
-
-    if not series:
-        return svg_open(height, "plot empty") + f'<text x="{width / 2}" y="{height / 2}" class="nodata">no data</text></svg>'
-    left, right, top, bottom = 62, (62 if y2label else 18), 30, 72
-    pw, ph = width - left - right, height - top - bottom
-    legend_rows = _legend_rows([s.name + (" (right axis)" if s.right else "") for s in series], width - left - 8)
-
-    def bounds(group: list[Series]) -> list[float]:
-        ys = [y for s in group for _, y in s.points] + [v for s in group for e in (s.errors or []) for v in e]
-        if hline is not None and not group[0].right:
-            ys.append(hline)
-        return nice_ticks(min(ys), max(ys))
-
-    xs = [x for s in series for x, _ in s.points]
-    xt = sorted(x_names) if x_names else nice_ticks(min(xs), max(xs))
-    x0, x1 = (xt[0] - 0.5, xt[-1] + 0.5) if x_names else (xt[0], xt[-1])
-    axes = {False: bounds([s for s in series if not s.right] or series)}
-    if any(s.right for s in series):
-        axes[True] = bounds([s for s in series if s.right])
-
-    def px(x: float) -> float:
-        return left + (x - x0) / ((x1 - x0) or 1) * pw
-
-    def py(y: float, right_axis: bool) -> float:
-        t = axes[right_axis]
-        return top + ph - (y - t[0]) / ((t[-1] - t[0]) or 1) * ph
-
-    out = [svg_open(height + 16 * (legend_rows - 1), "plot"), f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" class="frame"/>']
-    for x in xt:
-        label = x_names[x] if x_names else _fmt(x)
-        out.append(f'<line x1="{px(x):.1f}" y1="{top + ph}" x2="{px(x):.1f}" y2="{top + ph + 4}" class="axis"/>'
-                   f'<text x="{px(x):.1f}" y="{top + ph + 16}" class="tick">{esc(label)}</text>')
-    for right_axis, ticks in axes.items():
-        anchor, xpos = ("start", left + pw + 6) if right_axis else ("end", left - 6)
-        for y in ticks:
-            out.append(f'<text x="{xpos}" y="{py(y, right_axis) + 4:.1f}" class="tick" text-anchor="{anchor}">'
-                       f'{_fmt(y)}</text>')
-            if not right_axis:
-                out.append(f'<line x1="{left}" y1="{py(y, False):.1f}" x2="{left + pw}" y2="{py(y, False):.1f}" '
-                           'class="grid"/>')
-    out.append(f'<text x="{left + pw / 2}" y="{top + ph + 34}" class="label">{esc(xlabel)}</text>')
-    out.append(f'<text transform="translate(14 {top + ph / 2}) rotate(-90)" class="label">{esc(ylabel)}</text>')
-    if y2label and True in axes:
-        out.append(f'<text transform="translate({width - 10} {top + ph / 2}) rotate(90)" class="label">'
-                   f'{esc(y2label)}</text>')
-    if hline is not None:
-        out.append(f'<line x1="{left}" y1="{py(hline, False):.1f}" x2="{left + pw}" y2="{py(hline, False):.1f}" '
-                   'class="hline"/>')
-    legend_x, legend_y = left, top + ph + 50
-    for i, s in enumerate(series):
-        colour = PALETTE[i % len(PALETTE)]
-        dash = ' stroke-dasharray="6 4"' if s.dashed else ""
-        pts = sorted(s.points) if not s.errors else s.points
-        path = " ".join(f"{px(x):.1f},{py(y, s.right):.1f}" for x, y in pts)
-        out.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="2"{dash} '
-                   f'class="series"><title>{esc(s.name)}</title></polyline>')
-        if len(pts) <= 40:
-            out += [f'<circle cx="{px(x):.1f}" cy="{py(y, s.right):.1f}" r="3" fill="{colour}"/>' for x, y in pts]
-        for (x, _), (lo, hi) in zip(s.points, s.errors or [], strict=False):
-            out.append(f'<line x1="{px(x):.1f}" y1="{py(lo, s.right):.1f}" x2="{px(x):.1f}" y2="{py(hi, s.right):.1f}" '
-                       f'stroke="{colour}" stroke-width="1.5" class="whisker"/>')
-        name = s.name + (" (right axis)" if s.right else "")
-        item_width = 24 + 6.5 * len(name)
-        if legend_x + item_width > width - 8 and legend_x > left:  # wrap onto the next legend row
-            legend_x, legend_y = left, legend_y + 16
-        out.append(f'<line x1="{legend_x}" y1="{legend_y - 4}" x2="{legend_x + 14}" y2="{legend_y - 4}" '
-                   f'stroke="{colour}" stroke-width="3"{dash}/>'
-                   f'<text x="{legend_x + 18}" y="{legend_y}" class="legend">{esc(name)}</text>')
-        legend_x += item_width
-    out.append("</svg>")
-    return "".join(out)
 
 
 # ---------------------------------------------------------------- the plots of a run
@@ -304,7 +166,7 @@ def overoptimisation_series(inputs: ReportInputs, gold: GoldFn | None) -> list[S
             if value is not None:
                 pts.append((kl, value))
     out = [Series("reward model (eval)", rm_pts), Series("gold (eval)", gold_pts, right=True)]
-    ppo_samples = [s for rnd in inputs.rounds for s in _jsonl(rnd.ppo / "samples.jsonl" if rnd.ppo else None)]
+    ppo_samples = [s for rnd in inputs.rounds for s in _samples(rnd.ppo)]
     sample_pts = _sample_points(ppo_samples, gold)
     if sample_pts:
         out.append(Series("reward model (PPO samples)", [(k, r) for k, r, _ in sample_pts], dashed=True))
@@ -402,7 +264,7 @@ def _prompt_text(prompt) -> str:
     if isinstance(prompt, str):
         return prompt
     if isinstance(prompt, list):
-        return "\n".join(f"{m.get('role', '')}: {m.get('content', '')}" for m in prompt if isinstance(m, dict))
+        return chat_as_lines([m for m in prompt if isinstance(m, dict)])
     return str(prompt)
 
 
@@ -412,7 +274,7 @@ def sample_table(inputs: ReportInputs, limit: int = 8) -> str:
     columns: dict[str, dict[str, dict]] = {}  # model column -> prompt -> response record
     order: list[str] = []
     for rnd in inputs.rounds:
-        for row in _jsonl(rnd.eval / "samples.jsonl" if rnd.eval else None):
+        for row in _samples(rnd.eval):
             prompt = _prompt_text(row.get("prompt"))
             responses = row.get("responses") or {}
             if not isinstance(responses, dict):
@@ -456,13 +318,6 @@ padding:0 16px}
 h1{font-size:1.5em}h2{font-size:1.15em;margin-top:1.6em;border-bottom:1px solid #ddd;padding-bottom:4px}
 .plots{display:flex;flex-wrap:wrap;gap:16px}
 svg.plot{background:#fff;border:1px solid #e2e2e2;border-radius:4px}
-svg .title{font-size:13px;font-weight:600;text-anchor:middle}
-svg .tick{font-size:10px;fill:#555;text-anchor:middle}
-svg .label{font-size:11px;fill:#333;text-anchor:middle}
-svg .legend{font-size:11px;fill:#333}
-svg .nodata{font-size:14px;fill:#999;text-anchor:middle}
-svg .frame{fill:none;stroke:#bbb}svg .grid{stroke:#eee}svg .axis{stroke:#888}
-svg .hline{stroke:#999;stroke-dasharray:4 3}
 table{border-collapse:collapse;font-size:13px;margin-top:8px}
 th,td{border:1px solid #ddd;padding:6px 8px;vertical-align:top;text-align:left}
 th{background:#f5f5f5}

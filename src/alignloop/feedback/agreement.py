@@ -1,5 +1,6 @@
-"""Inter-annotator agreement: Kendall's tau on rankings (scipy), Krippendorff's alpha on ratings
-(the ``krippendorff`` package, interval level) and each annotator's agreement with gold items."""
+"""Inter-annotator agreement in a round: Kendall's tau on rankings, Krippendorff's alpha on ratings
+(interval level) and each annotator's agreement with gold items. The statistics themselves live in
+``alignloop.stats``; this module gathers their inputs from the database."""
 
 from __future__ import annotations
 
@@ -13,17 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from alignloop.feedback.db import Label, Prompt, Rating, Round, User
-
-
-def ranking_tau(a: list[int], b: list[int]) -> float | None:
-    """Kendall's tau between two rankings (candidate ids best first) of the same candidates."""
-    from scipy.stats import kendalltau
-
-    if len(a) < 2 or sorted(a) != sorted(b):
-        return None
-    pos_b = {c: i for i, c in enumerate(b)}
-    tau = kendalltau(list(range(len(a))), [pos_b[c] for c in a]).statistic
-    return None if math.isnan(tau) else float(tau)
+from alignloop.stats import interval_alpha, ranking_tau
 
 
 def _labels(db: Session, rnd: Round) -> list[tuple[Label, Prompt, str]]:
@@ -57,8 +48,6 @@ def ranking_agreement(db: Session, rnd: Round, buckets: int = 10) -> dict[str, A
 
 def rating_agreement(db: Session, rnd: Round) -> dict[str, float | None]:
     """Krippendorff's alpha (interval) per criterion: rows are annotators, columns rated candidates."""
-    import krippendorff
-
     rows = db.execute(select(Label.user_id, Rating.candidate_id, Rating.criterion, Rating.value)
                       .join(Label, Label.id == Rating.label_id).join(Prompt, Prompt.id == Label.prompt_id)
                       .where(Prompt.round_id == rnd.id, Label.skipped.is_(False))).all()
@@ -71,12 +60,7 @@ def rating_agreement(db: Session, rnd: Round) -> dict[str, float | None]:
         ui, ci = {u: i for i, u in enumerate(users)}, {c: i for i, c in enumerate(units)}
         for u, c, v in cells:
             data[ui[u], ci[c]] = v
-        paired = (~np.isnan(data)).sum(axis=0) >= 2
-        values = data[:, paired]
-        if len(users) < 2 or not paired.any() or np.nanstd(values) == 0:
-            out[crit] = None  # alpha is undefined without paired, varying values
-            continue
-        out[crit] = float(krippendorff.alpha(reliability_data=values, level_of_measurement="interval"))
+        out[crit] = interval_alpha(data)
     return out
 
 

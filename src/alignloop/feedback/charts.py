@@ -1,11 +1,14 @@
-"""Small inline SVG charts drawn on the server (no JavaScript, no chart library in the browser).
+"""The labelling dashboard's inline SVG charts, drawn on the server (no JavaScript, no chart library in
+the browser): progress bars and win-rate intervals here, line charts by ``alignloop.plots``.
 
-All text that reaches the SVG (round names, model names, usernames) is escaped here.
+All text that reaches the SVG (round names, model names, usernames) is escaped.
 """
 
 from __future__ import annotations
 
 from markupsafe import Markup, escape
+
+from alignloop import plots
 
 W, ROW, LEFT = 560, 26, 170
 
@@ -33,26 +36,12 @@ def progress_bars(rows: list[tuple[str, int, int]], title: str = "labelling prog
 
 def line_chart(points: list[tuple[str, float]], lo: float = -1.0, hi: float = 1.0,
                title: str = "agreement over time") -> Markup:
-    """Values in [lo, hi] in order, with the first and last x label."""
-    height, top, bottom, left, right = 200, 12, 170, 44, W - 12
-    if not points:
-        return _svg(40, '<text x="10" y="24" font-size="12">no data yet</text>', title)
-
-    def y(v: float) -> float:
-        return bottom - (v - lo) / (hi - lo) * (bottom - top)
-
-    step = (right - left) / max(1, len(points) - 1)
-    xy = [(left + i * step, y(v)) for i, (_, v) in enumerate(points)]
-    path = " ".join(f"{x:.1f},{yy:.1f}" for x, yy in xy)
-    grid = "".join(f'<line x1="{left}" x2="{right}" y1="{y(t):.1f}" y2="{y(t):.1f}" stroke="#e5e7eb"/>'
-                   f'<text x="{left - 6}" y="{y(t) + 4:.1f}" text-anchor="end" font-size="11">{t:g}</text>'
-                   for t in (lo, (lo + hi) / 2, hi))
-    dots = "".join(f'<circle cx="{x:.1f}" cy="{yy:.1f}" r="3" fill="#2563eb"><title>{escape(lbl)}: {v:.3f}'
-                   f"</title></circle>" for (x, yy), (lbl, v) in zip(xy, points, strict=True))
-    labels = (f'<text x="{left}" y="{height - 10}" font-size="11">{escape(points[0][0])}</text>'
-              f'<text x="{right}" y="{height - 10}" text-anchor="end" font-size="11">{escape(points[-1][0])}</text>')
-    body = grid + f'<polyline points="{path}" fill="none" stroke="#2563eb" stroke-width="2"/>' + dots + labels
-    return _svg(height, body, title)
+    """Labelled values in time order on a fixed [lo, hi] axis (the dashboard's agreement over time),
+    drawn by ``alignloop.plots.line_chart`` with the first and last label under the x axis."""
+    names = {1.0: points[0][0], float(len(points)): points[-1][0]} if points else None
+    series = [plots.Series(title, [(float(i + 1), v) for i, (_, v) in enumerate(points)])]
+    return Markup(plots.line_chart("agreement", title, series, "time", "Kendall's tau",
+                                   x_names=names, y_range=(lo, hi)))
 
 
 def interval_chart(rows: list[tuple[str, float, float, float]], title: str = "win rate (95% interval)") -> Markup:

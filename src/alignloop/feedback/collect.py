@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from alignloop.data.formats import chat_as_lines
 from alignloop.errors import UserError
 
 
@@ -30,10 +31,10 @@ def read_prompts(path: str | Path) -> list[str | list[dict]]:
 
 
 def prompt_text(prompt: str | list[dict]) -> str:
-    """What annotators see: the text, or the conversation as 'role: content' lines."""
+    """What annotators see: the text, or the conversation as 'role: content' turns a blank line apart."""
     if isinstance(prompt, str):
         return prompt
-    return "\n\n".join(f"{m.get('role', 'user')}: {m.get('content', '')}" for m in prompt)
+    return chat_as_lines(prompt, separator="\n\n")
 
 
 def generate_candidates(model, tok, prompts: list[str | list[dict]], k: int, settings: dict[str, Any],

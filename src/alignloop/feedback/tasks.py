@@ -14,7 +14,6 @@ execute atomically, so concurrent requests never over-assign. Skipping gives the
 from __future__ import annotations
 
 import hashlib
-import math
 import random
 from typing import Any
 
@@ -35,6 +34,7 @@ from alignloop.feedback.db import (
     Round,
     User,
 )
+from alignloop.stats import win_rate
 
 MAX_PROMPT_CHARS = 20_000
 MAX_RESPONSE_CHARS = 50_000
@@ -374,15 +374,6 @@ def vote(db: Session, user: User, comparison_id: int, winner: str) -> Comparison
     return comp
 
 
-def wilson_interval(wins: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return 0.0, 1.0
-    p = wins / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
 def win_rates(db: Session, rnd: Round) -> list[dict[str, Any]]:
     """Per model pair: model_a's win rate (a tie counts half) with a 95% Wilson interval."""
     out: dict[tuple[str, str], dict[str, Any]] = {}
@@ -399,9 +390,6 @@ def win_rates(db: Session, rnd: Round) -> list[dict[str, Any]]:
         else:
             s["b_wins"] += 1
     for s in out.values():
-        n = s["a_wins"] + s["b_wins"] + s["ties"]
-        score = s["a_wins"] + 0.5 * s["ties"]
-        s["n"] = n
-        s["win_rate"] = score / n
-        s["ci_low"], s["ci_high"] = wilson_interval(score, n)
+        rate = win_rate(s["a_wins"], s["ties"], s["b_wins"])
+        s.update(n=rate.n, win_rate=rate.win_rate, ci_low=rate.ci_low, ci_high=rate.ci_high)
     return list(out.values())

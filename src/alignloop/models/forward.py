@@ -15,7 +15,9 @@ from torch import nn
 IGNORE = -100
 
 
-def _body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+def body_and_lm_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """The transformer body and the vocabulary projection of a causal LM, to run apart; None where the
+    plain forward must run (DDP-wrapped models, heads that post-process logits, unknown layouts)."""
     if isinstance(model, nn.parallel.DistributedDataParallel):
         return None  # its forward must run so gradients get synchronised
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -37,7 +39,7 @@ def selected_next_token_logits(
     position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Logits [N, vocab] for the token after each position t with ``select[b, t]`` (select is [B, T-1])."""
-    parts = _body_and_head(model)
+    parts = body_and_lm_head(model)
     if parts is None:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                        use_cache=False).logits

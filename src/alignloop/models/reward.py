@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from alignloop.config import ModelConfig
+from alignloop.data.formats import chat_as_lines
 from alignloop.data.tokenize import DEFAULT_CHAT_TEMPLATE
 from alignloop.errors import UserError
 from alignloop.models.load import load_pretrained, read_meta
@@ -46,7 +47,7 @@ def format_for_reward(tokenizer, prompt: PromptLike, response: str) -> str:
         return join_plain(prompt, response) + (tokenizer.eos_token or "")
     messages = [m if isinstance(m, dict) else m.model_dump() for m in prompt]
     if _chat_as_plain_text(tokenizer):
-        return join_plain("\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:", response)
+        return join_plain(chat_as_lines(messages) + "\nassistant:", response)
     messages = messages + [{"role": "assistant", "content": response}]
     return tokenizer.apply_chat_template(messages, tokenize=False,
                                          chat_template=tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE)
@@ -64,6 +65,13 @@ def encode_for_reward(tokenizer, prompt: PromptLike, response: str, max_len: int
     if len(ids) <= max_len:
         return ids, False
     return ids[:1] + ids[len(ids) - max_len + 1 :], True
+
+
+def combine_criteria(scores: torch.Tensor, weights: torch.Tensor, mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
+    """A reward model's reward from its criteria heads' outputs ``scores`` [..., H]: their sum weighted by
+    ``weights`` [H], normalised with the training set's ``mean`` and ``std`` (0 and 1: the raw weighted
+    sum). Linear in ``scores``, so it also maps a score head's weight matrix (transposed) onto one head."""
+    return (scores @ weights.to(scores) - mean) / std
 
 
 def model_max_len(model, wanted: int) -> int:
@@ -150,4 +158,4 @@ class RewardModel:
         if not responses:
             return []
         raw = head_scores(self.model, self._encode(prompts, responses), self.tokenizer.pad_token_id, batch_size)
-        return ((raw @ self.weights - self.mean) / self.std).tolist()
+        return combine_criteria(raw, self.weights, self.mean, self.std).tolist()

@@ -35,8 +35,9 @@ from alignloop.data.tokenize import (
     tokenize_sft,
 )
 from alignloop.errors import UserError
-from alignloop.models.forward import _body_and_head, causal_lm_loss_sum
+from alignloop.models.forward import body_and_lm_head, causal_lm_loss_sum
 from alignloop.models.load import count_parameters, load_pretrained, prepare_for_training, save_model
+from alignloop.models.reward import combine_criteria
 from alignloop.rl import ppo_math as pm
 from alignloop.rl.rewards import build_reward, reward_model_dir
 from alignloop.rl.rollout import Rollout, SamplingSettings, generate, scatter_response, sequence_inputs
@@ -166,9 +167,10 @@ def critic_from_reward_model(path: str, device: torch.device, policy_tokenizer) 
         # One linear head can say exactly what the reward model says: (weights . (W h + b) - mean) / std.
         # A fresh head instead starts with values as far off as the scores vary, and the advantages built
         # from them pushed the reward down over the first PPO steps.
-        head.weight.copy_((weights @ score.weight).unsqueeze(0) / std)
-        bias = float(weights @ score.bias) if score.bias is not None else 0.0
-        head.bias.fill_((bias - mean) / std)
+        head.weight.copy_(combine_criteria(score.weight.T, weights, std=std).unsqueeze(0))
+        bias = score.bias if score.bias is not None else torch.zeros_like(weights)
+        # In float64, then rounded once into the head (a bf16 reward model's bias keeps its precision).
+        head.bias.copy_(combine_criteria(bias.double(), weights.double(), mean, std).unsqueeze(0))
     return ValueModel(no_dropout(rm.base_model), head)
 
 
@@ -519,7 +521,7 @@ def _policy_forward(policy: nn.Module, r: Rollout, want_hidden: bool) -> tuple[t
         from alignloop.rl.rollout import response_logits
 
         return response_logits(policy, r), None
-    parts = _body_and_head(policy)
+    parts = body_and_lm_head(policy)
     if parts is None:
         raise UserError("ppo.critic=policy_head is not supported for this model; use ppo.critic=reward_model")
     body, head = parts

@@ -34,12 +34,14 @@ from alignloop.data.splits import load_splits
 from alignloop.errors import UserError
 from alignloop.models.load import count_parameters, load_pretrained, prepare_for_training, save_model
 from alignloop.models.reward import (
+    combine_criteria,
     encode_for_reward,
     head_scores,
     model_max_len,
     pad_batch,
 )
 from alignloop.runs import RunDir, atomic_write_json
+from alignloop.stats import pairwise_agreement
 from alignloop.train.reward_losses import (
     bradley_terry,
     group_mean_sum,
@@ -250,7 +252,7 @@ def collate(items: list[Encoded], pad_id: int, n_heads: int) -> dict:
 
 def rewards_with_combined(logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """[N, H] head outputs -> [N, H + 1]: the last column is the weighted reward."""
-    return torch.cat([logits, (logits @ weights.to(logits))[:, None]], dim=1)
+    return torch.cat([logits, combine_criteria(logits, weights)[:, None]], dim=1)
 
 
 def objective_sum(cols: torch.Tensor, b: dict, cfg: RMConfig) -> torch.Tensor:
@@ -423,21 +425,14 @@ def annotator_agreement(groups: list[Group]) -> dict | None:
             x, y = g.responses[a], g.responses[b]
             key = (g.prompt_key, g.criterion, min(x, y), max(x, y))
             votes[key].setdefault(g.annotator, set()).add(x < y)  # True: the smaller text won
-    agree = total = items = 0
-    for by_annotator in votes.values():
-        labels = [next(iter(v)) for v in by_annotator.values() if len(v) == 1]
-        if len(labels) < 2:
-            continue
-        items += 1
-        for i in range(len(labels)):
-            for j in range(i + 1, len(labels)):
-                total += 1
-                agree += labels[i] == labels[j]
-    if not total:
+    # An annotator who voted both ways on one pair gave no single label: left out of that item.
+    agreement = pairwise_agreement([next(iter(v)) for v in by_annotator.values() if len(v) == 1]
+                                   for by_annotator in votes.values())
+    if not agreement.pairs:
         return None
     annotators = {a for v in votes.values() for a in v}
-    return {"items": items, "annotators": len(annotators), "annotator_pairs": total,
-            "pairwise_agreement": agree / total}
+    return {"items": agreement.items, "annotators": len(annotators), "annotator_pairs": agreement.pairs,
+            "pairwise_agreement": agreement.rate}
 
 
 # ---------------------------------------------------------------- the stage

@@ -42,8 +42,8 @@ from alignloop.training.resume import SUPERVISED_MUTABLE, open_run
 log = logging.getLogger(__name__)
 
 
-def tokenize_all(examples: list, tokenizer, data: DataConfig, stats: Counter, chat: bool) -> list[TokenizedExample]:
-    return [tokenize_sft(e, tokenizer, data.max_seq_len, data.min_completion_tokens, stats, chat) for e in examples]
+def tokenize_all(examples: list, tokenizer, data: DataConfig, stats: Counter) -> list[TokenizedExample]:
+    return [tokenize_sft(e, tokenizer, data.max_seq_len, data.min_completion_tokens, stats) for e in examples]
 
 
 def lm_eval(model, examples: list[TokenizedExample], pad_id: int, batch_size: int, device) -> dict[str, float]:
@@ -73,10 +73,9 @@ def run_sft(cfg: SFTConfig, overwrite: bool = False,
     model = prepare_for_training(model, cfg.model)
 
     stats: Counter = Counter()
-    chat = False
-    train_ex = tokenize_all(splits["train"], tokenizer, cfg.data, stats, chat)
-    val_ex = tokenize_all(splits["validation"], tokenizer, cfg.data, stats, chat)
-    test_ex = tokenize_all(splits["test"], tokenizer, cfg.data, stats, chat)
+    train_ex = tokenize_all(splits["train"], tokenizer, cfg.data, stats)
+    val_ex = tokenize_all(splits["validation"], tokenizer, cfg.data, stats)
+    test_ex = tokenize_all(splits["test"], tokenizer, cfg.data, stats)
     data_report["truncation"] = dict(stats)
     data_report["max_seq_len"] = cfg.data.max_seq_len
     pad_id = tokenizer.pad_token_id
