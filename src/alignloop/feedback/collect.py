@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from alignloop.config import SamplingConfig
 from alignloop.data.tokenize import render_prompt
@@ -44,16 +45,21 @@ def prompt_text(prompt: str | list[dict]) -> str:
 
 def generate_candidates(model, tok, prompts: list[str | list[dict]], k: int, sampling: SamplingConfig) -> list[list[str]]:
     """K sampled responses per prompt, drawn by the one sampler after seeding torch once with
-    ``sampling.seed``: each prompt's K samples sit in contiguous rows of a batch of
-    ``sampling.batch_size`` prompts (the row layout of transformers' num_return_sequences)."""
+    ``sampling.seed``: batches of ``sampling.batch_size`` prompts, each padded to its own longest prompt,
+    each prompt's K samples in contiguous rows (the row layout of transformers' num_return_sequences)."""
     torch.manual_seed(candidate_seed(sampling))
-    # A raw text prompt gets the tokenizer's special tokens only when there is no chat template.
-    ids = [tok(render_prompt(tok, p), add_special_tokens=tok.chat_template is None)["input_ids"] for p in prompts]
-    r = TransformersSampler(model, tok.eos_token_id, tok.pad_token_id).generate(ids, sampling, repeat=k,
-                                                                              desc="collect")
-    texts = [tok.decode(row[m.bool()], skip_special_tokens=True).strip()
-             for row, m in zip(r.response_ids, r.response_mask, strict=True)]
-    return [texts[i * k:(i + 1) * k] for i in range(len(prompts))]
+    sampler = TransformersSampler(model, tok.eos_token_id, tok.pad_token_id)
+    per_call = sampling.batch_size or len(prompts)
+    out: list[list[str]] = []
+    for start in tqdm(range(0, len(prompts), per_call), desc="collect", unit="batch"):
+        # A raw text prompt gets the tokenizer's special tokens only when there is no chat template.
+        ids = [tok(render_prompt(tok, p), add_special_tokens=tok.chat_template is None)["input_ids"]
+               for p in prompts[start:start + per_call]]
+        r = sampler.generate(ids, sampling, repeat=k)
+        texts = [tok.decode(row[m.bool()], skip_special_tokens=True).strip()
+                 for row, m in zip(r.response_ids, r.response_mask, strict=True)]
+        out += [texts[i * k:(i + 1) * k] for i in range(len(ids))]
+    return out
 
 
 def candidate_seed(sampling: SamplingConfig) -> int:

@@ -26,8 +26,8 @@ class Sampler(Protocol):
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *, repeat: int = 1,
                  keep_logprobs: bool = False, desc: str | None = None) -> Rollout:
         """``repeat`` samples of every prompt, in ``repeat`` contiguous rows per prompt (row order:
-        prompt 0's samples, then prompt 1's...). ``sampling.batch_size`` prompts (with their samples)
-        go into one generation call. ``keep_logprobs``: per-token log-probabilities under the sampling
+        prompt 0's samples, then prompt 1's...). All prompts are left-padded to the longest of them;
+        ``sampling.batch_size`` prompts (with their samples) go into one generation call. ``keep_logprobs``: per-token log-probabilities under the sampling
         temperature. ``desc`` names a progress bar over the calls."""
         ...
 
@@ -83,13 +83,14 @@ class TransformersSampler:
         if keep_logprobs and sampling.temperature <= 0:
             raise ValueError("log-probabilities need a sampling temperature > 0")
         rows = [p for p in prompts for _ in range(repeat)]
+        # One width for the whole call (what the rollout returns); calls are cut from it row-wise.
+        prompt_ids, prompt_mask = left_pad(rows, self.pad_id)
         device = next(self.model.parameters()).device
         cfg = generation_config(sampling, self.eos_id, self.pad_id, keep_logprobs)
         per_call = (sampling.batch_size or len(prompts)) * repeat
         chunks, logps = [], []
         for i in tqdm(range(0, len(rows), per_call), desc=desc, unit="batch", disable=desc is None, leave=False):
-            ids, mask = left_pad(rows[i: i + per_call], self.pad_id)
-            ids, mask = ids.to(device), mask.to(device)
+            ids, mask = prompt_ids[i: i + per_call].to(device), prompt_mask[i: i + per_call].to(device)
             with clean_generation_defaults(self.model):
                 out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)
             new = out.sequences[:, ids.shape[1]:]
@@ -97,7 +98,6 @@ class TransformersSampler:
             if keep_logprobs:
                 logits = torch.stack(out.logits, 1)
                 logps.append(logprobs_from_logits(logits, new, sampling.temperature).cpu())
-        prompt_ids, prompt_mask = left_pad(rows, self.pad_id)
         width = max(c.shape[1] for c in chunks)
         response_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         logprobs = torch.zeros((len(rows), width)) if keep_logprobs else None
