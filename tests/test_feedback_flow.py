@@ -43,7 +43,9 @@ def test_collect_generates_k_candidates_with_settings(tiny_model, tmp_path):
         cands = s.query(Candidate).all()
         assert len(cands) == 9 and {c.model for c in cands} == {str(tiny_model)}
         g = cands[0].generation
-        assert (g["temperature"], g["top_p"], g["max_new_tokens"], g["seed"], g["k"]) == (0.9, 0.95, 12, 3, 3)
+        # The flags not given take the one default set every stage samples with (SamplingConfig).
+        assert g == {"temperature": 0.9, "top_p": 1.0, "top_k": 0, "max_new_tokens": 12, "stop_on_eos": True,
+                     "batch_size": 16, "seed": 3, "k": 3, "sample": g["sample"]}
         per_prompt = {}
         for c in cands:
             per_prompt.setdefault(c.prompt.text, []).append(c.text)

@@ -183,7 +183,7 @@ def test_config_errors_name_the_key(toy):
 def test_critic_starts_from_the_reward_models_normalised_score(toy, weights):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from alignloop.rl.rollout import Rollout
+    from alignloop.generation.rollout import Rollout
     from alignloop.train.ppo import critic_from_reward_model
 
     rm_dir = toy["root"] / f"rm-{len(weights or [1])}"

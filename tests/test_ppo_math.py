@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from alignloop.generation.rollout import logprobs_from_logits
 from alignloop.rl import ppo_math as pm
 
 
@@ -119,7 +120,7 @@ def test_entropy_and_temperature():
     logits = torch.zeros(2, 4)
     assert close(pm.entropy_from_logits(logits), [math.log(4)] * 2)
     logits = torch.tensor([[2.0, 0.0]])
-    lp = pm.logprobs_from_logits(logits, torch.tensor([0]), temperature=2.0)
+    lp = logprobs_from_logits(logits, torch.tensor([0]), temperature=2.0)
     assert close(lp, [1.0 - math.log(math.exp(1.0) + 1.0)])
 
 

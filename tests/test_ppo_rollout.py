@@ -8,10 +8,11 @@ import random
 import pytest
 import torch
 
-from alignloop.config import ModelConfig, PPOSettings
+from alignloop.config import ModelConfig, PPOSettings, SamplingConfig
+from alignloop.generation.rollout import Rollout, response_logits, response_logprobs
+from alignloop.generation.sampler import TransformersSampler
 from alignloop.models.load import load_pretrained
 from alignloop.models.tiny import build_tiny_model
-from alignloop.rl.rollout import Rollout, SamplingSettings, generate, response_logits, response_logprobs
 from alignloop.train.ppo import ValueModel, _micro_loss, policy_value_head
 
 WORDS = "red blue green cat dog bird runs jumps sleeps big small happy sad tree river stone".split()
@@ -40,6 +41,10 @@ def tiny(tmp_path_factory):
     return build(tmp_path_factory, "llama")
 
 
+def generate(model, prompts, s: SamplingConfig, eos_id, pad_id) -> Rollout:
+    return TransformersSampler(model, eos_id, pad_id).generate(prompts, s, keep_logprobs=True)
+
+
 def prompts_of(tok, n=5):
     rng = random.Random(1)
     return [tok(" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 6))))["input_ids"] for _ in range(n)]
@@ -51,7 +56,7 @@ def test_left_padded_logprobs_equal_unpadded_one_at_a_time(tmp_path_factory, arc
     prompts = prompts_of(tok)
     assert len({len(p) for p in prompts}) > 1  # the batch really is padded
     torch.manual_seed(0)
-    r = generate(model, prompts, SamplingSettings(max_new_tokens=6, temperature=0.7), tok.eos_token_id,
+    r = generate(model, prompts, SamplingConfig(max_new_tokens=6, temperature=0.7), tok.eos_token_id,
                  tok.pad_token_id)
     with torch.no_grad():
         batched = response_logprobs(model, r, temperature=0.7)
@@ -69,7 +74,7 @@ def test_padding_and_prompt_never_reach_a_loss(tiny):
     model, tok = tiny
     prompts = prompts_of(tok, 4)
     torch.manual_seed(1)
-    r = generate(model, prompts, SamplingSettings(max_new_tokens=6), tok.eos_token_id, tok.pad_token_id)
+    r = generate(model, prompts, SamplingConfig(max_new_tokens=6), tok.eos_token_id, tok.pad_token_id)
     # force a short response so there is right padding as well as left padding
     r.response_ids[0, 2] = tok.eos_token_id
     r.response_ids[0, 3:] = tok.pad_token_id
@@ -110,7 +115,7 @@ def test_value_head_reads_policy_hidden_states(tiny):
     assert sum(p.numel() for p in critic.parameters()) == model.get_input_embeddings().embedding_dim + 1
     # A fresh critic knows nothing, so it says 0 everywhere: the first advantages are the score-to-go, not
     # the differences of random values between neighbouring tokens.
-    r = generate(model, prompts_of(tok, 3), SamplingSettings(max_new_tokens=5), tok.eos_token_id, tok.pad_token_id)
+    r = generate(model, prompts_of(tok, 3), SamplingConfig(max_new_tokens=5), tok.eos_token_id, tok.pad_token_id)
     with torch.no_grad():
         assert torch.count_nonzero(critic.values(r, _policy_hidden(model, r))) == 0
 
@@ -119,14 +124,14 @@ def test_sampling_never_suppresses_eos_and_ignores_checkpoint_defaults(tiny):
     model, tok = tiny
     prompt = prompts_of(tok, 1)
     # the near-greedy first token becomes "EOS": generation must stop right there
-    first = int(generate(model, prompt, SamplingSettings(max_new_tokens=1, temperature=0.01), tok.eos_token_id,
+    first = int(generate(model, prompt, SamplingConfig(max_new_tokens=1, temperature=0.01), tok.eos_token_id,
                          tok.pad_token_id).response_ids[0, 0])
     model.generation_config.min_new_tokens = 5  # a checkpoint default that would suppress EOS
     model.generation_config.min_length = 50
     try:
-        r = generate(model, prompt, SamplingSettings(max_new_tokens=8, temperature=0.01), first, tok.pad_token_id)
+        r = generate(model, prompt, SamplingConfig(max_new_tokens=8, temperature=0.01), first, tok.pad_token_id)
         assert r.response_ids.shape[1] == 1 and bool(r.ended[0])
-        fixed = generate(model, prompt, SamplingSettings(max_new_tokens=8, temperature=0.01, stop_on_eos=False),
+        fixed = generate(model, prompt, SamplingConfig(max_new_tokens=8, temperature=0.01, stop_on_eos=False),
                          first, tok.pad_token_id)
         assert fixed.response_ids.shape[1] == 8  # fixed length, but the response still ends at the EOS
         assert fixed.response_mask.tolist() == [[1, 0, 0, 0, 0, 0, 0, 0]]

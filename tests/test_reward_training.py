@@ -208,9 +208,9 @@ def test_ratings_of_ranked_responses_share_the_rankings_forward_and_keep_the_obj
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from alignloop.config import RMConfig
+    from alignloop.data.batching import right_pad
     from alignloop.data.formats import parse_feedback
     from alignloop.data.io import Record
-    from alignloop.models.reward import pad_batch
     from alignloop.train.reward import (
         _encode_groups,
         batch_structure,
@@ -245,7 +245,8 @@ def test_ratings_of_ranked_responses_share_the_rankings_forward_and_keep_the_obj
         b = batch_structure(items, 1)
         seqs = [s for it in items for s in it.seqs]
         with torch.no_grad():
-            logits = model(**pad_batch(seqs, tok.pad_token_id)).logits.float()
+            ids, mask = right_pad(seqs, tok.pad_token_id)
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
         return objective_sum(rewards_with_combined(logits, weights), b, cfg).item() / b["loss_units"], len(seqs)
 
     separate_loss, separate_rows = loss_and_rows(copy.deepcopy(groups))

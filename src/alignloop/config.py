@@ -322,18 +322,51 @@ class PromptDataConfig(Strict):
     ptx: str | None = None
 
 
-class GenerationSettings(Strict):
-    """Sampling during rollouts. EOS is never suppressed (no minimum length); log-probabilities are
-    recomputed with the same temperature."""
+class SamplingConfig(Strict):
+    """How every stage samples: PPO / GRPO / RLOO rollouts and held-out reward, ``collect`` and the
+    pipeline's collect (candidates and gold test pairs), ``eval``, ``predict`` and ``serve`` requests all
+    go through one sampler (alignloop.generation) with these settings, so the candidates people rank are
+    drawn the way PPO's rollouts are.
+
+    Defaults (one set for every stage): 64 new tokens, temperature 1, top-k and top-p off, stop at EOS.
+    Stage-specific defaults: ``predict`` is greedy (temperature 0) so predictions are reproducible;
+    ``eval`` and ``collect`` generate 16 prompts per call; PPO generates the whole rollout in one call.
+    Nothing is taken from a checkpoint's generation_config (no repetition penalty, minimum length or
+    suppressed tokens), and EOS is never suppressed.
+    """
 
     max_new_tokens: int = Field(64, gt=0)
-    temperature: float = Field(1.0, gt=0)
+    # 0 = greedy (predict, serve). PPO, eval and collect sample and need > 0: their log-probabilities
+    # and their K different candidates come from the distribution softmax(logits / temperature).
+    temperature: float = Field(1.0, ge=0)
     top_k: int = Field(0, ge=0)  # 0 = off
-    top_p: float = Field(1.0, gt=0, le=1)
-    # false: always sample max_new_tokens (fixed-length benchmarks); responses still end at their first EOS.
+    top_p: float = Field(1.0, gt=0, le=1)  # 1 = off
+    # false: always sample max_new_tokens (fixed-length benchmarks; serve's ignore_eos); a response
+    # still ends at its first EOS for scoring and for every loss.
     stop_on_eos: bool = True
-    # Rows per generation call and per no-grad reference / critic forward; default: the whole rollout.
+    # Prompts per generation call (with their samples); null = all of them in one call (PPO: the whole
+    # rollout, also the batch of the no-grad reference / critic forwards).
     batch_size: int | None = Field(None, gt=0)
+    # Seeds the sampler of collect, predict and a serve request; null there = 0 (collect, predict) or
+    # a fresh random seed (serve). PPO and eval draw from their own seed (train.seed, seed) instead.
+    seed: int | None = None
+
+
+def sampling_from_flags(**values: Any) -> SamplingConfig:
+    """A SamplingConfig from command-line flags; a bad value is one line naming the setting."""
+    try:
+        return SamplingConfig(**values)
+    except ValidationError as exc:
+        raise UserError(describe_validation_error(exc, "sampling flags")) from None
+
+
+def check_sampled(g: SamplingConfig, seed_key: str) -> None:
+    """A stage that samples from softmax(logits / temperature) with its own seed (PPO, eval, collect)."""
+    if g.temperature <= 0:
+        raise ValueError("generation.temperature must be > 0: this stage samples (0 = greedy is for "
+                         "predict and serve)")
+    if g.seed is not None:
+        raise ValueError(f"generation.seed: this stage draws from {seed_key}; set that instead")
 
 
 class RewardSettings(Strict):
@@ -425,7 +458,7 @@ class PPOConfig(Strict):
     # The policy (usually an SFT run's model/); dropout is switched off in every model.
     model: ModelConfig = ModelConfig()
     data: PromptDataConfig = PromptDataConfig()
-    generation: GenerationSettings = GenerationSettings()
+    generation: SamplingConfig = SamplingConfig()
     reward: RewardSettings = RewardSettings()
     ppo: PPOSettings = PPOSettings()
     train: RLTrainSettings = RLTrainSettings()
@@ -449,6 +482,7 @@ class PPOConfig(Strict):
                              "ppo.critic=policy_head)")
         if p.ptx_coef > 0 and not self.data.ptx:
             raise ValueError("ppo.ptx_coef > 0 needs data.ptx (SFT records)")
+        check_sampled(self.generation, "train.seed")
         return self
 
 
@@ -481,7 +515,7 @@ class EvalConfig(Strict):
     # SFT-format records: the policy's (and baseline's) loss and perplexity on them.
     test_data: str | None = None
     max_seq_len: int = Field(1024, gt=8)
-    generation: GenerationSettings = GenerationSettings(max_new_tokens=64, batch_size=16)
+    generation: SamplingConfig = SamplingConfig(batch_size=16)
     batch_size: int = Field(16, gt=0)  # scoring batch (reward model, KL, classifier, test loss)
     safety: SafetyConfig = SafetyConfig()
     # Blind side-by-side votes from the feedback app (URL or SQLite path); all rounds unless one is named.
@@ -495,4 +529,5 @@ class EvalConfig(Strict):
             raise ValueError("policy is required (or pass --policy)")
         if not self.prompts:
             raise ValueError("prompts is required (or pass --prompts)")
+        check_sampled(self.generation, "seed")
         return self

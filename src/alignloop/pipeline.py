@@ -35,14 +35,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from alignloop.config import (
     EvalConfig,
     PPOConfig,
     RMConfig,
+    SamplingConfig,
     SFTConfig,
     Strict,
+    check_sampled,
     describe_validation_error,
     dump_config,
     read_yaml,
@@ -62,16 +64,18 @@ WAITING_FOR_LABELS = 3  # exit code of `alignloop run` when human labels are sti
 
 class CollectSettings(Strict):
     """Candidate generation for each round: ``prompts_per_round`` prompts (a different seeded draw each
-    round) from ``prompts``, K samples each from the current policy."""
+    round) from ``prompts``, K samples each from the current policy, sampled as ``generation`` says
+    (16 prompts per call unless set). Each round is seeded with sft.train.seed + the round number."""
 
     prompts: str
     prompts_per_round: int = Field(64, gt=0)
     k: int = Field(4, ge=2)
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)
-    max_new_tokens: int = Field(64, gt=0)
-    batch_size: int = Field(16, gt=0)
+    generation: SamplingConfig = SamplingConfig(batch_size=16)
+
+    @model_validator(mode="after")
+    def _sampled(self) -> CollectSettings:
+        check_sampled(self.generation, "sft.train.seed + the round number")
+        return self
 
 
 class SimulatedAnnotation(Strict):
@@ -261,9 +265,9 @@ def run_collect(cfg: PipelineConfig, stage: Stage) -> dict:
     prompts = write_jsonl(stage.folder / "prompts.jsonl", drawn[:c.prompts_per_round])
     name = _fresh_round_name(db, stage.round)
     seed = cfg.sft.train.seed + stage.round
-    n = collect(str(stage.config), str(prompts), db, name, k=c.k, temperature=c.temperature, top_p=c.top_p,
-                top_k=c.top_k, max_new_tokens=c.max_new_tokens, seed=seed, overlap=cfg.feedback.overlap,
-                batch_size=c.batch_size, model_label=stage.name)
+    n = collect(str(stage.config), str(prompts), db, name, k=c.k,
+                sampling=c.generation.model_copy(update={"seed": seed}), overlap=cfg.feedback.overlap,
+                model_label=stage.name)
     summary = {"round": name, "items": n, "policy": str(stage.config)}
     if gold_test(cfg):
         pairs = gold_test_pairs(cfg, str(stage.config), drawn[c.prompts_per_round:], seed)
@@ -278,16 +282,17 @@ def gold_test_pairs(cfg: PipelineConfig, policy: str, prompts: list[dict], seed:
 
     from alignloop.config import ModelConfig
     from alignloop.feedback.collect import generate_candidates, prompt_text
+    from alignloop.generation.sampler import inference_device
     from alignloop.models.load import load_pretrained
     from alignloop.rl.rewards import import_callable
 
     c, gold = cfg.collect, import_callable(cfg.feedback.simulated.gold_total)
-    model, tok = load_pretrained(ModelConfig(name_or_path=policy), for_training=False)
-    settings = {"temperature": c.temperature, "top_p": c.top_p, "top_k": c.top_k,
-                "max_new_tokens": c.max_new_tokens, "seed": seed + 10_000}
+    device = inference_device()
+    model, tok = load_pretrained(ModelConfig(name_or_path=policy), device=device, for_training=False)
+    sampling = c.generation.model_copy(update={"seed": seed + 10_000})
     texts = [p.get("prompt") or p.get("messages") for p in prompts]
     pairs = []
-    for prompt, responses in zip(texts, generate_candidates(model.eval(), tok, texts, c.k, settings, c.batch_size),
+    for prompt, responses in zip(texts, generate_candidates(model.to(device).eval(), tok, texts, c.k, sampling),
                                  strict=True):
         shown = prompt_text(prompt)
         for a, b in itertools.combinations(responses, 2):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from alignloop.config import SamplingConfig
 from alignloop.errors import UserError
 
 
@@ -69,33 +70,25 @@ def predict_tagging(model_dir: Path, meta: dict, records: list, batch_size: int,
     return [{**rec.data, "predicted_tags": t} for rec, t in zip(records, tags, strict=True)]
 
 
-def predict_causal_lm(model_dir: Path, records: list, batch_size: int, device, max_new_tokens: int,
-                      temperature: float, top_p: float, seed: int) -> list[dict]:
+def predict_causal_lm(model_dir: Path, records: list, device, sampling: SamplingConfig) -> list[dict]:
+    """The completion of every record's prompt by the one sampler, after seeding torch with sampling.seed."""
     import torch
-    from tqdm.auto import tqdm
 
     from alignloop.config import ModelConfig
     from alignloop.data.tokenize import ensure_chat_template, render_prompt
+    from alignloop.generation.sampler import TransformersSampler
     from alignloop.models.load import load_pretrained
 
     model, tok = load_pretrained(ModelConfig(name_or_path=str(model_dir)), device=device, for_training=False)
     model.to(device).eval()
     ensure_chat_template(tok)
-    tok.padding_side = "left"  # generation continues from the last position of every row
-    prompts = [render_prompt(tok, _prompt(rec)) for rec in records]
-    torch.manual_seed(seed)
-    sample = temperature > 0
-    out = []
-    for i in tqdm(range(0, len(prompts), batch_size), desc="generate", leave=False):
-        enc = tok(prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-        enc = {k: v.to(device) for k, v in enc.items()}
-        with torch.no_grad():
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=sample,
-                                 temperature=temperature if sample else None, top_p=top_p if sample else None,
-                                 pad_token_id=tok.pad_token_id)
-        texts = tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        out.extend({**rec.data, "generation": t} for rec, t in zip(records[i : i + batch_size], texts, strict=True))
-    return out
+    # The rendered prompt holds whatever special tokens the template wants; none are added on top.
+    ids = [tok(render_prompt(tok, _prompt(rec)), add_special_tokens=False)["input_ids"] for rec in records]
+    torch.manual_seed(0 if sampling.seed is None else sampling.seed)
+    r = TransformersSampler(model, tok.eos_token_id, tok.pad_token_id).generate(ids, sampling, desc="generate")
+    texts = [tok.decode(row[m.bool()], skip_special_tokens=True)
+             for row, m in zip(r.response_ids, r.response_mask, strict=True)]
+    return [{**rec.data, "generation": t} for rec, t in zip(records, texts, strict=True)]
 
 
 def _prompt(rec) -> str | list[dict]:
@@ -115,9 +108,10 @@ def _prompt(rec) -> str | list[dict]:
 
 
 def predict(model_dir: str | Path, data: str, output: str | Path, data_format: str = "auto", batch_size: int = 32,
-            max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> Path:
-    import torch
-
+            sampling: SamplingConfig = SamplingConfig(temperature=0.0, seed=0)) -> Path:
+    """``batch_size`` batches classification and tagging; a causal LM generates ``sampling.batch_size``
+    prompts per call (default: ``batch_size``). Predictions are greedy unless sampling.temperature > 0."""
+    from alignloop.generation.sampler import inference_device
     from alignloop.models.load import read_meta
     from alignloop.runs import atomic_write_text, to_json
 
@@ -126,7 +120,7 @@ def predict(model_dir: str | Path, data: str, output: str | Path, data_format: s
         raise UserError(f"model folder not found: {folder}")
     meta = read_meta(folder)
     task = meta.get("task", "causal_lm")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = inference_device()
     if task == "classification":
         rows = predict_classification(folder, meta, _read_inputs(data, data_format, "text"), batch_size, device)
     elif task == "tagging":
@@ -134,8 +128,9 @@ def predict(model_dir: str | Path, data: str, output: str | Path, data_format: s
     elif task == "causal_lm":
         from alignloop.data.io import read_records
 
-        rows = predict_causal_lm(folder, read_records(data, data_format), batch_size, device, max_new_tokens,
-                                 temperature, top_p, seed)
+        if sampling.batch_size is None:
+            sampling = sampling.model_copy(update={"batch_size": batch_size})
+        rows = predict_causal_lm(folder, read_records(data, data_format), device, sampling)
     else:
         raise UserError(f"{folder / 'alignloop.json'}: field 'task': unknown task {task!r}")
     out = Path(output)

@@ -5,14 +5,16 @@ from __future__ import annotations
 import argparse
 
 from alignloop.cli.common import add_db_flag, examples_epilog
+from alignloop.config import SamplingConfig, sampling_from_flags
 
 
 def run(args: argparse.Namespace) -> int:
     from alignloop.feedback.collect import collect  # torch and the database: only once the command runs
 
-    n = collect(args.model, args.prompts, args.db, args.round, k=args.k, temperature=args.temperature,
-                top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens, seed=args.seed,
-                overlap=args.overlap, batch_size=args.batch_size, model_label=args.model_label)
+    sampling = sampling_from_flags(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                   max_new_tokens=args.max_new_tokens, seed=args.seed, batch_size=args.batch_size)
+    n = collect(args.model, args.prompts, args.db, args.round, k=args.k, sampling=sampling, overlap=args.overlap,
+                model_label=args.model_label)
     print(f"collected {args.k} candidates for each of {n} prompts into round {args.round!r} ({args.db})")
     return 0
 
@@ -21,6 +23,9 @@ def add_command(sub) -> None:
     p = sub.add_parser(
         "collect", help="generate K candidate responses per prompt into a feedback round",
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Sample K candidates per prompt with the sampling defaults every stage shares (PPO's "
+                    "rollouts too): temperature 1, top-k and top-p off, 64 new tokens, stop at EOS. "
+                    "Runs on the GPU when there is one.",
         epilog=examples_epilog("alignloop collect --model runs/sft/model --prompts prompts.jsonl --k 4 --round r1",
                                "alignloop collect --model smollm2-135m-instruct --prompts prompts.jsonl --round r1 "
                                "--db postgresql://feedback@db/feedback --temperature 0.8"))
@@ -29,12 +34,14 @@ def add_command(sub) -> None:
     p.add_argument("--round", required=True, help="round to add to (created with default criteria if new)")
     p.add_argument("--k", type=int, default=4, help="candidates per prompt (default 4)")
     add_db_flag(p)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
+    defaults = SamplingConfig()
+    p.add_argument("--temperature", type=float, default=defaults.temperature, help="(default %(default)s)")
+    p.add_argument("--top-p", type=float, default=defaults.top_p, help="nucleus mass; 1 = off (default %(default)s)")
+    p.add_argument("--top-k", type=int, default=defaults.top_k, help="0 = off (default %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, help="(default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="(default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per generation call, each with its K "
+                   "samples (default %(default)s)")
     p.add_argument("--overlap", type=int, default=1, help="people per item when the round is created here")
     p.add_argument("--model-label", help="name stored with each candidate (default: --model)")
     p.set_defaults(func=run)

@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 
 from alignloop.cli.common import examples_epilog
+from alignloop.config import SamplingConfig, sampling_from_flags
 
 
 def run(args: argparse.Namespace) -> int:
     from alignloop.predict import predict  # torch: only once the command runs
 
-    out = predict(args.model, args.data, args.output, args.format, args.batch_size, args.max_new_tokens,
-                  args.temperature, args.top_p, args.seed)
+    sampling = sampling_from_flags(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                   top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    out = predict(args.model, args.data, args.output, args.format, args.batch_size, sampling)
     print(f"predictions: {out}")
     return 0
 
@@ -35,8 +37,12 @@ def add_command(sub) -> None:
     p.add_argument("--output", required=True, help="JSONL file to write")
     p.add_argument("--format", default="auto", choices=["auto", "jsonl", "csv", "parquet", "dataset", "conll"])
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-new-tokens", type=int, default=128, help="causal LM: tokens to generate")
-    p.add_argument("--temperature", type=float, default=0.0, help="causal LM: 0 = greedy, above 0 = sampling")
-    p.add_argument("--top-p", type=float, default=1.0, help="causal LM: nucleus sampling mass")
+    defaults = SamplingConfig()
+    p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens,
+                   help="causal LM: tokens to generate (default %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0, help="causal LM: 0 = greedy (the default), "
+                   "above 0 = sampling")
+    p.add_argument("--top-k", type=int, default=defaults.top_k, help="causal LM: 0 = off (default)")
+    p.add_argument("--top-p", type=float, default=defaults.top_p, help="causal LM: nucleus sampling mass")
     p.add_argument("--seed", type=int, default=0, help="causal LM: sampling seed")
     p.set_defaults(func=run)

@@ -15,7 +15,7 @@ def run(args: argparse.Namespace) -> int:
     from alignloop.serve.app import Limits, build_server, create_app
 
     if args.engine == "vllm":
-        from alignloop.serve.vllm_engine import check_vllm_available
+        from alignloop.generation.vllm import check_vllm_available
 
         check_vllm_available()  # before loading anything: a clear one-line error
     for flag in ("max_batch", "max_tokens_limit", "max_body_bytes", "max_prompt_tokens"):

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from alignloop.data.batching import right_pad
 from alignloop.data.formats import Conversation, PlainText, PromptCompletion, SFTExample
 
 IGNORE = -100
@@ -161,16 +162,8 @@ def pack_examples(examples: list[TokenizedExample], row_len: int) -> list[list[T
 def collate_padded(examples: list[TokenizedExample], pad_id: int, pad_to_multiple_of: int = 1) -> dict:
     """Right-padded batch with an attention mask. On GPUs a width rounded up to a multiple keeps the
     number of distinct shapes small (attention kernels are planned per shape)."""
-    width = max(len(e) for e in examples)
-    width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for r, e in enumerate(examples):
-        n = len(e)
-        ids[r, :n] = torch.tensor(e.input_ids)
-        labels[r, :n] = torch.tensor(e.labels)
-        mask[r, :n] = 1
+    ids, mask = right_pad([e.input_ids for e in examples], pad_id, pad_to_multiple_of)
+    labels, _ = right_pad([e.labels for e in examples], IGNORE, pad_to_multiple_of)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels,
             "loss_units": int((labels != IGNORE).sum()), "tokens": int(mask.sum())}
 

@@ -30,7 +30,8 @@ from alignloop.data.tokenize import ensure_chat_template, render_prompt
 from alignloop.errors import UserError
 from alignloop.evaluate.judge import human_win_rates
 from alignloop.evaluate.safety import SafetyCheck
-from alignloop.rl.rollout import Rollout, SamplingSettings, generate, response_logprobs
+from alignloop.generation.rollout import Rollout, response_logprobs
+from alignloop.generation.sampler import TransformersSampler, inference_device
 from alignloop.runs import RunDir, atomic_write_json, atomic_write_text, to_json
 from alignloop.stats import paired_win_rate
 
@@ -104,13 +105,13 @@ def sample(model, tok, prompts: Sequence[Prompt], cfg: EvalConfig, name: str, pa
     from tqdm.auto import tqdm
 
     g = cfg.generation
-    settings = SamplingSettings(g.max_new_tokens, g.temperature, g.top_k, g.top_p, g.stop_on_eos)
+    sampler = TransformersSampler(model, tok.eos_token_id, tok.pad_token_id)
     ids = prompt_ids(tok, prompts, cfg.max_prompt_len)
     torch.manual_seed(cfg.seed)
     bs = g.batch_size or len(ids)
     out = Generations(name, path, [], [], [])
     for i in tqdm(range(0, len(ids), bs), desc=f"generate ({name})", leave=False):
-        r = generate(model, ids[i : i + bs], settings, tok.eos_token_id, tok.pad_token_id, keep_logprobs=True)
+        r = sampler.generate(ids[i : i + bs], g, keep_logprobs=True)
         out.rollouts.append(r)
         out.texts += [tok.decode(row[m.bool()], skip_special_tokens=True)
                       for row, m in zip(r.response_ids, r.response_mask, strict=True)]
@@ -204,7 +205,7 @@ def run_eval(cfg: EvalConfig, overwrite: bool = False) -> Path:
     safety = SafetyCheck(cfg.safety, cfg.batch_size)
     run.prepare(overwrite)
     dump_config(cfg, run.root / "config.yaml")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = inference_device()
     reference_path = cfg.reference or cfg.baseline
 
     # ---- policy: generate (and its test loss)

@@ -1,16 +1,23 @@
 """``alignloop collect``: generate K candidate responses per prompt with a model and store them in a round.
 
-Each candidate records which model wrote it and the exact sampling settings (temperature, top-p,
-top-k, max new tokens, seed), so a round can be reproduced and rounds can be compared.
+Candidates are drawn by the same sampler and with the same defaults as PPO's rollouts
+(alignloop.generation, SamplingConfig), so the responses people rank come from the distribution PPO
+optimises. Each candidate records which model wrote it and the exact sampling settings (temperature,
+top-p, top-k, max new tokens, batch size, seed), so a round can be reproduced and rounds can be compared.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
+import torch
+from tqdm.auto import tqdm
+
+from alignloop.config import SamplingConfig
 from alignloop.data.formats import chat_as_lines
+from alignloop.data.tokenize import render_prompt
 from alignloop.errors import UserError
+from alignloop.generation.sampler import TransformersSampler, inference_device
 
 
 def read_prompts(path: str | Path) -> list[str | list[dict]]:
@@ -37,35 +44,34 @@ def prompt_text(prompt: str | list[dict]) -> str:
     return chat_as_lines(prompt, separator="\n\n")
 
 
-def generate_candidates(model, tok, prompts: list[str | list[dict]], k: int, settings: dict[str, Any],
-                        batch_size: int = 8) -> list[list[str]]:
-    """K sampled responses per prompt (transformers ``generate``, left-padded batches)."""
-    import torch
-    from tqdm.auto import tqdm
-
-    from alignloop.data.tokenize import render_prompt
-
-    torch.manual_seed(settings["seed"])
-    tok.padding_side = "left"
+def generate_candidates(model, tok, prompts: list[str | list[dict]], k: int, sampling: SamplingConfig) -> list[list[str]]:
+    """K sampled responses per prompt, drawn by the one sampler after seeding torch once with
+    ``sampling.seed``: batches of ``sampling.batch_size`` prompts, each padded to its own longest prompt,
+    each prompt's K samples in contiguous rows (the row layout of transformers' num_return_sequences)."""
+    torch.manual_seed(candidate_seed(sampling))
+    sampler = TransformersSampler(model, tok.eos_token_id, tok.pad_token_id)
+    per_call = sampling.batch_size or len(prompts)
     out: list[list[str]] = []
-    gen_kwargs = dict(do_sample=True, temperature=settings["temperature"], top_p=settings["top_p"],
-                      top_k=settings["top_k"], max_new_tokens=settings["max_new_tokens"], num_return_sequences=k,
-                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    for start in tqdm(range(0, len(prompts), batch_size), desc="collect", unit="batch"):
-        texts = [render_prompt(tok, p) for p in prompts[start:start + batch_size]]
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=tok.chat_template is None)
-        with torch.no_grad():
-            ids = model.generate(**enc, **gen_kwargs)
-        new = ids[:, enc["input_ids"].shape[1]:]
-        decoded = tok.batch_decode(new, skip_special_tokens=True)
-        out += [[d.strip() for d in decoded[i * k:(i + 1) * k]] for i in range(len(texts))]
+    for start in tqdm(range(0, len(prompts), per_call), desc="collect", unit="batch"):
+        # A raw text prompt gets the tokenizer's special tokens only when there is no chat template.
+        ids = [tok(render_prompt(tok, p), add_special_tokens=tok.chat_template is None)["input_ids"]
+               for p in prompts[start:start + per_call]]
+        r = sampler.generate(ids, sampling, repeat=k)
+        texts = [tok.decode(row[m.bool()], skip_special_tokens=True).strip()
+                 for row, m in zip(r.response_ids, r.response_mask, strict=True)]
+        out += [texts[i * k:(i + 1) * k] for i in range(len(ids))]
     return out
 
 
+def candidate_seed(sampling: SamplingConfig) -> int:
+    return 0 if sampling.seed is None else sampling.seed
+
+
 def collect(model_name: str, prompts_path: str, db_url: str, round_name: str, k: int = 4,
-            temperature: float = 1.0, top_p: float = 0.95, top_k: int = 50, max_new_tokens: int = 128,
-            seed: int = 0, overlap: int = 1, batch_size: int = 8, model_label: str | None = None) -> int:
-    """Generate and store; creates the round (default criteria) if it does not exist. Returns #prompts."""
+            sampling: SamplingConfig = SamplingConfig(batch_size=16), overlap: int = 1,
+            model_label: str | None = None) -> int:
+    """Generate and store; creates the round (default criteria) if it does not exist. Returns #prompts.
+    The model samples on the GPU when there is one."""
     from alignloop.config import ModelConfig
     from alignloop.feedback import tasks
     from alignloop.feedback.db import DEFAULT_CRITERIA, open_db
@@ -73,16 +79,16 @@ def collect(model_name: str, prompts_path: str, db_url: str, round_name: str, k:
 
     if k < 2:
         raise UserError("--k: at least 2 candidates per prompt are needed to rank them")
-    if not 0 < temperature <= 10 or not 0 < top_p <= 1:
-        raise UserError("--temperature must be in (0, 10] and --top-p in (0, 1]")
+    if not 0 < sampling.temperature <= 10:
+        raise UserError("--temperature must be in (0, 10]: the K candidates of a prompt are sampled")
     prompts = read_prompts(prompts_path)
     Sessions = open_db(db_url)
-    model, tok = load_pretrained(ModelConfig(name_or_path=model_name), for_training=False)
-    model.eval()
-    settings = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "max_new_tokens": max_new_tokens,
-                "seed": seed, "do_sample": True, "k": k}
-    responses = generate_candidates(model, tok, prompts, k, settings, batch_size)
+    device = inference_device()
+    model, tok = load_pretrained(ModelConfig(name_or_path=model_name), device=device, for_training=False)
+    model.to(device).eval()
+    responses = generate_candidates(model, tok, prompts, k, sampling)
     label = model_label or model_name
+    settings = {**sampling.model_dump(), "seed": candidate_seed(sampling), "k": k}
     items = [{"prompt": prompt_text(p),
               "responses": [{"text": r, "model": label, "generation": {**settings, "sample": j}}
                             for j, r in enumerate(rs)]}

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from alignloop.config import ModelConfig
+from alignloop.data.batching import length_batches, right_pad
 from alignloop.data.formats import chat_as_lines
 from alignloop.data.tokenize import DEFAULT_CHAT_TEMPLATE
 from alignloop.errors import UserError
@@ -80,15 +81,6 @@ def model_max_len(model, wanted: int) -> int:
     return min(wanted, limit) if limit else wanted
 
 
-def pad_batch(seqs: Sequence[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded ids and attention mask; the pad id never occurs inside a sequence (load_pretrained
-    keeps it distinct from EOS), so the model finds each sequence's last real token."""
-    width = max(len(s) for s in seqs)
-    ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in seqs], dtype=torch.long)
-    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], dtype=torch.long)
-    return {"input_ids": ids, "attention_mask": mask}
-
-
 @torch.no_grad()
 def head_scores(model, seqs: Sequence[list[int]], pad_id: int, batch_size: int,
                 device: torch.device | None = None) -> torch.Tensor:
@@ -96,13 +88,13 @@ def head_scores(model, seqs: Sequence[list[int]], pad_id: int, batch_size: int,
     from tqdm.auto import tqdm
 
     device = device or next(model.parameters()).device
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     out = torch.empty(len(seqs), model.config.num_labels, dtype=torch.float32)
-    starts = range(0, len(order), batch_size)
-    for start in tqdm(starts, desc="score", leave=False, disable=len(starts) < 20):
-        idx = order[start : start + batch_size]
-        batch = {k: v.to(device) for k, v in pad_batch([seqs[i] for i in idx], pad_id).items()}
-        out[idx] = model(**batch).logits.float().cpu()
+    batches = length_batches([len(s) for s in seqs], batch_size)
+    for idx in tqdm(batches, desc="score", leave=False, disable=len(batches) < 20):
+        # Right padding: the pad id never occurs inside a sequence (load_pretrained keeps it distinct from
+        # EOS), so the model finds each sequence's last real token.
+        ids, mask = right_pad([seqs[i] for i in idx], pad_id)
+        out[idx] = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().cpu()
     return out
 
 

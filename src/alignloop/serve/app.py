@@ -24,7 +24,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from alignloop.serve.engine import Delta, EngineStopped, Generation, QueueFull, SamplingParams
+from alignloop.config import SamplingConfig
+from alignloop.generation.streaming import Delta, EngineStopped, Generation, QueueFull, StreamRequest
 from alignloop.serve.metrics import ServeMetrics
 
 
@@ -144,7 +145,7 @@ class Server:
             raise APIError(400, "presence_penalty and frequency_penalty are not supported",
                            param="presence_penalty" if req.presence_penalty else "frequency_penalty")
 
-    def sampling(self, req: _Sampling, prompt_len: int, max_tokens: int | None, param: str) -> SamplingParams:
+    def sampling(self, req: _Sampling, prompt_len: int, max_tokens: int | None, param: str) -> StreamRequest:
         lim = self.limits
         if prompt_len > lim.max_prompt_tokens:
             raise APIError(400, f"the prompt has {prompt_len} tokens; this server accepts at most "
@@ -162,8 +163,9 @@ class Server:
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stop) > 4 or any(not s for s in stop):
             raise APIError(400, "stop takes up to 4 non-empty strings", param="stop")
-        return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                              stop=tuple(stop), seed=req.seed, ignore_eos=req.ignore_eos)
+        sampling = SamplingConfig(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                                  seed=req.seed, stop_on_eos=not req.ignore_eos)
+        return StreamRequest(sampling, tuple(stop))
 
     def completion_prompt(self, req: CompletionRequest) -> list[int]:
         prompt = req.prompt
@@ -199,7 +201,7 @@ class Server:
         # The template already holds any BOS it wants (as in SFT's conversation records).
         return self.engine.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams) -> Generation:
+    def submit(self, prompt_ids: list[int], params: StreamRequest) -> Generation:
         try:
             gen = self.engine.submit(prompt_ids, params)
         except QueueFull as exc:
@@ -494,7 +496,7 @@ def build_server(model: str, engine: str = "transformers", api_key: str | None =
 
         return Server(name, limits, metrics, scorer=scorer, api_key=api_key)
     if engine == "vllm":
-        from alignloop.serve.vllm_engine import VLLMEngine
+        from alignloop.generation.vllm import VLLMEngine
 
         gen_engine = VLLMEngine.create(model, metrics, max_batch=max_batch, max_queue=max_queue, dtype=dtype)
     else:

@@ -14,98 +14,28 @@ new requests form the next batch once the running one is done.
 
 from __future__ import annotations
 
-import asyncio
 import inspect
-import itertools
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
+from alignloop.data.batching import left_pad, left_pad_tensor
+from alignloop.generation.sampler import sample_next_token
+from alignloop.generation.streaming import (
+    Delta,
+    EngineStopped,
+    Generation,
+    QueueFull,
+    StreamRequest,
+    context_length_of,
+)
 from alignloop.serve.metrics import ServeMetrics
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int
-    temperature: float = 1.0  # 0 means greedy
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    ignore_eos: bool = False
-
-
-@dataclass
-class Delta:
-    """A piece of generated text; the last one of a request carries finish_reason and token counts."""
-
-    text: str
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-
-class QueueFull(Exception):
-    """Every running slot and every queue place is taken."""
-
-
-class EngineStopped(Exception):
-    """The worker is gone (shutting down); nothing new can be generated."""
-
-
-class Generation:
-    """The client side of one request: an async stream of Deltas, fed from the engine's thread."""
-
-    _ids = itertools.count()
-
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, on_cancel) -> None:
-        self.id = next(self._ids)
-        self.prompt_ids = prompt_ids
-        self.params = params
-        self.arrived = time.perf_counter()
-        self.cancelled = False
-        self.finished = False
-        self._loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._on_cancel = on_cancel
-
-    def push(self, item: Delta | BaseException) -> None:
-        """Thread-safe: hand a Delta (or the error that ended the request) to the client."""
-        if isinstance(item, BaseException) or item.finish_reason:
-            self.finished = True
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-        except RuntimeError:  # the client's event loop is gone
-            self.cancelled = True
-
-    def cancel(self) -> None:
-        """The client went away or gave up: free the slot; the stream ends."""
-        if self.cancelled or self.finished:
-            return
-        self.cancelled = True
-        self._on_cancel(self)
-        self._queue.put_nowait(None)
-
-    async def stream(self) -> AsyncIterator[Delta]:
-        try:
-            while True:
-                item = await self._queue.get()
-                if item is None:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finish_reason:
-                    return
-        finally:
-            self.cancel()
 
 
 @dataclass
@@ -128,30 +58,8 @@ class _Batch:
 
 
 def sample_tokens(logits: torch.Tensor, rows: list[_Row]) -> list[int]:
-    """One token per row, each with its own temperature / top-p / seeded generator."""
-    out = []
-    for i, row in enumerate(rows):
-        p = row.gen.params
-        if p.temperature == 0:
-            out.append(int(logits[i].argmax()))
-            continue
-        probs = F.softmax(logits[i].float() / p.temperature, dim=-1)
-        if p.top_p < 1.0:
-            sorted_p, order = probs.sort(descending=True)
-            # Keep the smallest prefix whose mass reaches top_p (the top token always stays).
-            drop = sorted_p.cumsum(0) - sorted_p >= p.top_p
-            probs = probs.scatter(0, order[drop], 0.0)
-        out.append(int(torch.multinomial(probs, 1, generator=row.generator)))
-    return out
-
-
-def _left_pad(x: torch.Tensor, length: int, dim: int) -> torch.Tensor:
-    missing = length - x.shape[dim]
-    if missing == 0:
-        return x
-    shape = list(x.shape)
-    shape[dim] = missing
-    return torch.cat([x.new_zeros(shape), x], dim=dim)
+    """One token per row, each with its own sampling settings and seeded generator."""
+    return [sample_next_token(logits[i], row.gen.params.sampling, row.generator) for i, row in enumerate(rows)]
 
 
 class TransformersEngine:
@@ -194,7 +102,7 @@ class TransformersEngine:
     def is_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams) -> Generation:
+    def submit(self, prompt_ids: list[int], params: StreamRequest) -> Generation:
         gen = Generation(prompt_ids, params, self._cancelled)
         with self._cond:
             if self._stopping or not self.is_alive():
@@ -270,18 +178,13 @@ class TransformersEngine:
     def _prefill(self, gens: list[Generation]) -> _Batch:
         from transformers import DynamicCache
 
-        width = max(len(g.prompt_ids) for g in gens)
-        ids = torch.full((len(gens), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(gens), width), dtype=torch.long)
-        for i, g in enumerate(gens):
-            ids[i, width - len(g.prompt_ids):] = torch.tensor(g.prompt_ids)
-            mask[i, width - len(g.prompt_ids):] = 1
+        ids, mask = left_pad([g.prompt_ids for g in gens], self.pad_id)
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
         logits = self._forward(ids, mask, positions, cache)
         self.metrics.prompt_tokens.inc(int(mask.sum()))
-        rows = [_Row(g, _generator(g.params.seed, self.device)) for g in gens]
+        rows = [_Row(g, _generator(g.params.sampling.seed, self.device)) for g in gens]
         return _Batch(rows, cache, mask, mask.sum(-1), logits)
 
     def _step(self, batch: _Batch) -> _Batch | None:
@@ -304,28 +207,28 @@ class TransformersEngine:
 
     def _advance(self, row: _Row, token: int) -> bool:
         """Record one sampled token for a row and stream its text; False when the row is done."""
-        gen, p = row.gen, row.gen.params
+        gen, s, stop = row.gen, row.gen.params.sampling, row.gen.params.stop
         if gen.cancelled:
             self.metrics.finished.labels("cancelled").inc()
             return False
         if not row.tokens:
             self.metrics.time_to_first_token.observe(time.perf_counter() - gen.arrived)
         finish = None
-        if token in self.eos_ids and not p.ignore_eos:
+        if token in self.eos_ids and s.stop_on_eos:
             finish = "stop"
         else:
             row.tokens.append(token)
         text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
         end = len(text)
-        if p.stop:
-            hit = _find_stop(text, p.stop, max(0, row.sent_chars - max(map(len, p.stop))))
+        if stop:
+            hit = _find_stop(text, stop, max(0, row.sent_chars - max(map(len, stop))))
             if hit is not None:
                 end, finish = hit, "stop"
-        if finish is None and len(row.tokens) >= p.max_tokens:
+        if finish is None and len(row.tokens) >= s.max_new_tokens:
             finish = "length"
         if finish is None:
             # Hold back what may still turn into a stop string or is half a multi-byte character.
-            end -= max(map(len, p.stop)) - 1 if p.stop else 0
+            end -= max(map(len, stop)) - 1 if stop else 0
             if text.endswith("\ufffd"):
                 end = min(end, len(text) - 1)
             if end > row.sent_chars:
@@ -387,20 +290,12 @@ def _merge(a: _Batch, b: _Batch) -> _Batch:
     from transformers import DynamicCache
 
     length = max(a.mask.shape[1], b.mask.shape[1])
-    kv = [(torch.cat([_left_pad(ka, length, 2), _left_pad(kb, length, 2)]),
-           torch.cat([_left_pad(va, length, 2), _left_pad(vb, length, 2)]))
+    kv = [(torch.cat([left_pad_tensor(ka, length, 2), left_pad_tensor(kb, length, 2)]),
+           torch.cat([left_pad_tensor(va, length, 2), left_pad_tensor(vb, length, 2)]))
           for (ka, va), (kb, vb) in zip(_kv(a.cache), _kv(b.cache), strict=True)]
-    mask = torch.cat([_left_pad(a.mask, length, 1), _left_pad(b.mask, length, 1)])
+    mask = torch.cat([left_pad_tensor(a.mask, length, 1), left_pad_tensor(b.mask, length, 1)])
     return _Batch(a.rows + b.rows, DynamicCache(ddp_cache_data=kv), mask,
                   torch.cat([a.positions, b.positions]), torch.cat([a.logits, b.logits]))
-
-
-def context_length_of(config) -> int:
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return 2048
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

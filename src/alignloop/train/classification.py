@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from alignloop.config import SFTConfig
+from alignloop.data.batching import length_batches, right_pad
 from alignloop.data.formats import LabelledText, validate_record
 from alignloop.data.io import Record
 from alignloop.data.splits import load_splits
@@ -58,21 +59,6 @@ def label_names(examples: Sequence[LabelledExample]) -> tuple[list[str], str]:
     return sorted(str(v) for v in values), "str"
 
 
-def pad_ids(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids and attention mask."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
-    return ids, mask
-
-
-def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Inference batches of similar length (less padding); callers restore the original order."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def encode_texts(tokenizer, texts: Sequence[str], max_len: int) -> list[list[int]]:
@@ -80,7 +66,7 @@ def encode_texts(tokenizer, texts: Sequence[str], max_len: int) -> list[list[int
 
 
 def collate_classification(ids: list[list[int]], labels: list[int], pad_id: int) -> dict:
-    input_ids, mask = pad_ids(ids, pad_id)
+    input_ids, mask = right_pad(ids, pad_id)
     return {"input_ids": input_ids, "attention_mask": mask, "labels": torch.tensor(labels, dtype=torch.long),
             "loss_units": len(labels), "tokens": int(mask.sum())}
 
@@ -90,7 +76,7 @@ def class_probabilities(model, ids: list[list[int]], pad_id: int, batch_size: in
     """Softmax probabilities, one row per input, in input order."""
     probs = torch.empty((len(ids), model.config.num_labels))
     for batch in length_batches([len(x) for x in ids], batch_size):
-        input_ids, mask = pad_ids([ids[i] for i in batch], pad_id)
+        input_ids, mask = right_pad([ids[i] for i in batch], pad_id)
         logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
         probs[batch] = logits.float().softmax(-1).cpu()
     return probs

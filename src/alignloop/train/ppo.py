@@ -35,12 +35,19 @@ from alignloop.data.tokenize import (
     tokenize_sft,
 )
 from alignloop.errors import UserError
+from alignloop.generation.rollout import (
+    Rollout,
+    logprobs_from_logits,
+    response_logits,
+    scatter_response,
+    sequence_inputs,
+)
+from alignloop.generation.sampler import TransformersSampler
 from alignloop.models.forward import body_and_lm_head, causal_lm_loss_sum
 from alignloop.models.load import count_parameters, load_pretrained, prepare_for_training, save_model
 from alignloop.models.reward import combine_criteria
 from alignloop.rl import ppo_math as pm
 from alignloop.rl.rewards import build_reward, reward_model_dir
-from alignloop.rl.rollout import Rollout, SamplingSettings, generate, scatter_response, sequence_inputs
 from alignloop.runs import MetricsLog, RunDir
 from alignloop.training.accelerator import make_accelerator
 from alignloop.training.batch_order import epoch_batches
@@ -260,7 +267,7 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
     train_prompts = tokenize_prompts(train_records, tok, cfg.data.max_prompt_len)
     eval_prompts = tokenize_prompts(eval_records, tok, cfg.data.max_prompt_len)
     ptx = ptx_batches(cfg.data.ptx, tok, p.ptx_batch_size, cfg.train.seed) if p.ptx_coef > 0 else None
-    sampling = SamplingSettings(g.max_new_tokens, g.temperature, g.top_k, g.top_p, g.stop_on_eos)
+    sampler = TransformersSampler(policy, tok.eos_token_id, tok.pad_token_id)
     scoring_batch = g.batch_size or p.rollout_size  # no-grad reference / critic forwards, batched as generation
 
     groups = param_groups(policy.named_parameters(), tcfg.weight_decay)
@@ -295,8 +302,7 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.train.seed + 1)
             policy.eval()
-            r = generate(policy, [q.ids for q in eval_prompts], sampling, tok.eos_token_id, tok.pad_token_id,
-                         g.batch_size, keep_logprobs=False)
+            r = sampler.generate([q.ids for q in eval_prompts], g)
             score, _ = reward([q.source for q in eval_prompts], decode(tok, r), column_lists(eval_prompts))
         return score.mean().item()
 
@@ -349,8 +355,7 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
         t0 = time.perf_counter()
         policy.eval()
         with acc.autocast():
-            r = generate(policy, [q.ids for q in batch], sampling, tok.eos_token_id, tok.pad_token_id,
-                         g.batch_size, keep_logprobs=True)
+            r = sampler.generate([q.ids for q in batch], g, keep_logprobs=True)
         r = _to(r, device)
         old_logp = r.logprobs
         t1 = time.perf_counter()
@@ -518,8 +523,6 @@ def _micro(r: Rollout, size: int, fn) -> torch.Tensor:
 def _policy_forward(policy: nn.Module, r: Rollout, want_hidden: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Logits [N, V] at response tokens only, and (for a value head on the policy) the hidden states."""
     if not want_hidden:
-        from alignloop.rl.rollout import response_logits
-
         return response_logits(policy, r), None
     parts = body_and_lm_head(policy)
     if parts is None:
@@ -532,7 +535,7 @@ def _policy_forward(policy: nn.Module, r: Rollout, want_hidden: bool) -> tuple[t
 def _logprobs(model: nn.Module, r: Rollout, temperature: float) -> torch.Tensor:
     logits, _ = _policy_forward(model, r, False)
     ids = r.response_ids[r.response_mask.bool()]
-    return scatter_response(pm.logprobs_from_logits(logits, ids, temperature), r.response_mask)
+    return scatter_response(logprobs_from_logits(logits, ids, temperature), r.response_mask)
 
 
 def _values(policy: nn.Module, critic: ValueModel, r: Rollout) -> torch.Tensor:
@@ -547,7 +550,7 @@ def _micro_loss(policy, critic, m: Rollout, mask, old_logp, ref_logp, advantages
     head_on_policy = critic is not None and critic.body is None
     logits, hidden = _policy_forward(policy, m, head_on_policy)
     ids = m.response_ids[m.response_mask.bool()]
-    logp = scatter_response(pm.logprobs_from_logits(logits, ids, temperature), m.response_mask)
+    logp = scatter_response(logprobs_from_logits(logits, ids, temperature), m.response_mask)
     loss, st = pm.policy_loss(logp, old_logp, advantages, mask, p.clip_range)
     entropy = pm.entropy_from_logits(logits.detach() if p.entropy_coef == 0 else logits, temperature).mean()
     stats = {"policy_loss": loss.item(), "clip_frac": st["clip_frac"].item(), "approx_kl": st["approx_kl"].item(),

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from alignloop.config import RMConfig
+from alignloop.data.batching import right_pad
 from alignloop.data.formats import (
     Feedback,
     PreferencePair,
@@ -38,7 +39,6 @@ from alignloop.models.reward import (
     encode_for_reward,
     head_scores,
     model_max_len,
-    pad_batch,
 )
 from alignloop.runs import RunDir, atomic_write_json
 from alignloop.stats import pairwise_agreement
@@ -245,7 +245,7 @@ def batch_structure(items: list[Encoded], n_heads: int) -> dict:
 def collate(items: list[Encoded], pad_id: int, n_heads: int) -> dict:
     """Every response of every group in one padded batch (chosen and rejected in one forward)."""
     batch = batch_structure(items, n_heads)
-    batch.update(pad_batch([s for it in items for s in it.seqs], pad_id))
+    batch["input_ids"], batch["attention_mask"] = right_pad([s for it in items for s in it.seqs], pad_id)
     batch["tokens"] = int(batch["attention_mask"].sum())
     return batch
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from alignloop.config import SFTConfig
+from alignloop.data.batching import length_batches, right_pad
 from alignloop.data.formats import TaggedTokens, validate_record
 from alignloop.data.io import Record
 from alignloop.data.splits import load_splits
@@ -27,7 +28,6 @@ from alignloop.data.tokenize import IGNORE, TokenizedExample, collate_padded
 from alignloop.errors import UserError
 from alignloop.models.load import count_parameters, load_pretrained, prepare_for_training, save_model
 from alignloop.runs import RunDir, atomic_write_json
-from alignloop.train.classification import length_batches, pad_ids
 from alignloop.train.labelled import check_known, check_metric, write_jsonl
 from alignloop.training.accelerator import make_accelerator
 from alignloop.training.finish import finish_run
@@ -105,7 +105,7 @@ def predict_word_tags(model, encoded: list[tuple[list[int], list[int]]], names: 
     out: list[list[str]] = [[] for _ in encoded]
     total, count = 0.0, 0
     for batch in length_batches([len(ids) for ids, _ in encoded], batch_size):
-        input_ids, mask = pad_ids([encoded[i][0] for i in batch], pad_id)
+        input_ids, mask = right_pad([encoded[i][0] for i in batch], pad_id)
         logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float().cpu()
         if labels is not None:
             gold = torch.full(input_ids.shape, IGNORE, dtype=torch.long)

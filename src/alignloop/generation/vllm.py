@@ -1,8 +1,10 @@
-"""``--engine vllm``: the same server routes on top of vLLM's engine (paged attention, continuous batching).
+"""The vLLM engine: serve's ``--engine vllm`` (paged attention, continuous batching) for now; the RL
+side (a vLLM Sampler with weight sync) comes next.
 
-Used only when asked for; it needs the vllm package and a CUDA GPU. vLLM schedules and batches
-on its own, so this adapter only maps a request to vLLM's sampling parameters, turns vLLM's
-cumulative outputs into text deltas, and aborts a request whose client went away.
+Used only when asked for; it needs the vllm package and a CUDA GPU, and this module imports without
+vllm installed. vLLM schedules and batches on its own, so this adapter only maps a request's
+SamplingConfig to vLLM's sampling parameters, turns vLLM's cumulative outputs into text deltas, and
+aborts a request whose client went away.
 """
 
 from __future__ import annotations
@@ -11,8 +13,14 @@ import asyncio
 import importlib.util
 
 from alignloop.errors import UserError
-from alignloop.serve.engine import Delta, Generation, QueueFull, SamplingParams
-from alignloop.serve.metrics import ServeMetrics
+from alignloop.generation.streaming import (
+    Delta,
+    EngineCounters,
+    Generation,
+    QueueFull,
+    StreamRequest,
+    context_length_of,
+)
 
 
 def check_vllm_available() -> None:
@@ -26,7 +34,7 @@ def check_vllm_available() -> None:
 
 
 class VLLMEngine:
-    def __init__(self, llm, tokenizer, metrics: ServeMetrics, context_length: int, max_batch: int,
+    def __init__(self, llm, tokenizer, metrics: EngineCounters, context_length: int, max_batch: int,
                  max_queue: int) -> None:
         self.llm = llm
         self.tokenizer = tokenizer
@@ -36,7 +44,7 @@ class VLLMEngine:
         self._in_flight = 0
 
     @classmethod
-    def create(cls, model: str, metrics: ServeMetrics, max_batch: int = 32, max_queue: int = 256,
+    def create(cls, model: str, metrics: EngineCounters, max_batch: int = 32, max_queue: int = 256,
                dtype: str = "auto") -> VLLMEngine:
         check_vllm_available()
         from transformers import AutoConfig
@@ -45,7 +53,6 @@ class VLLMEngine:
         from alignloop.config import ModelConfig
         from alignloop.data.tokenize import ensure_chat_template
         from alignloop.models.load import load_tokenizer, model_source
-        from alignloop.serve.engine import context_length_of
 
         source = model_source(ModelConfig(name_or_path=model))
         llm = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(model=source, dtype=dtype, max_num_seqs=max_batch))
@@ -65,7 +72,7 @@ class VLLMEngine:
         if shutdown is not None:
             shutdown()
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams) -> Generation:
+    def submit(self, prompt_ids: list[int], params: StreamRequest) -> Generation:
         if self._in_flight >= self.capacity:
             raise QueueFull(f"server busy: {self._in_flight} requests in flight")
         gen = Generation(prompt_ids, params, self._abort)
@@ -82,9 +89,11 @@ class VLLMEngine:
     async def _run(self, gen: Generation) -> None:
         from vllm import SamplingParams as VSampling
 
-        p = gen.params
-        sampling = VSampling(max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, stop=list(p.stop),
-                             seed=p.seed, ignore_eos=p.ignore_eos)
+        s = gen.params.sampling
+        # vLLM's "top-k off" is -1; temperature 0 is greedy in both.
+        sampling = VSampling(max_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
+                             top_k=s.top_k or -1, stop=list(gen.params.stop), seed=s.seed,
+                             ignore_eos=not s.stop_on_eos)
         sent = 0
         self.metrics.prompt_tokens.inc(len(gen.prompt_ids))
         try:

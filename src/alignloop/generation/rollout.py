@@ -1,0 +1,84 @@
+"""What a sampler returns, and the log-probabilities of what was sampled.
+
+Prompts are left-padded so every row's next token lands in the same column and the KV cache serves
+the whole batch; responses are right-padded after their first EOS. Positions come from the attention
+mask, so a padded row computes exactly what it would alone.
+
+The log-probabilities use ``logits / temperature`` - the distribution the sampler drew from - or the
+PPO ratio starts away from 1 and the KL estimate is biased (often negative).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from alignloop.models.forward import selected_next_token_logits
+
+
+@dataclass
+class Rollout:
+    prompt_ids: torch.Tensor  # [B, P] left-padded
+    prompt_mask: torch.Tensor  # [B, P]
+    response_ids: torch.Tensor  # [B, R] right-padded after the first EOS
+    response_mask: torch.Tensor  # [B, R] 1 on generated tokens up to and including the first EOS
+    ended: torch.Tensor  # [B] bool: the response contains EOS
+    logprobs: torch.Tensor | None = None  # [B, R] from the generation pass itself, 0 on padding
+
+    def __len__(self) -> int:
+        return self.prompt_ids.shape[0]
+
+    def select(self, rows: torch.Tensor | list[int]) -> Rollout:
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        return Rollout(*(None if t is None else t[rows] for t in
+                         (self.prompt_ids, self.prompt_mask, self.response_ids, self.response_mask, self.ended,
+                          self.logprobs)))
+
+
+def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log p(token) under softmax(logits / temperature): the same distribution the sampler drew from."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def mask_after_eos(tokens: torch.Tensor, eos_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask [B, R] that is 1 up to and including the first EOS, ended [B])."""
+    if eos_id is None:
+        return torch.ones_like(tokens), torch.zeros(tokens.shape[0], dtype=torch.bool)
+    is_eos = tokens == eos_id
+    before = torch.cumsum(is_eos.long(), 1) - is_eos.long()  # EOS seen strictly before this position
+    return (before == 0).long(), is_eos.any(1)
+
+
+def sequence_inputs(r: Rollout) -> dict[str, torch.Tensor]:
+    """Model inputs for prompt + response, and ``select`` [B, L-1]: positions whose next token is a
+    response token (so logits/values come out in the row-major order of ``response_mask``)."""
+    input_ids = torch.cat([r.prompt_ids, r.response_ids], 1)
+    attention_mask = torch.cat([r.prompt_mask, r.response_mask], 1)
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    P = r.prompt_ids.shape[1]
+    select = torch.zeros_like(attention_mask[:, :-1], dtype=torch.bool)
+    select[:, P - 1:] = r.response_mask.bool()
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+            "select": select}
+
+
+def scatter_response(values: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """Flat per-token values [N] (row-major over response_mask) back to [B, R], 0 on padding."""
+    out = torch.zeros(response_mask.shape, dtype=values.dtype, device=values.device)
+    out[response_mask.bool()] = values
+    return out
+
+
+def response_logits(model: nn.Module, r: Rollout) -> torch.Tensor:
+    """Logits [N, vocab] at the N response tokens only; prompt and padding never reach the LM head."""
+    x = sequence_inputs(r)
+    return selected_next_token_logits(model, x["input_ids"], x["select"], x["attention_mask"], x["position_ids"])
+
+
+def response_logprobs(model: nn.Module, r: Rollout, temperature: float) -> torch.Tensor:
+    logits = response_logits(model, r)
+    return scatter_response(logprobs_from_logits(logits, r.response_ids[r.response_mask.bool()], temperature),
+                            r.response_mask)
