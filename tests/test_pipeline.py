@@ -17,7 +17,9 @@ import torch
 from alignloop.cli import main
 from alignloop.config import dump_config
 from alignloop.demo import TINY, pipeline_config, prepare
-from alignloop.pipeline import FeedbackServer, load_pipeline, plan
+from alignloop.feedback.rounds import simulated_users
+from alignloop.feedback.web.server import FeedbackServer
+from alignloop.pipeline import feedback_db, load_pipeline, plan
 from alignloop.runs import read_metrics
 
 os.environ.setdefault("ALIGNLOOP_ARGON2", "cheap")
@@ -103,7 +105,6 @@ def test_runner_order_sigkill_resume_and_from(world, tmp_path, caplog):
 def test_human_mode_stops_for_labels_and_picks_up(world, tmp_path, capsys):
     from alignloop.data.synthetic import make_annotators
     from alignloop.feedback.simulate import AnnotatorClient, run_annotators
-    from alignloop.pipeline import _simulated_people, feedback_db
 
     yaml_path = write_pipeline(world, tmp_path)
     cfg = load_pipeline(yaml_path, ["feedback.mode=human", "feedback.label_quota=3", "feedback.url=http://labels.example:8000"])
@@ -116,7 +117,7 @@ def test_human_mode_stops_for_labels_and_picks_up(world, tmp_path, capsys):
 
     # People label (here: simulated ones through the real HTTP API), then the same command continues.
     db = feedback_db(cfg)
-    password = _simulated_people(db, {"alice": "annotator"})
+    password = simulated_users(db, {"alice": "annotator"})
     from alignloop.data.synthetic import gold_ratings
 
     with FeedbackServer(db) as server:

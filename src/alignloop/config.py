@@ -293,10 +293,15 @@ def build_config(
     for item in overrides or []:
         path, value = parse_override(item)
         set_dotted(tree, path, value)
+    return validate_config(cls, tree, str(config_file) if config_file else "config")
+
+
+def validate_config(cls: type[C], tree: dict, source: str = "config") -> C:
+    """``tree`` as a ``cls``; a config that does not fit is a UserError naming ``source`` and every bad key."""
     try:
         return cls.model_validate(tree)
     except ValidationError as exc:
-        raise UserError(describe_validation_error(exc, str(config_file) if config_file else "config")) from None
+        raise UserError(describe_validation_error(exc, source)) from None
 
 
 def dump_config(cfg: BaseModel, path: str | Path) -> None:

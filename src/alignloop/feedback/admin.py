@@ -6,15 +6,30 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sqlalchemy import select
+
 from alignloop.data.io import read_records
 from alignloop.errors import UserError
 from alignloop.feedback import auth, tasks
-from alignloop.feedback.db import DEFAULT_CRITERIA, open_db
+from alignloop.feedback.db import DEFAULT_CRITERIA, User, open_db
 
 
 def create_user(db_url: str, username: str, role: str, password: str) -> None:
     with open_db(db_url)() as db:
         auth.create_user(db, username, role, password)
+        db.commit()
+
+
+def set_up_users(db_url: str, roles: dict[str, str], password: str) -> None:
+    """Every user of ``roles`` (username -> role) with ``password``: created in that order where missing,
+    given the new password where they exist (their role stays as it is)."""
+    with open_db(db_url)() as db:
+        for username, role in roles.items():
+            user = db.scalar(select(User).where(User.username == username))
+            if user is None:
+                auth.create_user(db, username, role, password)
+            else:
+                auth.set_password(user, password)
         db.commit()
 
 

@@ -8,22 +8,26 @@ top-p, top-k, max new tokens, batch size, seed), so a round can be reproduced an
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from alignloop.config import SamplingConfig
+from alignloop.config import ModelConfig, SamplingConfig
 from alignloop.data.formats import chat_as_lines
+from alignloop.data.io import read_records
 from alignloop.data.tokenize import render_prompt
 from alignloop.errors import UserError
+from alignloop.feedback import tasks
+from alignloop.feedback.db import DEFAULT_CRITERIA, open_db
 from alignloop.generation.sampler import TransformersSampler, inference_device
+from alignloop.models.load import load_pretrained
 
 
 def read_prompts(path: str | Path) -> list[str | list[dict]]:
     """Prompts from a JSONL/CSV/parquet file: records with ``prompt`` (text) or ``messages`` (chat)."""
-    from alignloop.data.io import read_records
-
     out: list[str | list[dict]] = []
     for rec in read_records(path):
         if isinstance(rec.data.get("prompt"), str) and rec.data["prompt"].strip():
@@ -72,20 +76,13 @@ def collect(model_name: str, prompts_path: str, db_url: str, round_name: str, k:
             model_label: str | None = None) -> int:
     """Generate and store; creates the round (default criteria) if it does not exist. Returns #prompts.
     The model samples on the GPU when there is one."""
-    from alignloop.config import ModelConfig
-    from alignloop.feedback import tasks
-    from alignloop.feedback.db import DEFAULT_CRITERIA, open_db
-    from alignloop.models.load import load_pretrained
-
     if k < 2:
         raise UserError("--k: at least 2 candidates per prompt are needed to rank them")
     if not 0 < sampling.temperature <= 10:
         raise UserError("--temperature must be in (0, 10]: the K candidates of a prompt are sampled")
     prompts = read_prompts(prompts_path)
     Sessions = open_db(db_url)
-    device = inference_device()
-    model, tok = load_pretrained(ModelConfig(name_or_path=model_name), device=device, for_training=False)
-    model.to(device).eval()
+    model, tok = load_for_sampling(model_name)
     responses = generate_candidates(model, tok, prompts, k, sampling)
     label = model_label or model_name
     settings = {**sampling.model_dump(), "seed": candidate_seed(sampling), "k": k}
@@ -103,3 +100,29 @@ def collect(model_name: str, prompts_path: str, db_url: str, round_name: str, k:
         except tasks.Invalid as exc:
             raise UserError(f"{prompts_path}: {exc}") from None
     return len(items)
+
+
+def load_for_sampling(model_name: str):
+    """(model, tokenizer) in eval mode on the inference device (the GPU when there is one)."""
+    device = inference_device()
+    model, tok = load_pretrained(ModelConfig(name_or_path=model_name), device=device, for_training=False)
+    return model.to(device).eval(), tok
+
+
+def gold_ordered_pairs(model_name: str, prompts: list[dict], k: int, sampling: SamplingConfig,
+                       gold: Callable[[str, str], float]) -> list[dict]:
+    """K candidates per prompt record from the model, every pair of them ordered by ``gold(shown prompt,
+    response)``; pairs the gold cannot tell apart are left out. The gold difference is kept as "margin"
+    (the reward model's eval.json reports accuracy by gold margin)."""
+    model, tok = load_for_sampling(model_name)
+    texts = [p.get("prompt") or p.get("messages") for p in prompts]
+    pairs = []
+    for prompt, responses in zip(texts, generate_candidates(model, tok, texts, k, sampling), strict=True):
+        shown = prompt_text(prompt)
+        for a, b in itertools.combinations(responses, 2):
+            ga, gb = gold(shown, a), gold(shown, b)
+            if ga != gb:
+                chosen, rejected = (a, b) if ga > gb else (b, a)
+                pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected,
+                              "margin": round(abs(ga - gb), 4)})
+    return pairs

@@ -1,9 +1,11 @@
-"""Simulated annotators at work: each logs in and labels through the same HTTP API as people do.
+"""Simulated people at work: each logs in and works through the same HTTP API as people do.
 
-Who they are and how they judge (gold scores seen through their bias and noise) is
+Who an annotator is and how they judge (gold scores seen through their bias and noise) is
 ``alignloop.data.synthetic.Annotator``; an ``AnnotatorClient`` takes tasks from the labelling app as
-that annotator and submits their judgement. The demo and the tests use them to fill a round; the
-reward model only ever sees what they submit.
+that annotator and submits their judgement. A ``ReviewerClient`` approves or flags the policy samples of
+a round's review queue. The demo, the pipeline and the tests use them to fill a round; the reward model
+only ever sees what they submit. ``SimulatedAnnotation`` holds the settings of a simulated round
+(``alignloop.feedback.rounds.simulate_round`` runs one).
 
     people = [AnnotatorClient(url, password, a) for a in make_annotators(["sim1", "sim2"], gold, noise=0.5)]
     run_annotators(people, "round-1", max_labels=50)
@@ -12,12 +14,43 @@ reward model only ever sees what they submit.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import httpx
+from pydantic import Field
 
-from alignloop.data.synthetic import Annotator
+from alignloop.config import Strict
+from alignloop.data.synthetic import GOLD_WEIGHTS, Annotator
+
+
+class SimulatedAnnotation(Strict):
+    """Simulated people: ``gold(prompt, response) -> {criterion: rating}`` seen through per-person bias
+    and noise. Reviewers approve a PPO sample when its gold total is at least ``approve_at``."""
+
+    gold: str = "alignloop.data.synthetic:gold_ratings"
+    gold_total: str = "alignloop.data.synthetic:gold_total"
+    annotators: int = Field(3, gt=0)
+    reviewers: int = Field(1, ge=0)
+    noise: float = Field(0.5, ge=0)
+    bias_scale: float = Field(0.3, ge=0)
+    # How the annotators weigh the criteria when they rank: as gold_total does (the default gold's weights),
+    # so that their judgement is the gold score plus noise and bias. null = equally.
+    weights: dict[str, float] | None = Field(default_factory=lambda: dict(GOLD_WEIGHTS))
+    review_samples: int = Field(16, ge=0)  # of the previous round's PPO samples, shown to reviewers
+    approve_at: float = Field(0.6, ge=0, le=1)
+    # Extra prompts per round whose candidates nobody labels: ordered by gold_total instead, they are the
+    # reward model's test set (accuracy against the gold preferences, on what the current policy writes).
+    gold_test_prompts: int = Field(0, ge=0)
+
+
+def log_in(client: httpx.Client, username: str, password: str) -> str:
+    """Log ``client`` in through the API; its later requests carry the bearer token, which is returned."""
+    r = client.post("/api/login", json={"username": username, "password": password})
+    r.raise_for_status()
+    token = r.json()["token"]
+    client.headers["Authorization"] = f"Bearer {token}"
+    return token
 
 
 @dataclass
@@ -39,10 +72,7 @@ class AnnotatorClient:
         return self.annotator.name
 
     def login(self) -> None:
-        r = self.client.post("/api/login", json={"username": self.username, "password": self.password})
-        r.raise_for_status()
-        self.token = r.json()["token"]
-        self.client.headers["Authorization"] = f"Bearer {self.token}"
+        self.token = log_in(self.client, self.username, self.password)
 
     def label_payload(self, task: dict) -> dict:
         """The label the annotator submits for one task (as the API hands it out): ranking and ratings
@@ -110,3 +140,29 @@ def run_annotators(annotators: list[AnnotatorClient], round_name: str, max_label
     if errors:
         raise errors[0]
     return finished
+
+
+@dataclass
+class ReviewerClient:
+    """Reviews a round's policy samples as ``username`` through the app's HTTP API: approves a sample when
+    ``approve(prompt, response)`` holds, flags it otherwise."""
+
+    base_url: str
+    username: str
+    password: str
+    approve: Callable[[str, str], bool]
+    timeout: float = 30.0
+
+    def run(self, round_name: str) -> int:
+        """Review until the round's review queue is empty; returns how many samples were reviewed."""
+        with httpx.Client(base_url=self.base_url, timeout=self.timeout) as client:
+            log_in(client, self.username, self.password)
+            n = 0
+            while (r := client.post(f"/api/rounds/{round_name}/review/next")).status_code == 200:
+                sample = r.json()
+                body = ({"decision": "approve"} if self.approve(sample["prompt"], sample["response"])
+                        else {"decision": "flag", "reason": "below the reviewer's bar"})
+                client.post(f"/api/reviews/{sample['sample_id']}", json=body).raise_for_status()
+                n += 1
+            r.raise_for_status()
+        return n
