@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import time
 
+import fastapi.routing
 import httpx
 import openai
 import pytest
 import torch
-from fastapi.routing import APIRoute, iter_route_contexts
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -245,9 +246,12 @@ def test_serve_command_errors_are_one_line(model_dir, capsys):
     assert "--max-batch" in capsys.readouterr().err
 
 
-def api_routes(app) -> list[APIRoute]:
-    """The app's own routes (FastAPI keeps included routers as a tree; this flattens it)."""
-    return [r for r in iter_route_contexts(app.routes) if isinstance(r.original_route, APIRoute)]
+def api_routes(app) -> list:
+    """The app's own routes. FastAPI 0.137 and later keep included routers as a tree in ``app.routes``;
+    ``iter_route_contexts`` flattens it (0.137.2 and later); older versions list the routes themselves."""
+    flatten = getattr(fastapi.routing, "iter_route_contexts", None)
+    routes = list(flatten(app.routes)) if flatten is not None else list(app.routes)
+    return [r for r in routes if isinstance(getattr(r, "original_route", r), APIRoute)]
 
 
 def test_every_json_route_declares_its_response_model_and_error_shape(server):

@@ -39,8 +39,8 @@ async def chat_completions(req: ChatCompletionRequest, request: Request,
     gen = streams.submit(engine, server.metrics, ids, params)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
-    def chunk(text: str | None, finish: str | None, usage: Usage | None, delta: ChatDelta | None = None,
-              ) -> ChatCompletionChunk:
+    def chunk(text: str | None, finish: str | None, usage: Usage | None,
+              delta: ChatDelta | None = None) -> ChatCompletionChunk:
         if delta is None:  # the finishing chunk's delta is empty, a text chunk's holds the text
             delta = ChatDelta() if finish else ChatDelta(content=text)
         choices = [] if text is None else [ChatChunkChoice(index=0, delta=delta, finish_reason=finish)]
