@@ -26,7 +26,9 @@ from pathlib import Path
 def run_mode(model_dir: Path, prompts: list[str], max_batch: int, new_tokens: int, common) -> dict:
     import httpx
 
-    from alignloop.serve.app import Limits, build_server, create_app, serve_in_thread
+    from alignloop.serve.app import create_app
+    from alignloop.serve.backends import build_server
+    from alignloop.serve.server import Limits, serve_in_thread
 
     server = build_server(str(model_dir), max_batch=max_batch, max_queue=len(prompts), served_model_name="bench",
                           device="cpu", dtype="float32", limits=Limits(max_tokens=new_tokens))

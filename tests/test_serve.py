@@ -5,13 +5,22 @@ from __future__ import annotations
 import asyncio
 import time
 
+import fastapi.routing
 import httpx
 import openai
 import pytest
 import torch
+from fastapi.routing import APIRoute
+from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
-from alignloop.serve.app import Limits, build_server, create_app, serve_in_thread
+from alignloop.serve.app import create_app
+from alignloop.serve.backends import build_server
+from alignloop.serve.errors import APIError
+from alignloop.serve.metrics import ServeMetrics
+from alignloop.serve.sampling import stream_request
+from alignloop.serve.schemas import CompletionRequest
+from alignloop.serve.server import Limits, Server, serve_in_thread
 
 KEY = "test-secret"
 PROMPTS = ["Repeat twice: red cat dog\n", "Repeat twice: big", "happy sad tree", "Repeat"]
@@ -235,3 +244,83 @@ def test_serve_command_errors_are_one_line(model_dir, capsys):
         assert "vllm" in err and "\n" not in err and "Traceback" not in err
     assert main(["serve", "--model", str(model_dir), "--max-batch", "0"]) == 2
     assert "--max-batch" in capsys.readouterr().err
+
+
+def api_routes(app) -> list:
+    """The app's own routes. FastAPI 0.137 and later keep included routers as a tree in ``app.routes``;
+    ``iter_route_contexts`` flattens it (0.137.2 and later); older versions list the routes themselves."""
+    flatten = getattr(fastapi.routing, "iter_route_contexts", None)
+    routes = list(flatten(app.routes)) if flatten is not None else list(app.routes)
+    return [r for r in routes if isinstance(getattr(r, "original_route", r), APIRoute)]
+
+
+def test_every_json_route_declares_its_response_model_and_error_shape(server):
+    srv, _ = server
+    app = create_app(srv)
+    routes = {(m, r.path): r for r in api_routes(app) for m in r.methods}
+    assert set(routes) == {("GET", "/health"), ("GET", "/metrics"), ("GET", "/v1/models"), ("POST", "/v1/completions"),
+                           ("POST", "/v1/chat/completions"), ("POST", "/v1/score")}
+    schema = app.openapi()
+    assert {(m.upper(), path) for path, ops in schema["paths"].items() for m in ops} == set(routes)
+    for (method, path), route in routes.items():
+        answers = schema["paths"][path][method.lower()]["responses"]
+        ok = answers["200"]["content"]
+        if path == "/metrics":  # the one non-JSON answer: Prometheus text
+            assert route.response_model is None and list(ok) == [CONTENT_TYPE_LATEST]
+        else:
+            assert route.response_model is not None, (method, path)
+            assert ok["application/json"]["schema"]["$ref"].startswith("#/components/schemas/"), (method, path)
+        if path in ("/v1/completions", "/v1/chat/completions"):
+            assert "text/event-stream" in ok  # stream=true
+        # Refusals are OpenAI-style errors, never FastAPI's 422 (this server answers 400 instead).
+        assert "422" not in answers and set(answers) == {"200", "4XX", "5XX"}, (method, path)
+        for status in ("4XX", "5XX"):
+            assert answers[status]["content"] == {"application/json": {"schema": {
+                "$ref": "#/components/schemas/ErrorResponse"}}}, (method, path)
+        assert schema["paths"][path][method.lower()]["security"] == [{"HTTPBearer": []}]
+    assert set(schema["components"]["schemas"]["Completion"]["properties"]) == {
+        "id", "object", "created", "model", "choices", "usage"}
+
+
+def test_a_keyed_server_refuses_every_route_without_the_key(server):
+    srv, url = server
+    before = metric(url, "alignloop_generated_tokens_total")
+    checked = 0
+    for route in api_routes(create_app(srv)):
+        for method in route.methods:
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+                resp = httpx.request(method, url + route.path, headers=headers, timeout=30,
+                                     json={"model": "tiny", "prompt": "hi", "max_tokens": 2})
+                assert_openai_error(resp, 401, code="invalid_api_key")
+                checked += 1
+    assert checked == 6 * 3
+    assert metric(url, "alignloop_generated_tokens_total") == before  # nothing reached the engine
+
+
+def test_an_open_server_declares_no_security():
+    srv = Server("tiny", Limits(), ServeMetrics())
+    schema = create_app(srv).openapi()
+    assert all("security" not in op for ops in schema["paths"].values() for op in ops.values())
+
+
+def test_stream_request_applies_the_limits():
+    limits = Limits(max_prompt_tokens=10, max_tokens=8, default_max_tokens=6)
+    body = CompletionRequest(model="m", prompt="p", temperature=0.5, top_p=0.9, seed=3, stop="\n",
+                             ignore_eos=True)
+    params = stream_request(body, 4, None, limits, 12, "prompt")
+    assert params.stop == ("\n",)
+    s = params.sampling
+    assert (s.max_new_tokens, s.temperature, s.top_p, s.seed, s.stop_on_eos) == (6, 0.5, 0.9, 3, False)
+    # No max_tokens given: the default, cut to the room the context leaves (12 - 9 = 3).
+    assert stream_request(body, 9, None, limits, 12, "prompt").sampling.max_new_tokens == 3
+    refusals = [((11, None), "prompt", "context_length_exceeded"),  # prompt over max_prompt_tokens
+                ((4, 9), "max_tokens", "max_tokens_exceeded"),  # over the server's max_tokens
+                ((6, 7), "max_tokens", "context_length_exceeded"),  # 6 + 7 > 12
+                ((10, 3), "max_tokens", "context_length_exceeded")]
+    for (prompt_len, max_tokens), param, code in refusals:
+        with pytest.raises(APIError) as err:
+            stream_request(body, prompt_len, max_tokens, limits, 12, "prompt")
+        assert (err.value.status, err.value.param, err.value.code) == (400, param, code), (prompt_len, max_tokens)
+    with pytest.raises(APIError) as err:
+        stream_request(body.model_copy(update={"stop": ["a", ""]}), 4, 2, limits, 12, "prompt")
+    assert err.value.param == "stop"

@@ -10,7 +10,9 @@ from alignloop.models.export import export_model
 from alignloop.models.load import save_model
 from alignloop.models.reward import RewardModel, encode_for_reward, head_scores
 from alignloop.rl.rewards import RemoteReward
-from alignloop.serve.app import build_server, create_app, serve_in_thread
+from alignloop.serve.app import create_app
+from alignloop.serve.backends import build_server
+from alignloop.serve.server import serve_in_thread
 
 NORM = {"mean": 0.25, "std": 2.0}
 PAIRS = [{"prompt": "Repeat twice: red cat\n", "response": "red cat red cat"},

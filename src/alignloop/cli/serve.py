@@ -12,7 +12,9 @@ from alignloop.errors import UserError
 def run(args: argparse.Namespace) -> int:
     import uvicorn  # the web stack and torch: only once the command runs
 
-    from alignloop.serve.app import Limits, build_server, create_app
+    from alignloop.serve.app import create_app
+    from alignloop.serve.backends import build_server
+    from alignloop.serve.server import Limits
 
     if args.engine == "vllm":
         from alignloop.generation.vllm import check_vllm_available

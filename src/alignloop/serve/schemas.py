@@ -1,0 +1,225 @@
+"""The OpenAI API's shapes as this server speaks them: request bodies and response models.
+
+Request bodies ignore keys they do not know (the official clients send ``user``, ``logit_bias=None``
+and the like, which change nothing here); a known field the server cannot honour (``n`` > 1, the
+penalties) is refused by the route, never dropped. Every JSON route declares its response model, so
+the OpenAPI schema (``app.openapi()``) describes what clients really receive; streamed routes send
+the ``*Chunk`` models as server-sent events.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
+
+# ---------------------------------------------------------------- request bodies
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(Body):
+    include_usage: bool = False
+
+
+class SamplingBody(Body):
+    """The sampling fields completions and chat completions share."""
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = 1
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    # vLLM's extension: keep generating past EOS (benchmarks need a fixed number of tokens).
+    ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+
+class CompletionRequest(SamplingBody):
+    prompt: str | list[str] | list[int]
+    echo: bool = False
+
+
+class ChatMessage(Body):
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatCompletionRequest(SamplingBody):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+class ScoreMessage(Body):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str
+
+
+class ScorePair(Body):
+    # A plain prompt, or chat messages (the reward model then reads them through its chat template).
+    prompt: str | list[ScoreMessage]
+    response: str
+
+
+class ScoreRequest(Body):
+    model: str | None = None
+    pairs: list[ScorePair] = Field(min_length=1)
+
+
+# ---------------------------------------------------------------- responses
+
+# How a generation ended: a stop string or EOS, or max_tokens.
+FinishReason = Literal["stop", "length"]
+
+
+class OmitNone(BaseModel):
+    """A field left None is left out of the JSON: a streamed chunk carries only what it has (usage
+    only in the last one, a delta only its role or its text), as OpenAI's chunks do."""
+
+    @model_serializer(mode="wrap")
+    def _omit_none(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: FinishReason | None
+    logprobs: None = None  # log-probs are not computed (yet): always null
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class CompletionChunk(OmitNone):
+    """One server-sent event of a streamed completion; the usage event has no choices."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: FinishReason | None
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(OmitNone):
+    """The first chunk's delta names the role, the others carry text; the finishing one is empty."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    finish_reason: FinishReason | None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(OmitNone):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ScoreResponse(BaseModel):
+    object: Literal["list"] = "list"
+    model: str
+    scores: list[float]
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+    model: str
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every refusal, in OpenAI's shape, so the official clients raise their usual exceptions."""
+
+    error: ErrorDetail
+
+
+# Declared on every route: any 4xx or 5xx answer is an ErrorResponse. Declaring the 4XX range also
+# keeps FastAPI from advertising its own 422 validation answer, which this server never sends.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    "4XX": {"model": ErrorResponse, "description": "the request was refused"},
+    "5XX": {"model": ErrorResponse, "description": "the server failed or its engine stopped"},
+}
+
+
+# The same for a route whose success is not JSON (/metrics): FastAPI would file a response model under
+# the route's own media type, so the error schema is referenced by hand (its component exists: every
+# other route declares ErrorResponse).
+ERROR_RESPONSES_OF_TEXT_ROUTE: dict[int | str, dict[str, Any]] = {
+    status: {"description": answer["description"],
+             "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{ErrorResponse.__name__}"}}}}
+    for status, answer in ERROR_RESPONSES.items()}
+
+
+def event_stream(chunk: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI answer of a route that streams with ``stream: true``."""
+    return {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+                  "description": f"a JSON object, or with stream=true server-sent events: `data: <{chunk.__name__} "
+                                 "JSON>` per piece of text, then `data: [DONE]`"}}
