@@ -389,8 +389,8 @@ def test_every_json_route_declares_its_response_model_in_the_openapi_schema(fb_a
         assert route.response_model is not None, (method, path)
         assert "$ref" in json.dumps(ok["content"]["application/json"]["schema"]), (method, path)
     task = schema["components"]["schemas"]["TaskView"]["properties"]
-    assert set(task) == {"task_id", "round", "status", "prompt", "candidates", "criteria", "guidelines",
-                         "flag_kinds"}
+    assert set(task) == {"task_id", "round", "status", "lease_expires_at", "prompt", "candidates", "criteria",
+                         "guidelines", "flag_kinds"}
 
 
 def test_export_formats_in_the_schema_are_the_exporters(fb_client):

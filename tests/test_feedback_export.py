@@ -126,7 +126,7 @@ def test_alembic_schema_matches_the_models(any_db_url):
         diff = compare_metadata(MigrationContext.configure(db.connection()), Base.metadata)
         assert diff == []
         version = db.connection().exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
-        assert version == "0001"
+        assert version == "0002"
     open_db(any_db_url)  # upgrading an up-to-date database is a no-op
 
 

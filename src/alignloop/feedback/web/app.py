@@ -14,10 +14,13 @@ it); it describes the JSON API only.
 
 from __future__ import annotations
 
+import datetime as dt
+from collections.abc import Callable
+
 from fastapi import FastAPI
 from sqlalchemy.orm import sessionmaker
 
-from alignloop.feedback.db import open_db
+from alignloop.feedback.db import open_db, utcnow
 from alignloop.feedback.web import admin, compare, labelling, login, pages, review
 from alignloop.feedback.web.errors import add_exception_handlers
 from alignloop.feedback.web.middleware import MAX_BODY_BYTES, BodyLimit, SecurityHeaders
@@ -25,9 +28,12 @@ from alignloop.feedback.web.middleware import MAX_BODY_BYTES, BodyLimit, Securit
 AREAS = (login, labelling, review, compare, admin)
 
 
-def create_app(db_url: str, sessions: sessionmaker | None = None, secure_cookies: bool = False) -> FastAPI:
+def create_app(db_url: str, sessions: sessionmaker | None = None, secure_cookies: bool = False,
+               clock: Callable[[], dt.datetime] = utcnow) -> FastAPI:
+    """``clock`` (naive UTC) times login back-offs and task leases."""
     app = FastAPI(title="alignloop feedback", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.sessions = sessions or open_db(db_url)
+    app.state.clock = clock
     app.state.secure_cookies = secure_cookies
     app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
     app.add_middleware(SecurityHeaders)  # added last, so outermost: also on BodyLimit's 413
