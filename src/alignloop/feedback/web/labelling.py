@@ -4,6 +4,7 @@ labelling page (HTML)."""
 from __future__ import annotations
 
 import datetime as dt
+import re
 from typing import Annotated, Any
 from urllib.parse import quote
 
@@ -18,7 +19,15 @@ from alignloop.feedback.db import Assignment, Round, User
 from alignloop.feedback.web.deps import API_PREFIX, DB, Annotator, Now
 from alignloop.feedback.web.forms import label_from_form
 from alignloop.feedback.web.pages import render
-from alignloop.feedback.web.schemas import API_ERRORS, LEASE_CONFLICT, LabelBody, LabelOut, RoundRow, TaskView
+from alignloop.feedback.web.schemas import (
+    API_ERRORS,
+    LEASE_CONFLICT,
+    LabelBody,
+    LabelOut,
+    RoundRow,
+    RowId,
+    TaskView,
+)
 
 api = APIRouter(prefix=API_PREFIX, tags=["labelling"], responses=API_ERRORS)
 pages = APIRouter(tags=["labelling"], include_in_schema=False)
@@ -44,14 +53,14 @@ def api_next_task(name: str, user: Annotator, db: DB, now: Now) -> Any:
 
 
 @api.get("/tasks/{task_id}", response_model=TaskView)
-def api_task(task_id: int, user: Annotator, db: DB) -> dict[str, Any]:
+def api_task(task_id: RowId, user: Annotator, db: DB) -> dict[str, Any]:
     assignment = tasks.owned_assignment(db, user, task_id)
     return tasks.task_view(assignment, assignment.prompt.round)
 
 
 @api.post("/tasks/{task_id}/label", response_model=LabelOut, response_model_exclude_unset=True,
           responses=LEASE_CONFLICT)
-def api_label(task_id: int, body: LabelBody, user: Annotator, db: DB, now: Now,
+def api_label(task_id: RowId, body: LabelBody, user: Annotator, db: DB, now: Now,
               with_next: Annotated[bool, Query(alias="next")] = False) -> dict[str, Any]:
     """Store a label (committed before the answer). With ``?next=true`` the answer also carries the
     next task of the same round (or null), saving a round trip per label. A label on an expired lease is
@@ -102,7 +111,8 @@ def save_label_form(request: Request, db: Session, name: str, user: User, form: 
     rnd = tasks.get_round(db, name)
     task_id = form.get("task_id", "")
     try:
-        if not str(task_id).isdigit():
+        # ASCII digits, at most 18 (below MAX_ROW_ID): int() of anything else fails or overflows the database.
+        if not (isinstance(task_id, str) and re.fullmatch(r"[0-9]{1,18}", task_id)):
             raise tasks.Invalid("task_id: missing")
         tasks.submit_label(db, user, int(task_id), label_from_form(form), now)
     except (tasks.Invalid, tasks.Conflict) as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Annotated, Any, Literal
 
+from fastapi import Path
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from alignloop.feedback import tasks
@@ -19,6 +20,11 @@ Role = Literal["annotator", "reviewer", "admin"]
 ItemKind = Literal["candidate", "policy"]
 # The same names as feedback.export.FORMATS (a test keeps them equal).
 ExportFormat = Literal["rankings", "pairs", "ratings"]
+
+
+# A row id in a path: bounded, so that a huge number is a 422 instead of an overflow in the database driver.
+MAX_ROW_ID = 2**63 - 1
+RowId = Annotated[int, Path(ge=1, le=MAX_ROW_ID)]
 
 
 # ---------------------------------------------------------------- request bodies
@@ -139,6 +145,7 @@ class InvalidOut(BaseModel):
 
 # The error answers every JSON route may give (errors.py makes them).
 API_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorOut, "description": "the body is not valid JSON"},
     401: {"model": ErrorOut, "description": "not logged in, or wrong credentials"},
     403: {"model": ErrorOut, "description": "the caller's role or CSRF token does not allow this"},
     404: {"model": ErrorOut, "description": "no such round, task, sample or comparison"},
