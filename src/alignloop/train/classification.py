@@ -155,6 +155,7 @@ def run_classification(cfg: SFTConfig, overwrite: bool = False, on_eval=None) ->
     run.prepare(overwrite)
 
     acc = make_accelerator(cfg.train, run)
+    torch.manual_seed(cfg.train.seed)  # before the model is built: the new head and a LoRA adapter are random
     id2label = dict(enumerate(names))
     model, tokenizer = load_pretrained(
         cfg.model, auto_cls=AutoModelForSequenceClassification, device=acc.device, for_training=True,

@@ -153,6 +153,7 @@ def run_tagging(cfg: SFTConfig, overwrite: bool = False, on_eval=None) -> Path:
     run.prepare(overwrite)
 
     acc = make_accelerator(cfg.train, run)
+    torch.manual_seed(cfg.train.seed)  # before the model is built: the new head and a LoRA adapter are random
     id2label = dict(enumerate(names))
     model, tokenizer = load_pretrained(
         cfg.model, auto_cls=AutoModelForTokenClassification, device=acc.device, for_training=True,
