@@ -82,7 +82,7 @@ def collect(model_name: str, prompts_path: str, db_url: str, round_name: str, k:
                 "seed": seed, "do_sample": True, "k": k}
     responses = generate_candidates(model, tok, prompts, k, settings, batch_size)
     label = model_label or model_name
-    items = [{"prompt": prompt_text(p),
+    items = [{"prompt": prompt_text(p), "messages": p if isinstance(p, list) else None,
               "responses": [{"text": r, "model": label, "generation": {**settings, "sample": j}}
                             for j, r in enumerate(rs)]}
              for p, rs in zip(prompts, responses, strict=True)]
