@@ -22,6 +22,7 @@ from alignloop.feedback.web.middleware import MAX_BODY_BYTES
 from alignloop.feedback.web.pages import render, win_rate_chart
 from alignloop.feedback.web.schemas import (
     API_ERRORS,
+    JSON_ERRORS,
     AgreementReport,
     ExportFormat,
     InviteBody,
@@ -96,7 +97,7 @@ def api_agreement(name: str, db: DB) -> dict[str, Any]:
     return agreement.agreement_report(db, tasks.get_round(db, name))
 
 
-@api.get("/rounds/{name}/export", response_class=JSONLinesResponse)
+@api.get("/rounds/{name}/export", response_class=JSONLinesResponse, responses=JSON_ERRORS)
 def api_export(name: str, db: DB, fmt: Annotated[ExportFormat, Query(alias="format")] = "rankings",
                include_unsafe: bool = False, per_annotator: bool = False) -> Response:
     return export_response(db, name, fmt, include_unsafe, per_annotator)

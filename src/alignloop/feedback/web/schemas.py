@@ -149,8 +149,15 @@ API_ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorOut, "description": "not logged in, or wrong credentials"},
     403: {"model": ErrorOut, "description": "the caller's role or CSRF token does not allow this"},
     404: {"model": ErrorOut, "description": "no such round, task, sample or comparison"},
+    413: {"model": ErrorOut, "description": "the request body is larger than the app accepts (8 MiB)"},
     422: {"model": InvalidOut, "description": "the request breaks a rule or has the wrong shape"},
 }
+# For a route whose own answer is not JSON: its errors still are, and FastAPI would document them under the
+# route's media type, so they are spelled out (the models are in the schema through the other routes).
+JSON_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"description": e["description"],
+           "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{e['model'].__name__}"}}}}
+    for code, e in API_ERRORS.items()}
 THROTTLED: dict[int | str, dict[str, Any]] = {
     429: {"model": ErrorOut, "description": "too many failed logins from this address; see Retry-After",
           "headers": {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}}},
