@@ -17,7 +17,7 @@ from sqlalchemy import select
 from alignloop.cli import main
 from alignloop.feedback import auth, tasks
 from alignloop.feedback import db as feedback_db
-from alignloop.feedback.db import Assignment, Label, Prompt, User, make_engine, open_db, utcnow
+from alignloop.feedback.db import Assignment, Label, LoginFailure, Prompt, User, make_engine, open_db, utcnow
 from alignloop.feedback.web.app import create_app
 from feedback_fixtures import *  # noqa: F403  (fixtures)
 from feedback_fixtures import PASSWORD, api_login
@@ -284,3 +284,13 @@ def test_a_database_from_before_leases_is_upgraded_in_place(fb_db_url):
     with open_db(fb_db_url)() as db:
         old = tasks.get_round(db, "old")
         assert old.lease_minutes == 30
+
+
+def test_failures_are_forgotten_a_day_after_the_last_one(client, clock, fb_sessions):
+    for _ in range(4):
+        assert login(client, "ann1", "wrong").status_code == 401
+    clock.advance(auth.FORGET_FAILURES_AFTER.total_seconds() + 1)
+    assert login(client, "ann3", "wrong").status_code == 401  # any failure clears out day-old counts
+    with fb_sessions() as db:
+        assert {(r.username, r.failures) for r in db.scalars(select(LoginFailure))} == {("ann3", 1), ("", 1)}
+    assert [login(client, "ann1", "wrong").status_code for _ in range(5)] == [401] * 5  # the count starts again

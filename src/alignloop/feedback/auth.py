@@ -8,9 +8,9 @@ and get argon2. A browser form must carry a CSRF token derived (HMAC) from the s
 a cross-site page cannot read; bearer requests need none because browsers never attach them.
 
 Login throttling: failed logins are counted in the database (so every worker process sees the same
-counts) per (username, client address) and per client address over all usernames. Past a number of
-free failures each further failure blocks that key for a back-off that doubles (1 s, 2 s, 4 s, ...) up to
-15 minutes; a blocked attempt is answered without checking the password and does not count. The right
+counts) per (username, client address) and per client address over all usernames. The 5th failure of a
+(username, address) and the 20th of an address block that key for 1 s, and each further failure doubles
+the wait (2 s, 4 s, ...) up to 15 minutes; a blocked attempt is answered without checking the password and does not count. The right
 password from the same address clears that (username, address) count. Nobody is ever locked out for
 good: a block always ends, counts are forgotten a day after the last failure, and someone else's
 failures from another address never touch yours (from a shared address the per-address count can slow
@@ -149,8 +149,8 @@ def has_role(user: User, minimum: str) -> bool:
 
 # ---------------------------------------------------------------- login throttling
 
-FREE_FAILURES = 5  # per (username, address)
-ADDRESS_FREE_FAILURES = 20  # per address, over all usernames (one address trying many accounts)
+FREE_FAILURES = 5  # the failure of a (username, address) that first blocks it
+ADDRESS_FREE_FAILURES = 20  # the same per address over all usernames (one address trying many accounts)
 FIRST_BACKOFF = dt.timedelta(seconds=1)
 MAX_BACKOFF = dt.timedelta(minutes=15)
 FORGET_FAILURES_AFTER = dt.timedelta(days=1)
@@ -158,21 +158,21 @@ ANY_USER = ""  # the username of an address's count over all usernames
 
 
 def backoff(failures: int, free: int) -> dt.timedelta | None:
-    """How long a key is blocked after its ``failures``-th failure: not at all within ``free`` failures,
-    then 1 s, 2 s, 4 s, ... up to MAX_BACKOFF."""
+    """How long a key is blocked after its ``failures``-th failure: not at all before the ``free``-th, then
+    1 s, 2 s, 4 s, ... up to MAX_BACKOFF."""
     if failures < free:
         return None
     doublings = min(failures - free, 20)  # 2**20 s is far past the cap already
     return min(FIRST_BACKOFF * 2**doublings, MAX_BACKOFF)
 
 
-def throttle_keys(username: str, address: str) -> list[tuple[str, int]]:
-    """(username column, free failures) of the counts a login from ``address`` as ``username`` touches."""
+def throttle_keys(username: str) -> list[tuple[str, int]]:
+    """(username column, free failures) of the counts of an address that a login as ``username`` touches."""
     return [(username[:64], FREE_FAILURES), (ANY_USER, ADDRESS_FREE_FAILURES)]
 
 
 def check_throttle(db: Session, username: str, address: str, now: dt.datetime) -> None:
-    names = [name for name, _ in throttle_keys(username, address)]
+    names = [name for name, _ in throttle_keys(username)]
     until = db.scalar(select(func.max(LoginFailure.blocked_until)).where(
         LoginFailure.address == address, LoginFailure.username.in_(names)))
     if until is not None and until > now:
@@ -180,17 +180,17 @@ def check_throttle(db: Session, username: str, address: str, now: dt.datetime) -
 
 
 def record_failure(db: Session, username: str, address: str, now: dt.datetime) -> None:
-    """Count a failed login on each key and block the keys past their free failures; commits."""
+    """Count a failed login on each key and block the keys past their free failures; commits. Counts a day
+    old are deleted on the way, which keeps the table to the last day's failures."""
+    db.execute(delete(LoginFailure).where(LoginFailure.last_failure_at < now - FORGET_FAILURES_AFTER))
     for _attempt in range(3):
         try:
-            for name, free in throttle_keys(username, address):
+            for name, free in throttle_keys(username):
                 row = db.scalar(select(LoginFailure).where(LoginFailure.username == name,
                                                            LoginFailure.address == address).with_for_update())
                 if row is None:
                     row = LoginFailure(username=name, address=address, failures=0)
                     db.add(row)
-                elif now - row.last_failure_at > FORGET_FAILURES_AFTER:
-                    row.failures = 0
                 row.failures += 1
                 row.last_failure_at = now
                 wait = backoff(row.failures, free)

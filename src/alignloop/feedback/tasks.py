@@ -194,8 +194,9 @@ def open_assignment(db: Session, user: User, rnd: Round) -> Assignment | None:
 
 
 def expire_leases(db: Session, rnd: Round, now: dt.datetime) -> int:
-    """Expire the round's open assignments whose lease ran out and give their slots back; commits.
-    Returns how many expired here (a concurrent request may expire some first; each is counted once)."""
+    """Expire the round's open assignments whose lease ran out and give their slots back; commits when it
+    expired any. Returns how many expired here (a concurrent request may expire some first; each is counted
+    once)."""
     due = db.execute(select(Assignment.id, Assignment.prompt_id).join(Prompt).where(
         Prompt.round_id == rnd.id, Assignment.status == "open", Assignment.lease_expires_at < now)).all()
     expired = 0
@@ -205,7 +206,8 @@ def expire_leases(db: Session, rnd: Round, now: dt.datetime) -> int:
         if took.rowcount == 1:
             db.execute(update(Prompt).where(Prompt.id == pid).values(assigned=Prompt.assigned - 1))
             expired += 1
-    db.commit()
+    if expired:
+        db.commit()
     return expired
 
 
