@@ -12,7 +12,8 @@ import pytest
 from alembic import command
 from alembic.config import Config
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import create_engine, select
+from sqlalchemy.orm import sessionmaker
 
 from alignloop.cli import main
 from alignloop.feedback import auth, tasks
@@ -168,7 +169,7 @@ def test_a_leased_task_expires_and_is_reassigned(client, clock, fb_sessions):
     make_round(client, admin, overlap=1, lease_minutes=10)
     first = next_task(client, ann1).json()
     assert first["status"] == "open"
-    assert dt.datetime.fromisoformat(first["lease_expires_at"]) == clock.now + dt.timedelta(minutes=10)
+    assert first["lease_expires_at"] == (clock.now + dt.timedelta(minutes=10)).isoformat() + "Z"  # UTC
     assert next_task(client, ann2).status_code == 204  # the one slot is leased
     clock.advance(10 * 60 - 1)
     assert next_task(client, ann2).status_code == 204  # not yet
@@ -232,7 +233,7 @@ def test_an_annotator_whose_lease_expired_can_take_the_item_again(client, clock,
     again = next_task(client, ann1).json()  # the only annotator: the same assignment, renewed
     assert again["task_id"] == first["task_id"] and again["candidates"] == first["candidates"]
     assert again["status"] == "open"
-    assert dt.datetime.fromisoformat(again["lease_expires_at"]) == clock.now + dt.timedelta(minutes=30)
+    assert again["lease_expires_at"] == (clock.now + dt.timedelta(minutes=30)).isoformat() + "Z"
     assert label(client, ann1, again).status_code == 200
     assert slots_and_labels(fb_sessions) == (1, 1)
 
@@ -294,3 +295,11 @@ def test_failures_are_forgotten_a_day_after_the_last_one(client, clock, fb_sessi
     with fb_sessions() as db:
         assert {(r.username, r.failures) for r in db.scalars(select(LoginFailure))} == {("ann3", 1), ("", 1)}
     assert [login(client, "ann1", "wrong").status_code for _ in range(5)] == [401] * 5  # the count starts again
+
+
+def test_health_answers_without_a_login_and_says_when_the_database_does_not(client, tmp_path):
+    assert client.get("/health").json() == {"status": "ok"}
+    unreachable = sessionmaker(create_engine(f"sqlite:///{tmp_path}/no-such-folder/feedback.db"))
+    with TestClient(create_app("unused", sessions=unreachable)) as down:
+        answer = down.get("/health")
+    assert answer.status_code == 503 and answer.json() == {"detail": "the database does not answer"}

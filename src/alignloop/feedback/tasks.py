@@ -181,7 +181,8 @@ def add_items(db: Session, rnd: Round, items: list[dict], kind: str = "candidate
 
 def task_view(a: Assignment, rnd: Round) -> dict[str, Any]:
     by_id = {c.id: c for c in a.prompt.candidates}
-    return {"task_id": a.id, "round": rnd.name, "status": a.status, "lease_expires_at": a.lease_expires_at,
+    lease_end = a.lease_expires_at.replace(tzinfo=dt.timezone.utc) if a.lease_expires_at is not None else None
+    return {"task_id": a.id, "round": rnd.name, "status": a.status, "lease_expires_at": lease_end,
             "prompt": a.prompt.text,
             "candidates": [{"id": cid, "text": by_id[cid].text} for cid in a.order],
             "criteria": rnd.criteria, "guidelines": rnd.guidelines, "flag_kinds": list(FLAG_KINDS)}

@@ -162,9 +162,16 @@ THROTTLED: dict[int | str, dict[str, Any]] = {
     429: {"model": ErrorOut, "description": "too many failed logins from this address; see Retry-After",
           "headers": {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}}},
 }
+UNAVAILABLE: dict[int | str, dict[str, Any]] = {
+    503: {"model": ErrorOut, "description": "the database does not answer"},
+}
 LEASE_CONFLICT: dict[int | str, dict[str, Any]] = {
     409: {"model": ErrorOut, "description": "the task's lease ran out and the item has no room left"},
 }
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok"]
 
 
 class UserOut(BaseModel):
