@@ -303,3 +303,21 @@ def test_health_answers_without_a_login_and_says_when_the_database_does_not(clie
     with TestClient(create_app("unused", sessions=unreachable)) as down:
         answer = down.get("/health")
     assert answer.status_code == 503 and answer.json() == {"detail": "the database does not answer"}
+
+
+def test_the_labelling_page_refuses_a_late_label_without_room_with_the_message(client, clock, fb_sessions):
+    page = client.get("/login")
+    token = re.search(r'name="login_csrf" value="([^"]+)"', page.text).group(1)
+    assert client.post("/login", data={"username": "ann1", "password": PASSWORD, "login_csrf": token,
+                                       "next": "/"}, follow_redirects=False).status_code == 303
+    make_round(client, api_login(client, "admin"), overlap=1)
+    form = client.get("/rounds/r/label").text
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', form).group(1)
+    task_id = re.search(r'name="task_id" value="([0-9]+)"', form).group(1)
+    ranks = {f"rank_{cid}": str(n) for n, cid in enumerate(re.findall(r'name="rank_([0-9]+)"', form), 1)}
+    clock.advance(31 * 60)
+    assert next_task(client, api_login(client, "ann2")).status_code == 200  # the item went to ann2
+    late = client.post("/rounds/r/label", data={"csrf_token": csrf, "task_id": task_id, **ranks},
+                       follow_redirects=False)
+    assert late.status_code == 409 and "your lease ran out (30 minutes)" in late.text
+    assert slots_and_labels(fb_sessions) == (1, 0)

@@ -316,12 +316,11 @@ def _check_label(a: Assignment, rnd: Round, payload: dict) -> tuple[list[int], l
     return ranking, ratings, flags
 
 
-def submit_label(db: Session, user: User, task_id: int, payload: dict,
-                 now: dt.datetime | None = None) -> tuple[Label, bool]:
+def submit_label(db: Session, user: User, task_id: int, payload: dict) -> tuple[Label, bool]:
     """Store the label (or the skip) and commit. Returns (label, created); resubmitting a finished task
     returns its stored label unchanged, so a client may safely retry after a lost answer. A label on an
-    expired lease is stored only if the item still has a free slot (it takes it), else Conflict."""
-    now = now or utcnow()
+    expired lease is stored only if the item still has a free slot (it takes it), else Conflict; one whose
+    lease ran out but was not expired yet still holds its slot and is stored."""
     a = owned_assignment(db, user, task_id)
     existing = db.scalar(select(Label).where(Label.assignment_id == a.id))
     if existing is not None:

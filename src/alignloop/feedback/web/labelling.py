@@ -65,7 +65,7 @@ def api_label(task_id: RowId, body: LabelBody, user: Annotator, db: DB, now: Now
     """Store a label (committed before the answer). With ``?next=true`` the answer also carries the
     next task of the same round (or null), saving a round trip per label. A label on an expired lease is
     kept only while the item has room (409 otherwise)."""
-    label, created = tasks.submit_label(db, user, task_id, body.model_dump(), now)
+    label, created = tasks.submit_label(db, user, task_id, body.model_dump())
     out: dict[str, Any] = {"label_id": label.id, "task_id": task_id, "created": created,
                            "skipped": label.skipped}
     if with_next:
@@ -114,7 +114,7 @@ def save_label_form(request: Request, db: Session, name: str, user: User, form: 
         # ASCII digits, at most 18 (below MAX_ROW_ID): int() of anything else fails or overflows the database.
         if not (isinstance(task_id, str) and re.fullmatch(r"[0-9]{1,18}", task_id)):
             raise tasks.Invalid("task_id: missing")
-        tasks.submit_label(db, user, int(task_id), label_from_form(form), now)
+        tasks.submit_label(db, user, int(task_id), label_from_form(form))
     except (tasks.Invalid, tasks.Conflict) as exc:
         # Show the form again with the message instead of an error page.
         db.rollback()
