@@ -21,7 +21,7 @@ from alignloop.feedback import db as feedback_db
 from alignloop.feedback.db import Assignment, Label, LoginFailure, Prompt, User, make_engine, open_db, utcnow
 from alignloop.feedback.web.app import create_app
 from feedback_fixtures import *  # noqa: F403  (fixtures)
-from feedback_fixtures import PASSWORD, api_login
+from feedback_fixtures import PASSWORD, api_login, create_users
 
 
 class Clock:
@@ -48,6 +48,14 @@ def client(fb_db_url, fb_sessions, fb_users, clock):
         yield c
 
 
+@pytest.fixture
+def any_backend_client(any_db_url, clock):
+    """The app with an admin and two annotators, on SQLite and on PostgreSQL."""
+    create_users(any_db_url, {"admin": "admin", "ann1": "annotator", "ann2": "annotator"})
+    with TestClient(create_app(any_db_url, clock=clock)) as c:
+        yield c
+
+
 def login(client, username: str, password: str):
     return client.post("/api/login", json={"username": username, "password": password})
 
@@ -64,7 +72,9 @@ def test_backoff_doubles_after_the_free_failures_and_is_capped():
 # ---------------------------------------------------------------- login throttling
 
 
-def test_twenty_rapid_wrong_passwords_get_429_and_the_right_password_works_after_the_backoff(client, clock):
+def test_twenty_rapid_wrong_passwords_get_429_and_the_right_password_works_after_the_backoff(
+        any_backend_client, clock):
+    client = any_backend_client
     answers = [login(client, "ann1", f"wrong-{i}") for i in range(20)]
     codes = [r.status_code for r in answers]
     # Five free failures, then blocked: the blocked attempts are not checked and do not count.
@@ -197,21 +207,23 @@ def test_a_late_label_without_room_is_refused_and_nothing_is_counted(client, clo
     assert label(client, ann1, late).status_code == 409  # still refused; the item is full
 
 
-def test_a_late_label_with_room_is_accepted_once(client, clock, fb_sessions):
+def test_a_late_label_with_room_is_accepted_once(any_backend_client, clock):
+    client = any_backend_client
+    sessions = client.app.state.sessions
     admin, ann1, ann2 = (api_login(client, u) for u in ("admin", "ann1", "ann2"))
     make_round(client, admin, overlap=2)
     late = next_task(client, ann1).json()
     clock.advance(31 * 60)
     other = next_task(client, ann2).json()  # expires ann1's lease: the slot goes back (1 of 2 taken)
     assert other["prompt"] == late["prompt"]
-    assert slots_and_labels(fb_sessions) == (1, 0)
+    assert slots_and_labels(sessions) == (1, 0)
     first = label(client, ann1, late)
     assert first.status_code == 200 and first.json()["created"] is True
     again = label(client, ann1, late)  # a retry returns the stored label, counting nothing twice
     assert again.json() == {**first.json(), "created": False}
     assert label(client, ann2, other).status_code == 200
-    assert slots_and_labels(fb_sessions) == (2, 2)
-    with fb_sessions() as db:
+    assert slots_and_labels(sessions) == (2, 2)
+    with sessions() as db:
         assert {a.status for a in db.scalars(select(Assignment))} == {"done"}
 
 

@@ -2,8 +2,9 @@
 
 One database holds every round of human feedback: rounds (criteria, scales, guidelines,
 overlap), prompts, candidate responses (which model, which generation settings), the people
-(annotator / reviewer / admin, hashed credentials), task assignments, labels (ranking, per-
-criterion ratings, flags, comment, skip), reviews of policy samples and blind side-by-side votes.
+(annotator / reviewer / admin, hashed credentials), task assignments with their leases, labels (ranking,
+per-criterion ratings, flags, comment, skip), reviews of policy samples, blind side-by-side votes and the
+failed-login counts that throttle logins.
 
 SQLite (a file, WAL mode) is the default; PostgreSQL works by URL. The schema is created and
 upgraded by Alembic (``migrations/``), never by ``create_all``, so an old database is upgraded
