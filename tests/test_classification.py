@@ -156,3 +156,27 @@ def test_unknown_task_and_metric_are_one_line(tmp_path, capsys, tiny_model):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.count("\n") == 0
     assert "train.metric: 'eval_f1' is not reported for task classification" in err
+
+
+def test_runs_with_one_seed_give_identical_heads_and_adapters(tmp_path, tiny_model):
+    import torch
+    from safetensors.torch import load_file
+
+    train = write_jsonl(tmp_path / "train.jsonl", generated_reviews(64, 1))
+
+    def weights(name: str, adapter: dict) -> dict:
+        torch.manual_seed(len(name) * 7919)  # the run must not depend on the RNG state it starts in
+        cfg = write_config(tmp_path / f"{name}.yaml", {
+            "task": "classification", "output_dir": str(tmp_path / name),
+            "model": {"name_or_path": str(tiny_model), **adapter},
+            "data": {"train": str(train), "max_seq_len": 32, "clean": {"dedupe_exact": False}},
+            "train": {**FAST_TRAIN, "max_steps": 1, "batch_size": 16, "seed": 5},
+        })
+        assert main(["sft", "-c", str(cfg)]) == 0
+        (file,) = (tmp_path / name / "model").glob("*.safetensors")
+        return load_file(str(file))
+
+    for adapter in ({}, {"adapter": "lora", "lora": {"r": 4}}):
+        first, second = weights(f"a{len(adapter)}", adapter), weights(f"bb{len(adapter)}", adapter)
+        assert first.keys() == second.keys() and first
+        assert all(torch.equal(first[k], second[k]) for k in first), adapter

@@ -22,7 +22,7 @@ from feedback_fixtures import *  # noqa: F403  (fixtures)
 from feedback_fixtures import PASSWORD, api_login
 
 PUBLIC = {("POST", "/api/login"), ("POST", "/api/invites/accept"), ("GET", "/login"), ("POST", "/login"),
-          ("GET", "/invite/{token}"), ("POST", "/invite/{token}"), ("GET", "/static/app.js")}
+          ("GET", "/invite/{token}"), ("POST", "/invite/{token}"), ("GET", "/static/app.js"), ("GET", "/health")}
 
 
 def app_routes(app) -> list:
@@ -358,7 +358,7 @@ def role_checks(route) -> set[str]:
 
 def test_every_route_but_the_public_ones_has_exactly_one_role_check(fb_app):
     routes = [(m, r) for r in app_routes(fb_app) for m in r.methods if m != "HEAD"]
-    assert len(routes) == 39
+    assert len(routes) == 40
     for method, route in routes:
         expected = set() if (method, route.path) in PUBLIC else {"admin"} if "admin" in route.tags else None
         checks = role_checks(route)
@@ -377,10 +377,11 @@ def test_annotators_and_reviewers_get_403_on_every_admin_route(fb_app, fb_client
 
 
 def test_every_json_route_declares_its_response_model_in_the_openapi_schema(fb_app):
-    api = {(m, r.path): r for r in app_routes(fb_app) if r.path.startswith("/api/") for m in r.methods}
+    api = {(m, r.path): r for r in app_routes(fb_app) if r.path.startswith("/api/") or r.path == "/health"
+           for m in r.methods}
     schema = fb_app.openapi()
     described = {(m.upper(), path) for path, ops in schema["paths"].items() for m in ops}
-    assert described == set(api)  # the JSON API, all of it, and no HTML page
+    assert described == set(api)  # the JSON API and /health, all of it, and no HTML page
     for (method, path), route in api.items():
         ok = next(v for k, v in schema["paths"][path][method.lower()]["responses"].items() if k.startswith("2"))
         if path.endswith("/export"):  # the one non-JSON answer: JSON lines
@@ -389,8 +390,8 @@ def test_every_json_route_declares_its_response_model_in_the_openapi_schema(fb_a
         assert route.response_model is not None, (method, path)
         assert "$ref" in json.dumps(ok["content"]["application/json"]["schema"]), (method, path)
     task = schema["components"]["schemas"]["TaskView"]["properties"]
-    assert set(task) == {"task_id", "round", "status", "prompt", "candidates", "criteria", "guidelines",
-                         "flag_kinds"}
+    assert set(task) == {"task_id", "round", "status", "lease_expires_at", "prompt", "candidates", "criteria",
+                         "guidelines", "flag_kinds"}
 
 
 def test_export_formats_in_the_schema_are_the_exporters(fb_client):

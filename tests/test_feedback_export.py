@@ -72,6 +72,46 @@ def test_overlapping_labels_are_aggregated_by_the_documented_rules(fb_sessions):
             parse_feedback(Record(rec, f"export:{n + 1}"))
 
 
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
+
+
+def test_chat_prompts_are_exported_as_messages_and_read_back(fb_sessions):
+    seed_round(fb_sessions, overlap=1, items=[
+        {"prompt": "system: Be brief.\n\nuser: Name a colour.", "messages": CHAT, "responses": ["Red.", "Um"]},
+        {"prompt": "Plain", "responses": ["yes", "no"]}])
+    for _ in range(2):
+        with fb_sessions() as db:  # u0 labels both items, the first candidate (as stored) best
+            user = db.query(User).filter_by(username="u0").one()
+            a = tasks.next_task(db, user, tasks.get_round(db, "r"))
+            first, second = a.prompt.candidates
+            tasks.submit_label(db, user, a.id, {"ranking": [first.id, second.id],
+                                                "ratings": {first.id: {"relevance": 6}}})
+    pairs = sorted(export(fb_sessions, "pairs"), key=lambda r: str(r["prompt"]))
+    # TRL's conversational preference format for the chat prompt; the plain one stays plain.
+    assert pairs == [{"prompt": "Plain", "chosen": "yes", "rejected": "no"},
+                     {"prompt": CHAT, "chosen": [{"role": "assistant", "content": "Red."}],
+                      "rejected": [{"role": "assistant", "content": "Um"}]}]
+    ranks = {str(r["prompt"]): r for r in export(fb_sessions, "rankings")}
+    assert ranks[str(CHAT)]["prompt"] == CHAT and ranks[str(CHAT)]["responses"] == ["Red.", "Um"]
+    assert {r["response"]: r["prompt"] for r in export(fb_sessions, "ratings")} == {"Red.": CHAT, "yes": "Plain"}
+    # alignloop's reward-model reader takes both forms.
+    chat_pair = parse_feedback(Record(pairs[1], "export:2"))
+    assert (chat_pair.chosen, chat_pair.rejected) == ("Red.", "Um")
+    assert [m.model_dump() for m in chat_pair.prompt] == CHAT
+    for fmt in ("rankings", "pairs", "ratings"):
+        for n, rec in enumerate(export(fb_sessions, fmt)):
+            parse_feedback(Record(rec, f"export:{n + 1}"))
+
+
+def test_chat_messages_of_an_item_are_checked(fb_sessions):
+    with fb_sessions() as db:
+        rnd = tasks.create_round(db, "r", [{"name": "q"}])
+        for messages, needle in [([], "list of 1 to"), ([{"role": "robot", "content": "x"}], "'role' in"),
+                                 ([{"role": "user", "content": 3}], "text 'content'")]:
+            with pytest.raises(tasks.Invalid, match=needle):
+                tasks.add_items(db, rnd, [{"prompt": "p", "messages": messages, "responses": ["a", "b"]}])
+
+
 def test_even_split_gives_a_tie_and_no_pair(fb_sessions):
     seed_round(fb_sessions, overlap=2, items=[{"prompt": "P", "responses": ["A", "B"]}])
     label_as(fb_sessions, "u0", ["A", "B"])
@@ -125,7 +165,7 @@ def test_alembic_schema_matches_the_models(any_db_url):
         diff = compare_metadata(MigrationContext.configure(db.connection()), Base.metadata)
         assert diff == []
         version = db.connection().exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
-        assert version == "0001"
+        assert version == "0002"
     open_db(any_db_url)  # upgrading an up-to-date database is a no-op
 
 

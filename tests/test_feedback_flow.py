@@ -14,7 +14,7 @@ from alignloop.cli import main
 from alignloop.data.synthetic import Annotator, make_annotators
 from alignloop.errors import UserError
 from alignloop.feedback import tasks
-from alignloop.feedback.db import Candidate, Label, open_db
+from alignloop.feedback.db import Candidate, Label, Prompt, open_db
 from alignloop.feedback.simulate import AnnotatorClient, run_annotators
 from alignloop.models.tiny import build_tiny_model
 from feedback_fixtures import *  # noqa: F403  (fixtures)
@@ -50,6 +50,10 @@ def test_collect_generates_k_candidates_with_settings(tiny_model, tmp_path):
         for c in cands:
             per_prompt.setdefault(c.prompt.text, []).append(c.text)
         assert "user: Tell me about music:" in per_prompt
+        # The chat prompt keeps its messages (for exports); plain prompts have none.
+        stored = {p.text: p.messages for p in s.query(Prompt)}
+        assert stored["user: Tell me about music:"] == [{"role": "user", "content": "Tell me about music:"}]
+        assert stored["Tell me about boats:"] is None
         # Sampling: the K candidates of a prompt differ.
         assert all(len(set(texts)) > 1 for texts in per_prompt.values())
         assert rnd.criteria[0]["name"] == "relevance"

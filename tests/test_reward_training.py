@@ -23,10 +23,14 @@ from safetensors.torch import load_file
 
 import reward_data as rd
 from alignloop.cli import main
+from alignloop.config import RMConfig
+from alignloop.data.formats import parse_feedback
+from alignloop.data.io import Record
 from alignloop.models.load import read_meta
 from alignloop.models.reward import RewardModel
 from alignloop.models.tiny import build_tiny_model
 from alignloop.runs import read_metrics
+from alignloop.train.reward import to_group
 
 FAST = ["train.lr=3e-3", "train.batch_size=16", "train.report_to=[]", "train.log_steps=5"]
 
@@ -272,3 +276,15 @@ def test_an_encoder_reward_model_reads_chat_prompts_as_plain_turns():
     assert ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id and not truncated
     ensure_chat_template(tok)  # what a stage that also serves decoders does to a tokenizer without a template
     assert encode_for_reward(tok, chat, "It sings.", 64) == (ids, False)
+
+
+def test_a_conversational_preference_pair_trains_like_its_plain_form():
+    """TRL's conversational form (what `feedback export` writes for chat prompts) reads as the same unit."""
+    chat = [{"role": "user", "content": "Name a colour."}]
+    conversational = {"prompt": chat, "chosen": [{"role": "assistant", "content": "Red."}],
+                      "rejected": [{"role": "assistant", "content": "Um"}]}
+    plain = {"prompt": chat, "chosen": "Red.", "rejected": "Um"}
+    cfg = RMConfig(model={"name_or_path": "unused"}, data={"train": "unused.jsonl"})
+    groups = [to_group(parse_feedback(Record(r, "x:1")), "x:1", cfg) for r in (conversational, plain)]
+    assert groups[0] == groups[1]
+    assert groups[0].prompt == chat and groups[0].responses == ["Red.", "Um"] and groups[0].pairs == [(0, 1)]

@@ -55,7 +55,7 @@ def test_score_endpoint_returns_the_reward_models_normalised_scores(reward_dir):
         assert resp.status_code == 200, resp.text
         torch.testing.assert_close(torch.tensor(resp.json()["scores"]), torch.tensor(want), atol=1e-5, rtol=1e-5)
         # PPO's remote-reward option, pointed at this server, gets the same rewards.
-        remote = RemoteReward(url, headers=auth)(prompts, responses)
+        remote = RemoteReward(url, api_key="k")(prompts, responses)
         assert remote == pytest.approx(want, abs=1e-5)
         # Generation routes refuse a reward model; bad bodies and missing keys get OpenAI-style errors.
         chat = httpx.post(url + "/v1/chat/completions", headers=auth,

@@ -96,6 +96,23 @@ def test_lora_saves_only_the_adapter_and_merge_reproduces_logits(tiny_model, sft
         assert not torch.allclose(base(input_ids=ids).logits, b, atol=1e-4)
 
 
+def test_lora_runs_with_one_seed_give_identical_adapters(tiny_model, sft_data, tmp_path):
+    from safetensors.torch import load_file
+
+    def adapter(out, seed: int) -> dict[str, torch.Tensor]:
+        # Scrambling the global RNG first: the run must not depend on what ran before it.
+        torch.manual_seed(len(str(out)) * 7919)
+        run = run_sft(sft_config(tiny_model, sft_data, out, **{
+            "train.max_steps": 2, "train.seed": seed, "model.adapter": "lora", "model.lora.r": 4}))
+        return load_file(str(run / "model" / "adapter_model.safetensors"))
+
+    first, second = adapter(tmp_path / "a", 3), adapter(tmp_path / "bb", 3)
+    assert first.keys() == second.keys() and first
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    other = adapter(tmp_path / "ccc", 4)
+    assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
 def test_chat_messages_train(tiny_model, tmp_path):
     rows = [{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]}
             for r in repeat_task(300)]

@@ -383,6 +383,11 @@ class RewardSettings(Strict):
     functions: list[str] = []
     remote_url: str | None = None
     remote_timeout: float = Field(60.0, gt=0)
+    # The NAME of the environment variable holding the scorer's API key (sent as a bearer token); the key
+    # itself never goes in a config file.
+    remote_api_key_env: str | None = None
+    remote_ca_bundle: str | None = None  # PEM file of CAs to verify the scorer's TLS certificate against
+    remote_retries: int = Field(3, ge=0, le=10)  # on connection errors and 5xx answers, with back-off
     weights: dict[str, float] = {}
     batch_size: int = Field(16, gt=0)
 

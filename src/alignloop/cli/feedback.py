@@ -65,8 +65,8 @@ def create_round(args: argparse.Namespace) -> int:
             criteria = json.loads(Path(args.criteria).read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise UserError(f"--criteria {args.criteria}: {exc}") from None
-    admin.create_round(args.db, args.name, criteria, args.guidelines or "", args.overlap)
-    print(f"created round {args.name!r} (overlap {args.overlap})")
+    admin.create_round(args.db, args.name, criteria, args.guidelines or "", args.overlap, args.lease_minutes)
+    print(f"created round {args.name!r} (overlap {args.overlap}, lease {args.lease_minutes} minutes)")
     return 0
 
 
@@ -136,6 +136,9 @@ def add_command(sub) -> None:
     add_db_flag(r)
     r.add_argument("--name", required=True)
     r.add_argument("--overlap", type=int, default=1, help="people per item (2+ lets agreement be measured)")
+    r.add_argument("--lease-minutes", type=int, default=30,
+                   help="how long an annotator holds an item; unlabelled by then, it goes back to the queue "
+                        "(default 30)")
     r.add_argument("--criteria", help='JSON file: [{"name", "min", "max", "guideline"}, ...]')
     r.add_argument("--guidelines", help="written guidelines shown next to every task")
     r.set_defaults(func=create_round)

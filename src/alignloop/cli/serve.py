@@ -54,6 +54,8 @@ def add_command(sub) -> None:
             "alignloop serve --model exported/sft --port 8000",
             "ALIGNLOOP_API_KEY=secret alignloop serve --model exported/sft --host 0.0.0.0",
             "alignloop serve --model runs/rm/model --port 8001          # reward model: POST /v1/score",
+            "ALIGNLOOP_API_KEY=$KEY alignloop serve --model runs/rm/model --port 8001   # PPO: "
+            "reward.remote_api_key_env",
             "alignloop serve --model exported/ppo --engine vllm         # vLLM on a GPU",
             "curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' "
             "-d '{\"model\": \"sft\", \"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}]}'",
@@ -66,8 +68,9 @@ def add_command(sub) -> None:
     p.add_argument("--engine", choices=["transformers", "vllm"], default="transformers",
                    help="transformers (default, CPU or GPU) or vllm (needs vllm and a CUDA GPU)")
     p.add_argument("--served-model-name", help="the id clients pass as 'model' (default: the folder name)")
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request "
-                   "(default: env ALIGNLOOP_API_KEY; none = open)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request, /v1/score "
+                   "included (default: env ALIGNLOOP_API_KEY, which other users cannot see in ps; none = open, "
+                   "so keep the default loopback --host). PPO sends the key named by reward.remote_api_key_env")
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together (default 32)")

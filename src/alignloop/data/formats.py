@@ -129,6 +129,14 @@ class PreferencePair(RecordModel):
     criterion: str | None = None
     annotator: Annotator = None
 
+    @field_validator("chosen", "rejected", mode="before")
+    @classmethod
+    def _assistant_turn(cls, v: object) -> object:
+        # TRL's conversational preference form gives each response as one assistant message.
+        if isinstance(v, list) and len(v) == 1 and isinstance(v[0], dict) and v[0].get("role") == "assistant":
+            return v[0].get("content")
+        return v
+
 
 class DialoguePair(RecordModel):
     """HH-RLHF style: two full dialogues that differ only in the final assistant turn."""

@@ -11,7 +11,7 @@ from sqlalchemy import select
 from alignloop.data.io import read_records
 from alignloop.errors import UserError
 from alignloop.feedback import auth, tasks
-from alignloop.feedback.db import DEFAULT_CRITERIA, User, open_db
+from alignloop.feedback.db import DEFAULT_CRITERIA, DEFAULT_LEASE_MINUTES, User, open_db
 
 
 def create_user(db_url: str, username: str, role: str, password: str) -> None:
@@ -41,12 +41,12 @@ def invite(db_url: str, username: str, role: str) -> str:
 
 
 def create_round(db_url: str, name: str, criteria: list[dict] | None = None, guidelines: str = "",
-                 overlap: int = 1) -> None:
+                 overlap: int = 1, lease_minutes: int = DEFAULT_LEASE_MINUTES) -> None:
     """A new round; without ``criteria`` it rates the default ones (relevance, consistency, creativity)."""
     criteria = [dict(c) for c in DEFAULT_CRITERIA] if criteria is None else criteria
     with open_db(db_url)() as db:
         try:
-            tasks.create_round(db, name, criteria, guidelines, overlap)
+            tasks.create_round(db, name, criteria, guidelines, overlap, lease_minutes)
         except tasks.Invalid as exc:
             raise UserError(str(exc)) from None
 

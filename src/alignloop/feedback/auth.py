@@ -6,6 +6,15 @@ Bearer``) and ``invite`` (one-time link that lets a new person choose a password
 random bits, so a fast hash is enough to make a stolen database useless; passwords are low-entropy
 and get argon2. A browser form must carry a CSRF token derived (HMAC) from the session secret, which
 a cross-site page cannot read; bearer requests need none because browsers never attach them.
+
+Login throttling: failed logins are counted in the database (so every worker process sees the same
+counts) per (username, client address) and per client address over all usernames. The 5th failure of a
+(username, address) and the 20th of an address block that key for 1 s, and each further failure doubles
+the wait (2 s, 4 s, ...) up to 15 minutes; a blocked attempt is answered without checking the password and does not count. The right
+password from the same address clears that (username, address) count. Nobody is ever locked out for
+good: a block always ends, counts are forgotten a day after the last failure, and someone else's
+failures from another address never touch yours (from a shared address the per-address count can slow
+everyone there, by at most the back-off cap).
 """
 
 from __future__ import annotations
@@ -14,16 +23,18 @@ import datetime as dt
 import functools
 import hashlib
 import hmac
+import math
 import os
 import secrets
 
 from argon2 import PasswordHasher, profiles
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import select
+from sqlalchemy import delete, func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, joinedload
 
 from alignloop.errors import UserError
-from alignloop.feedback.db import ROLE_RANK, ROLES, Token, User, utcnow
+from alignloop.feedback.db import ROLE_RANK, ROLES, LoginFailure, Token, User, utcnow
 
 
 @functools.cache
@@ -43,6 +54,14 @@ def _dummy_hash() -> str:
 
 class Unauthorized(Exception):
     """Wrong credentials, or a token that is unknown, expired or already used."""
+
+
+class Throttled(Exception):
+    """Too many failed logins from this address (for this username); try again after ``retry_after`` s."""
+
+    def __init__(self, retry_after: int):
+        super().__init__(f"too many failed logins; try again in {retry_after} s")
+        self.retry_after = retry_after
 
 
 LIFETIMES = {"session": dt.timedelta(days=7), "api": dt.timedelta(days=30), "invite": dt.timedelta(days=7)}
@@ -128,11 +147,84 @@ def has_role(user: User, minimum: str) -> bool:
     return ROLE_RANK[user.role] >= ROLE_RANK[minimum]
 
 
-def log_in(db: Session, username: str, password: str, kind: str) -> tuple[User, str]:
-    """Check the password and issue a ``kind`` token (``session`` or ``api``); commits."""
+# ---------------------------------------------------------------- login throttling
+
+FREE_FAILURES = 5  # the failure of a (username, address) that first blocks it
+ADDRESS_FREE_FAILURES = 20  # the same per address over all usernames (one address trying many accounts)
+FIRST_BACKOFF = dt.timedelta(seconds=1)
+MAX_BACKOFF = dt.timedelta(minutes=15)
+FORGET_FAILURES_AFTER = dt.timedelta(days=1)
+ANY_USER = ""  # the username of an address's count over all usernames
+
+
+def backoff(failures: int, free: int) -> dt.timedelta | None:
+    """How long a key is blocked after its ``failures``-th failure: not at all before the ``free``-th, then
+    1 s, 2 s, 4 s, ... up to MAX_BACKOFF."""
+    if failures < free:
+        return None
+    doublings = min(failures - free, 20)  # 2**20 s is far past the cap already
+    return min(FIRST_BACKOFF * 2**doublings, MAX_BACKOFF)
+
+
+def throttle_keys(username: str) -> list[tuple[str, int]]:
+    """(username column, free failures) of the counts of an address that a login as ``username`` touches."""
+    return [(username[:64], FREE_FAILURES), (ANY_USER, ADDRESS_FREE_FAILURES)]
+
+
+def check_throttle(db: Session, username: str, address: str, now: dt.datetime) -> None:
+    names = [name for name, _ in throttle_keys(username)]
+    until = db.scalar(select(func.max(LoginFailure.blocked_until)).where(
+        LoginFailure.address == address, LoginFailure.username.in_(names)))
+    if until is not None and until > now:
+        raise Throttled(max(1, math.ceil((until - now).total_seconds())))
+
+
+def record_failure(db: Session, username: str, address: str, now: dt.datetime) -> None:
+    """Count a failed login on each key and block the keys past their free failures; commits. Counts a day
+    old are deleted on the way, which keeps the table to the last day's failures."""
+    db.execute(delete(LoginFailure).where(LoginFailure.last_failure_at < now - FORGET_FAILURES_AFTER))
+    for _attempt in range(3):
+        try:
+            for name, free in throttle_keys(username):
+                row = db.scalar(select(LoginFailure).where(LoginFailure.username == name,
+                                                           LoginFailure.address == address).with_for_update())
+                if row is None:
+                    row = LoginFailure(username=name, address=address, failures=0)
+                    db.add(row)
+                row.failures += 1
+                row.last_failure_at = now
+                wait = backoff(row.failures, free)
+                row.blocked_until = now + wait if wait is not None else None
+            db.commit()
+            return
+        except IntegrityError:  # another worker created the same key's row first; count on that one
+            db.rollback()
+
+
+def failed_logins(db: Session, now: dt.datetime) -> dict[str, int]:
+    """Failed logins per username over the last day (the counts not yet forgotten), from any address."""
+    rows = db.execute(select(LoginFailure.username, func.sum(LoginFailure.failures))
+                      .where(LoginFailure.username != ANY_USER,
+                             LoginFailure.last_failure_at > now - FORGET_FAILURES_AFTER)
+                      .group_by(LoginFailure.username)).all()
+    return {name: int(n) for name, n in rows}
+
+
+def log_in(db: Session, username: str, password: str, kind: str, address: str,
+           now: dt.datetime | None = None) -> tuple[User, str]:
+    """Check the password and issue a ``kind`` token (``session`` or ``api``); commits. Raises Throttled
+    while ``address`` is blocked for ``username`` (the password is then not checked) and Unauthorized
+    for wrong credentials, which also counts towards a block."""
+    now = now or utcnow()
+    address = address[:64]
+    check_throttle(db, username, address, now)
     user = authenticate(db, username, password)
     if user is None:
+        db.rollback()
+        record_failure(db, username, address, now)
         raise Unauthorized("wrong username or password")
+    db.execute(delete(LoginFailure).where(LoginFailure.username == username[:64],
+                                          LoginFailure.address == address))
     secret = issue_token(db, user, kind)
     db.commit()
     return user, secret

@@ -86,7 +86,7 @@ def collect(model_name: str, prompts_path: str, db_url: str, round_name: str, k:
     responses = generate_candidates(model, tok, prompts, k, sampling)
     label = model_label or model_name
     settings = {**sampling.model_dump(), "seed": candidate_seed(sampling), "k": k}
-    items = [{"prompt": prompt_text(p),
+    items = [{"prompt": prompt_text(p), "messages": p if isinstance(p, list) else None,
               "responses": [{"text": r, "model": label, "generation": {**settings, "sample": j}}
                             for j, r in enumerate(rs)]}
              for p, rs in zip(prompts, responses, strict=True)]

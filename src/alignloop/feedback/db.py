@@ -2,8 +2,9 @@
 
 One database holds every round of human feedback: rounds (criteria, scales, guidelines,
 overlap), prompts, candidate responses (which model, which generation settings), the people
-(annotator / reviewer / admin, hashed credentials), task assignments, labels (ranking, per-
-criterion ratings, flags, comment, skip), reviews of policy samples and blind side-by-side votes.
+(annotator / reviewer / admin, hashed credentials), task assignments with their leases, labels (ranking,
+per-criterion ratings, flags, comment, skip), reviews of policy samples, blind side-by-side votes and the
+failed-login counts that throttle logins.
 
 SQLite (a file, WAL mode) is the default; PostgreSQL works by URL. The schema is created and
 upgraded by Alembic (``migrations/``), never by ``create_all``, so an old database is upgraded
@@ -42,6 +43,7 @@ ROLES = ("annotator", "reviewer", "admin")
 # A reviewer can also label; an admin can do everything.
 ROLE_RANK = {r: i for i, r in enumerate(ROLES)}
 FLAG_KINDS = ("unsafe", "wrong", "off_topic")
+DEFAULT_LEASE_MINUTES = 30
 DEFAULT_CRITERIA = [
     {"name": "relevance", "min": 1, "max": 7, "guideline": "Does the response address what the prompt asks?"},
     {"name": "consistency", "min": 1, "max": 7, "guideline": "Is it coherent and free of contradictions?"},
@@ -90,6 +92,9 @@ class Round(Base):
     criteria: Mapped[list[Any]] = mapped_column(JSON)
     guidelines: Mapped[str] = mapped_column(Text, default="")
     overlap: Mapped[int] = mapped_column(Integer, default=1)
+    # How long an annotator holds an item before it goes back to the queue (a closed tab must not
+    # block the round's quota forever).
+    lease_minutes: Mapped[int] = mapped_column(Integer, default=DEFAULT_LEASE_MINUTES)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
 
@@ -98,6 +103,9 @@ class Prompt(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id", ondelete="CASCADE"), index=True)
     text: Mapped[str] = mapped_column(Text)
+    # A chat prompt's messages ([{"role", "content"}]); ``text`` then holds what annotators see. NULL for
+    # a plain prompt.
+    messages: Mapped[list[Any] | None] = mapped_column(JSON)
     # Gold items: the known-correct ranking (candidate ids best..worst) to score annotators against.
     gold_ranking: Mapped[list[Any] | None] = mapped_column(JSON)
     # Open slots are handed out with an atomic conditional UPDATE on this counter, so concurrent
@@ -125,10 +133,12 @@ class Assignment(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id", ondelete="CASCADE"), index=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
-    status: Mapped[str] = mapped_column(String(16), default="open")  # open | done | skipped
+    # open | done | skipped | expired (the lease ran out before a label came; the slot went back to the queue)
+    status: Mapped[str] = mapped_column(String(16), default="open")
     # Order the candidates are shown in (shuffled per assignment so position carries no signal).
     order: Mapped[list[Any]] = mapped_column(JSON)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
     prompt: Mapped[Prompt] = relationship()
     user: Mapped[User] = relationship()
 
@@ -195,6 +205,21 @@ class Comparison(Base):
     # "left" | "right" | "tie"; NULL while the pair is shown but not voted on.
     winner: Mapped[str | None] = mapped_column(String(8))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class LoginFailure(Base):
+    """Failed logins per (username, client address), and per address over all usernames (``username`` is
+    empty). In the database, so every worker process of the app counts the same failures."""
+
+    __tablename__ = "login_failures"
+    __table_args__ = (UniqueConstraint("username", "address"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    username: Mapped[str] = mapped_column(String(64))
+    address: Mapped[str] = mapped_column(String(64))
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    last_failure_at: Mapped[dt.datetime] = mapped_column(DateTime)
+    # No login is tried for this key before then (NULL: not throttled).
+    blocked_until: Mapped[dt.datetime | None] = mapped_column(DateTime)
 
 
 # ---------------------------------------------------------------- engine and sessions

@@ -5,6 +5,9 @@ Formats
   aggregate positions are written as a tie group (a nested list), which forms no pair.
 - ``pairs``: ``{"prompt", "chosen", "rejected"}``.
 - ``ratings``: ``{"prompt", "response", "scores": {criterion: value}}``.
+A chat prompt (an item stored with its messages) is written as its message list, and in pairs the
+responses as one assistant message each: TRL's conversational preference format, so consumers can
+apply their chat template. Plain prompts stay plain text.
 
 Aggregation of overlapping labels (several people labelled the same item):
 - rankings: Borda rule. Each label gives every candidate its position (0 = best); candidates are
@@ -58,6 +61,19 @@ def _restrict(ranking: list[int], keep: list[int]) -> list[int]:
     return [c for c in ranking if c in keep]
 
 
+def prompt_field(prompt: Prompt) -> str | list[dict[str, str]]:
+    """The record's ``prompt``: the chat messages of a chat prompt, else the text."""
+    return prompt.messages if prompt.messages is not None else prompt.text
+
+
+def pair_record(prompt: Prompt, chosen: str, rejected: str, **extra: Any) -> dict[str, Any]:
+    """A preference pair; for a chat prompt in TRL's conversational form (each response an assistant turn)."""
+    if prompt.messages is None:
+        return {"prompt": prompt.text, "chosen": chosen, "rejected": rejected, **extra}
+    return {"prompt": prompt.messages, "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}], **extra}
+
+
 def _item_records(fmt: str, prompt: Prompt, labels: list[Label], names: dict[int, str],
                   include_unsafe: bool, per_annotator: bool) -> list[dict[str, Any]]:
     cands = [c for c in prompt.candidates if c.kind == "candidate"]
@@ -70,7 +86,7 @@ def _item_records(fmt: str, prompt: Prompt, labels: list[Label], names: dict[int
         extra = {"annotator": names[group[0].user_id]} if per_annotator else {}
         rankings = [_restrict(lb.ranking, keep) for lb in group]
         if fmt == "rankings" and len(keep) >= 2:
-            out.append({"prompt": prompt.text, "responses": [text[c] for c in keep],
+            out.append({"prompt": prompt_field(prompt), "responses": [text[c] for c in keep],
                         "ranking": borda(rankings, keep), **extra})
         elif fmt == "pairs" and len(keep) >= 2:
             for a, b in itertools.combinations(keep, 2):
@@ -78,7 +94,7 @@ def _item_records(fmt: str, prompt: Prompt, labels: list[Label], names: dict[int
                 b_wins = len(rankings) - a_wins
                 if a_wins != b_wins:
                     chosen, rejected = (a, b) if a_wins > b_wins else (b, a)
-                    out.append({"prompt": prompt.text, "chosen": text[chosen], "rejected": text[rejected], **extra})
+                    out.append(pair_record(prompt, text[chosen], text[rejected], **extra))
         elif fmt == "ratings":
             values: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
             for lb in group:
@@ -88,7 +104,7 @@ def _item_records(fmt: str, prompt: Prompt, labels: list[Label], names: dict[int
             for cid in keep:
                 if values.get(cid):
                     scores = {k: float(np.mean(v)) for k, v in sorted(values[cid].items())}
-                    out.append({"prompt": prompt.text, "response": text[cid], "scores": scores, **extra})
+                    out.append({"prompt": prompt_field(prompt), "response": text[cid], "scores": scores, **extra})
     return out
 
 
@@ -111,13 +127,13 @@ def _review_records(fmt: str, db: Session, rnd: Round) -> list[dict[str, Any]]:
         if yes != no:
             (approved if yes > no else flagged)[samples[cid].prompt.text].append(samples[cid])
     out = []
-    for prompt in sorted(approved.keys() & flagged.keys()):
-        for good, bad in itertools.product(approved[prompt], flagged[prompt]):
+    for text in sorted(approved.keys() & flagged.keys()):
+        for good, bad in itertools.product(approved[text], flagged[text]):
             if fmt == "pairs":
-                out.append({"prompt": prompt, "chosen": good.text, "rejected": bad.text, "source": "review"})
+                out.append(pair_record(good.prompt, good.text, bad.text, source="review"))
             else:
-                out.append({"prompt": prompt, "responses": [good.text, bad.text], "ranking": [0, 1],
-                            "source": "review"})
+                out.append({"prompt": prompt_field(good.prompt), "responses": [good.text, bad.text],
+                            "ranking": [0, 1], "source": "review"})
     return out
 
 

@@ -9,10 +9,19 @@ Assignment: an item (a prompt with its K candidates) may be handed to at most ``
 people. The free slots are counted in ``prompts.assigned`` and taken with one conditional UPDATE
 (``SET assigned = assigned + 1 WHERE assigned < overlap``), which both SQLite and PostgreSQL
 execute atomically, so concurrent requests never over-assign. Skipping gives the slot back.
+
+Leases: an assignment holds its slot for the round's ``lease_minutes``. Asking for the next task first
+expires the round's open assignments whose lease has run out (``status`` open -> expired, again one
+conditional UPDATE per assignment, so a slot is given back once) and gives their slots back, so an
+annotator who closed the tab does not block the quota. A label that arrives on an expired lease is
+stored only if it can take a free slot again; otherwise it is refused (``Conflict``) and nothing is
+counted. Someone whose lease expired may be handed the same item again later (the same assignment,
+renewed).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import random
 from typing import Any
@@ -22,6 +31,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from alignloop.feedback.db import (
+    DEFAULT_LEASE_MINUTES,
     FLAG_KINDS,
     Assignment,
     Candidate,
@@ -33,6 +43,7 @@ from alignloop.feedback.db import (
     Review,
     Round,
     User,
+    utcnow,
 )
 from alignloop.stats import win_rate
 
@@ -40,6 +51,9 @@ MAX_PROMPT_CHARS = 20_000
 MAX_RESPONSE_CHARS = 50_000
 MAX_COMMENT_CHARS = 2_000
 MAX_CRITERIA = 10
+MAX_LEASE_MINUTES = 7 * 24 * 60
+MAX_MESSAGES = 200
+MESSAGE_ROLES = ("system", "user", "assistant", "tool")
 
 
 class NotFound(Exception):
@@ -52,6 +66,10 @@ class Forbidden(Exception):
 
 class Invalid(Exception):
     pass
+
+
+class Conflict(Exception):
+    """The request was valid but the state has moved on (a label on an expired lease of a full item)."""
 
 
 # ---------------------------------------------------------------- rounds and prompts
@@ -74,14 +92,18 @@ def check_criteria(criteria: list[dict]) -> list[dict]:
     return out
 
 
-def create_round(db: Session, name: str, criteria: list[dict], guidelines: str = "", overlap: int = 1) -> Round:
+def create_round(db: Session, name: str, criteria: list[dict], guidelines: str = "", overlap: int = 1,
+                 lease_minutes: int = DEFAULT_LEASE_MINUTES) -> Round:
     if not name or len(name) > 100:
         raise Invalid("name: 1 to 100 characters")
     if not 1 <= overlap <= 50:
         raise Invalid("overlap: between 1 and 50")
+    if not 1 <= lease_minutes <= MAX_LEASE_MINUTES:
+        raise Invalid(f"lease_minutes: between 1 and {MAX_LEASE_MINUTES} (a week)")
     if db.scalar(select(Round).where(Round.name == name)) is not None:
         raise Invalid(f"round {name!r} already exists")
-    rnd = Round(name=name, criteria=check_criteria(criteria), guidelines=guidelines[:20_000], overlap=overlap)
+    rnd = Round(name=name, criteria=check_criteria(criteria), guidelines=guidelines[:20_000], overlap=overlap,
+                lease_minutes=lease_minutes)
     db.add(rnd)
     db.commit()
     return rnd
@@ -98,14 +120,33 @@ def list_rounds(db: Session) -> list[Round]:
     return list(db.scalars(select(Round).order_by(Round.id)))
 
 
+def check_messages(n: int, messages: Any) -> list[dict[str, str]] | None:
+    """A chat prompt's messages as stored: [{"role", "content"}], or None for a plain prompt."""
+    if messages is None:
+        return None
+    if not isinstance(messages, list) or not 1 <= len(messages) <= MAX_MESSAGES:
+        raise Invalid(f"item {n}: 'messages' must be a list of 1 to {MAX_MESSAGES} messages")
+    out = []
+    for m in messages:
+        if not (isinstance(m, dict) and m.get("role") in MESSAGE_ROLES and isinstance(m.get("content"), str)):
+            raise Invalid(f"item {n}: each message needs a 'role' in {MESSAGE_ROLES} and text 'content'")
+        out.append({"role": m["role"], "content": m["content"]})
+    if sum(len(m["content"]) for m in out) > MAX_PROMPT_CHARS:
+        raise Invalid(f"item {n}: 'messages' hold more than {MAX_PROMPT_CHARS} characters")
+    return out
+
+
 def add_items(db: Session, rnd: Round, items: list[dict], kind: str = "candidate") -> int:
     """Add prompts with their responses. Each item: {"prompt", "responses": [...] or [{"text", "model",
     "generation"}], optional "gold_ranking": [indices best..worst]}; policy samples may also be PPO
-    ``samples.jsonl`` lines ({"prompt", "response", "step"}). Returns the number of prompts."""
+    ``samples.jsonl`` lines ({"prompt", "response", "step"}). A chat prompt also carries its "messages"
+    (exports then give the prompt as messages); "prompt" is what annotators see. Returns the number of
+    prompts."""
     for n, item in enumerate(items):
         prompt = item.get("prompt")
         if not isinstance(prompt, str) or not prompt or len(prompt) > MAX_PROMPT_CHARS:
             raise Invalid(f"item {n}: 'prompt' must be text of 1 to {MAX_PROMPT_CHARS} characters")
+        messages = check_messages(n, item.get("messages"))
         responses = item.get("responses", [])
         if kind == "policy" and "responses" not in item and isinstance(item.get("response"), str):
             # A PPO run's samples.jsonl line: {"step", "prompt", "response", ...}.
@@ -126,7 +167,7 @@ def add_items(db: Session, rnd: Round, items: list[dict], kind: str = "candidate
         gold = item.get("gold_ranking")
         if gold is not None and sorted(gold) != list(range(len(cands))):
             raise Invalid(f"item {n}: 'gold_ranking' must list each response index once")
-        p = Prompt(round_id=rnd.id, text=prompt, candidates=cands)
+        p = Prompt(round_id=rnd.id, text=prompt, messages=messages, candidates=cands)
         db.add(p)
         if gold is not None:
             db.flush()
@@ -140,7 +181,9 @@ def add_items(db: Session, rnd: Round, items: list[dict], kind: str = "candidate
 
 def task_view(a: Assignment, rnd: Round) -> dict[str, Any]:
     by_id = {c.id: c for c in a.prompt.candidates}
-    return {"task_id": a.id, "round": rnd.name, "status": a.status, "prompt": a.prompt.text,
+    lease_end = a.lease_expires_at.replace(tzinfo=dt.timezone.utc) if a.lease_expires_at is not None else None
+    return {"task_id": a.id, "round": rnd.name, "status": a.status, "lease_expires_at": lease_end,
+            "prompt": a.prompt.text,
             "candidates": [{"id": cid, "text": by_id[cid].text} for cid in a.order],
             "criteria": rnd.criteria, "guidelines": rnd.guidelines, "flag_kinds": list(FLAG_KINDS)}
 
@@ -151,6 +194,24 @@ def open_assignment(db: Session, user: User, rnd: Round) -> Assignment | None:
     ).order_by(Assignment.id).limit(1))
 
 
+def expire_leases(db: Session, rnd: Round, now: dt.datetime) -> int:
+    """Expire the round's open assignments whose lease ran out and give their slots back; commits when it
+    expired any. Returns how many expired here (a concurrent request may expire some first; each is counted
+    once)."""
+    due = db.execute(select(Assignment.id, Assignment.prompt_id).join(Prompt).where(
+        Prompt.round_id == rnd.id, Assignment.status == "open", Assignment.lease_expires_at < now)).all()
+    expired = 0
+    for aid, pid in due:
+        took = db.execute(update(Assignment).where(Assignment.id == aid, Assignment.status == "open")
+                          .values(status="expired"))
+        if took.rowcount == 1:
+            db.execute(update(Prompt).where(Prompt.id == pid).values(assigned=Prompt.assigned - 1))
+            expired += 1
+    if expired:
+        db.commit()
+    return expired
+
+
 def _user_item_hash(user: User, prompt_id: int) -> int:
     """A fixed pseudo-random number per (user, item): each user's own order of the queue and of an item's
     candidates, the same on every run (so a seeded simulation labels the same way every time)."""
@@ -158,12 +219,16 @@ def _user_item_hash(user: User, prompt_id: int) -> int:
     return int.from_bytes(digest, "big")
 
 
-def next_task(db: Session, user: User, rnd: Round) -> Assignment | None:
-    """The user's open task in this round, else a newly assigned item with a free slot, else None."""
+def next_task(db: Session, user: User, rnd: Round, now: dt.datetime | None = None) -> Assignment | None:
+    """The user's open task in this round, else a newly assigned item with a free slot, else None.
+    Expired leases of the round go back to the queue first."""
+    now = now or utcnow()
+    expire_leases(db, rnd, now)
     current = open_assignment(db, user, rnd)
     if current is not None:
         return current
-    mine = select(Assignment.prompt_id).where(Assignment.user_id == user.id)
+    # Items the user holds or has finished; an item whose lease they let expire may come back to them.
+    mine = select(Assignment.prompt_id).where(Assignment.user_id == user.id, Assignment.status != "expired")
     has_candidates = select(Candidate.prompt_id).where(Candidate.kind == "candidate")
     # Concurrent requests race for the same free slots; a lost race just means looking again. Only an
     # empty query result means the queue is really empty for this user.
@@ -182,18 +247,31 @@ def next_task(db: Session, user: User, rnd: Round) -> Assignment | None:
             took = db.execute(update(Prompt).where(Prompt.id == pid, Prompt.assigned < rnd.overlap)
                               .values(assigned=Prompt.assigned + 1))
             if took.rowcount == 1:
-                return _assign(db, user, rnd, pid)
+                return _assign(db, user, rnd, pid, now)
         db.rollback()
     db.rollback()
     return None
 
 
-def _assign(db: Session, user: User, rnd: Round, pid: int) -> Assignment | None:
+def _assign(db: Session, user: User, rnd: Round, pid: int, now: dt.datetime) -> Assignment | None:
+    """Hand item ``pid`` (whose slot the caller has just taken, uncommitted) to ``user``."""
+    lease_end = now + dt.timedelta(minutes=rnd.lease_minutes)
+    lapsed = db.scalar(select(Assignment).where(Assignment.prompt_id == pid, Assignment.user_id == user.id))
+    if lapsed is not None:
+        # The user's own expired assignment of this item: renewed, candidates in the order shown before.
+        renewed = db.execute(update(Assignment).where(Assignment.id == lapsed.id, Assignment.status == "expired")
+                             .values(status="open", lease_expires_at=lease_end))
+        if renewed.rowcount != 1:  # the same user asked twice at once; the other request renewed it
+            db.rollback()
+            return open_assignment(db, user, rnd)
+        db.commit()
+        db.refresh(lapsed)
+        return lapsed
     prompt = db.get(Prompt, pid)
     order = [c.id for c in prompt.candidates if c.kind == "candidate"]
     # Shown in an order of the user's own, so position in the list says nothing about the candidate.
     random.Random(_user_item_hash(user, pid)).shuffle(order)
-    a = Assignment(prompt_id=pid, user_id=user.id, order=order)
+    a = Assignment(prompt_id=pid, user_id=user.id, order=order, lease_expires_at=lease_end)
     db.add(a)
     try:
         db.commit()
@@ -240,7 +318,9 @@ def _check_label(a: Assignment, rnd: Round, payload: dict) -> tuple[list[int], l
 
 def submit_label(db: Session, user: User, task_id: int, payload: dict) -> tuple[Label, bool]:
     """Store the label (or the skip) and commit. Returns (label, created); resubmitting a finished task
-    returns its stored label unchanged, so a client may safely retry after a lost answer."""
+    returns its stored label unchanged, so a client may safely retry after a lost answer. A label on an
+    expired lease is stored only if the item still has a free slot (it takes it), else Conflict; one whose
+    lease ran out but was not expired yet still holds its slot and is stored."""
     a = owned_assignment(db, user, task_id)
     existing = db.scalar(select(Label).where(Label.assignment_id == a.id))
     if existing is not None:
@@ -249,23 +329,53 @@ def submit_label(db: Session, user: User, task_id: int, payload: dict) -> tuple[
     comment = str(payload.get("comment") or "")
     if len(comment) > MAX_COMMENT_CHARS:
         raise Invalid(f"comment: at most {MAX_COMMENT_CHARS} characters")
-    if payload.get("skip"):
+    skip = bool(payload.get("skip"))
+    if skip:
         label = Label(assignment_id=a.id, prompt_id=a.prompt_id, user_id=user.id, skipped=True, comment=comment)
-        a.status = "skipped"
-        # Give the slot back so someone else can label the item.
-        db.execute(update(Prompt).where(Prompt.id == a.prompt_id).values(assigned=Prompt.assigned - 1))
     else:
         ranking, ratings, flags = _check_label(a, rnd, payload)
         label = Label(assignment_id=a.id, prompt_id=a.prompt_id, user_id=user.id, ranking=ranking,
                       comment=comment, ratings=ratings, flags=flags)
-        a.status = "done"
+    status = "skipped" if skip else "done"
+    # Closing the assignment is one conditional UPDATE, so a lease expiring at the same moment and this
+    # label cannot both act on the slot.
+    if _close(db, a, "open", status):
+        if skip:  # give the slot back so someone else can label the item
+            db.execute(update(Prompt).where(Prompt.id == a.prompt_id).values(assigned=Prompt.assigned - 1))
+    elif a.status == "expired":
+        # The slot went back to the queue. A skip needs none; a label must take a free one again.
+        if not skip:
+            took = db.execute(update(Prompt).where(Prompt.id == a.prompt_id, Prompt.assigned < rnd.overlap)
+                              .values(assigned=Prompt.assigned + 1))
+            if took.rowcount != 1:
+                db.rollback()
+                raise Conflict(f"task {task_id}: your lease ran out ({rnd.lease_minutes} minutes) and the item "
+                               "has since been given to others; this label was not stored. Take the next task.")
+        if not _close(db, a, "expired", status):
+            db.rollback()
+            return _stored_label(db, a), False
+    else:  # a concurrent retry of the same submit closed it first
+        db.rollback()
+        return _stored_label(db, a), False
     db.add(label)
     try:
         db.commit()
     except IntegrityError:  # a concurrent retry of the same submit won
         db.rollback()
-        return db.scalar(select(Label).where(Label.assignment_id == a.id)), False
+        return _stored_label(db, a), False
     return label, True
+
+
+def _close(db: Session, a: Assignment, was: str, status: str) -> bool:
+    """Set the assignment's status from ``was`` to ``status`` if it still is ``was``; else reload it."""
+    done = db.execute(update(Assignment).where(Assignment.id == a.id, Assignment.status == was)
+                      .values(status=status)).rowcount == 1
+    db.refresh(a)
+    return done
+
+
+def _stored_label(db: Session, a: Assignment) -> Label:
+    return db.scalar(select(Label).where(Label.assignment_id == a.id))
 
 
 def user_progress(db: Session, user: User, rnd: Round) -> dict[str, int]:

@@ -11,11 +11,17 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
+import os
+import ssl
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import httpx
 import torch
 
+from alignloop.config import RewardSettings
 from alignloop.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -63,26 +69,61 @@ class RewardModelScorer:
 
 
 class RemoteReward:
-    """POST {"pairs": [{"prompt", "response"}]} to ``<url>/v1/score``, expecting {"scores": [...]}."""
+    """POST {"pairs": [{"prompt", "response"}]} to ``<url>/v1/score``, expecting {"scores": [...]}: one finite
+    number per pair. With ``api_key`` every request carries ``Authorization: Bearer <key>``. TLS certificates
+    are verified (against ``ca_bundle`` when given, else the system's store). Connection errors, timeouts and
+    5xx answers are retried ``retries`` times, waiting 0.5 s, 1 s, 2 s, ... in between; any other failure, or
+    an answer with the wrong number of scores or a non-finite one, stops with a one-line UserError."""
 
-    def __init__(self, url: str, timeout: float = 60.0, headers: dict[str, str] | None = None):
-        import httpx
-
+    def __init__(self, url: str, timeout: float = 60.0, api_key: str | None = None, ca_bundle: str | None = None,
+                 retries: int = 3, transport: httpx.BaseTransport | None = None,
+                 sleep: Callable[[float], None] = time.sleep):
         self.url = url.rstrip("/") + ("" if url.rstrip("/").endswith("/v1/score") else "/v1/score")
-        self.client = httpx.Client(timeout=timeout, headers=headers or {})
+        verify: ssl.SSLContext | bool = True
+        if ca_bundle is not None:
+            if not Path(ca_bundle).is_file():
+                raise UserError(f"reward.remote_ca_bundle: {ca_bundle} is not a file")
+            verify = ssl.create_default_context(cafile=ca_bundle)
+        host = httpx.URL(self.url).host
+        if api_key and httpx.URL(self.url).scheme == "http" and host not in ("127.0.0.1", "localhost", "::1"):
+            log.warning("remote reward %s: the API key is sent unencrypted (http://); use https://", self.url)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = httpx.Client(timeout=timeout, headers=headers, verify=verify, transport=transport)
+        self.retries, self.sleep = retries, sleep
+
+    def post(self, body: dict) -> httpx.Response:
+        """The scorer's 2xx answer, after retrying connection errors and 5xx answers."""
+        for attempt in range(self.retries + 1):
+            try:
+                reply = self.client.post(self.url, json=body)
+            except httpx.TransportError as exc:
+                if attempt == self.retries:
+                    raise UserError(f"remote reward {self.url}: {type(exc).__name__}: {str(exc)[:200]} "
+                                    f"(after {attempt + 1} tries)") from None
+            else:
+                if reply.status_code < 500 or attempt == self.retries:
+                    break
+            self.sleep(0.5 * 2**attempt)
+        if reply.status_code in (401, 403):
+            raise UserError(f"remote reward {self.url}: HTTP {reply.status_code}: the scorer refused the API key "
+                            "(reward.remote_api_key_env names the variable holding it)")
+        if not reply.is_success:
+            raise UserError(f"remote reward {self.url}: HTTP {reply.status_code}: {reply.text[:200]}")
+        return reply
 
     def __call__(self, prompts: list, responses: list[str], **_: list) -> list[float]:
-        import httpx
-
         pairs = [{"prompt": p, "response": r} for p, r in zip(prompts, responses, strict=True)]
+        reply = self.post({"pairs": pairs})
         try:
-            reply = self.client.post(self.url, json={"pairs": pairs})
-            reply.raise_for_status()
             scores = reply.json()["scores"]
-        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
-            raise UserError(f"remote reward {self.url}: {type(exc).__name__}: {str(exc)[:200]}") from None
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"remote reward {self.url}: the answer is not {{\"scores\": [...]}}: "
+                            f"{reply.text[:100]!r}") from None
         if not isinstance(scores, list) or len(scores) != len(pairs):
             raise UserError(f"remote reward {self.url}: expected {len(pairs)} scores, got {str(scores)[:100]}")
+        for i, s in enumerate(scores):
+            if isinstance(s, bool) or not isinstance(s, int | float) or not math.isfinite(s):
+                raise UserError(f"remote reward {self.url}: score {i} is {s!r}, not a finite number")
         return [float(s) for s in scores]
 
 
@@ -112,14 +153,24 @@ class CombinedReward:
         return total, means
 
 
-def build_reward(model_path: str | None, functions: Sequence[str], remote_url: str | None,
-                 weights: dict[str, float] | None, batch_size: int, remote_timeout: float = 60.0,
-                 device: torch.device | None = None) -> CombinedReward:
+def remote_api_key(env_name: str | None) -> str | None:
+    """The remote scorer's API key, read from the environment variable the config names (never the config)."""
+    if env_name is None:
+        return None
+    key = os.environ.get(env_name)
+    if not key:
+        raise UserError(f"reward.remote_api_key_env: environment variable {env_name} is not set")
+    return key
+
+
+def build_reward(settings: RewardSettings, device: torch.device | None = None) -> CombinedReward:
     sources: dict[str, RewardFn] = {}
-    if model_path:
-        sources["model"] = RewardModelScorer(model_path, batch_size, device)
-    for spec in functions:
+    if settings.model:
+        sources["model"] = RewardModelScorer(settings.model, settings.batch_size, device)
+    for spec in settings.functions:
         sources[spec] = import_callable(spec)
-    if remote_url:
-        sources["remote"] = RemoteReward(remote_url, remote_timeout)
-    return CombinedReward(sources, weights)
+    if settings.remote_url:
+        sources["remote"] = RemoteReward(settings.remote_url, settings.remote_timeout,
+                                         remote_api_key(settings.remote_api_key_env), settings.remote_ca_bundle,
+                                         settings.remote_retries)
+    return CombinedReward(sources, settings.weights)

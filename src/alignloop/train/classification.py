@@ -122,7 +122,7 @@ def run_classification(cfg: SFTConfig, overwrite: bool = False,
     data_report["labels"] = dict(Counter(str(e.label) for e in splits["train"]))
     acc = make_accelerator(cfg.train, run)
     open_run(run, cfg, overwrite, SUPERVISED_MUTABLE, acc.is_main_process)
-
+    torch.manual_seed(cfg.train.seed)  # before the model is built: the new head and a LoRA adapter are random
     id2label = dict(enumerate(names))
     model, tokenizer = load_pretrained(
         cfg.model, auto_cls=AutoModelForSequenceClassification, device=acc.device, for_training=True,

@@ -262,8 +262,7 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
     if p.algorithm == "ppo":
         critic = critic_from_reward_model(p.critic_model or cfg.reward.model, device, tok) if p.critic == "reward_model" \
             else policy_value_head(policy)
-    reward = build_reward(cfg.reward.model, cfg.reward.functions, cfg.reward.remote_url, cfg.reward.weights,
-                          cfg.reward.batch_size, cfg.reward.remote_timeout, device)
+    reward = build_reward(cfg.reward, device)
     train_prompts = tokenize_prompts(train_records, tok, cfg.data.max_prompt_len)
     eval_prompts = tokenize_prompts(eval_records, tok, cfg.data.max_prompt_len)
     ptx = ptx_batches(cfg.data.ptx, tok, p.ptx_batch_size, cfg.train.seed) if p.ptx_coef > 0 else None

@@ -68,6 +68,7 @@ def run_sft(cfg: SFTConfig, overwrite: bool = False,
     resolve_source(cfg.model.name_or_path or "", cfg.model.gguf_file)  # fail on a bad path before creating the run
     acc = make_accelerator(cfg.train, run)
     open_run(run, cfg, overwrite, SUPERVISED_MUTABLE, acc.is_main_process)
+    torch.manual_seed(cfg.train.seed)  # before the model is built: a LoRA adapter is initialised randomly
     model, tokenizer = load_pretrained(cfg.model, device=acc.device, for_training=True)
     ensure_chat_template(tokenizer, cfg.data.chat_template)
     model = prepare_for_training(model, cfg.model)

@@ -155,7 +155,7 @@ def run_tagging(cfg: SFTConfig, overwrite: bool = False,
     data_report["entity_types"] = sorted({n[2:] for n in names if n != "O"})
     acc = make_accelerator(cfg.train, run)
     open_run(run, cfg, overwrite, SUPERVISED_MUTABLE, acc.is_main_process)
-
+    torch.manual_seed(cfg.train.seed)  # before the model is built: the new head and a LoRA adapter are random
     id2label = dict(enumerate(names))
     model, tokenizer = load_pretrained(
         cfg.model, auto_cls=AutoModelForTokenClassification, device=acc.device, for_training=True,

@@ -14,14 +14,15 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from alignloop.feedback import agreement, auth, charts, tasks
-from alignloop.feedback.db import DEFAULT_CRITERIA
+from alignloop.feedback.db import DEFAULT_CRITERIA, DEFAULT_LEASE_MINUTES
 from alignloop.feedback.export import FORMATS, export_records, to_jsonl
-from alignloop.feedback.web.deps import API_PREFIX, DB, Admin, require
+from alignloop.feedback.web.deps import API_PREFIX, DB, Admin, Now, require
 from alignloop.feedback.web.forms import parse_criteria, parse_jsonl_upload
 from alignloop.feedback.web.middleware import MAX_BODY_BYTES
 from alignloop.feedback.web.pages import render, win_rate_chart
 from alignloop.feedback.web.schemas import (
     API_ERRORS,
+    JSON_ERRORS,
     AgreementReport,
     ExportFormat,
     InviteBody,
@@ -67,16 +68,17 @@ def api_invite(body: InviteBody, request: Request, db: DB) -> InviteOut:
 
 
 @api.get("/users", response_model=list[UserRow])
-def api_users(db: DB) -> list[UserRow]:
-    return [UserRow(username=u.username, role=u.role, active=u.active, invited=u.password_hash is None)
-            for u in auth.list_users(db)]
+def api_users(db: DB, now: Now) -> list[UserRow]:
+    failures = auth.failed_logins(db, now)
+    return [UserRow(username=u.username, role=u.role, active=u.active, invited=u.password_hash is None,
+                    failed_logins=failures.get(u.username, 0)) for u in auth.list_users(db)]
 
 
 @api.post("/rounds", status_code=201, response_model=RoundOut)
 def api_create_round(body: RoundBody, db: DB) -> dict[str, Any]:
     rnd = tasks.create_round(db, body.name, [c.model_dump() for c in body.criteria], body.guidelines,
-                             body.overlap)
-    return {"name": rnd.name, "criteria": rnd.criteria, "overlap": rnd.overlap}
+                             body.overlap, body.lease_minutes)
+    return {"name": rnd.name, "criteria": rnd.criteria, "overlap": rnd.overlap, "lease_minutes": rnd.lease_minutes}
 
 
 @api.post("/rounds/{name}/items", status_code=201, response_model=ItemsAdded)
@@ -95,7 +97,7 @@ def api_agreement(name: str, db: DB) -> dict[str, Any]:
     return agreement.agreement_report(db, tasks.get_round(db, name))
 
 
-@api.get("/rounds/{name}/export", response_class=JSONLinesResponse)
+@api.get("/rounds/{name}/export", response_class=JSONLinesResponse, responses=JSON_ERRORS)
 def api_export(name: str, db: DB, fmt: Annotated[ExportFormat, Query(alias="format")] = "rankings",
                include_unsafe: bool = False, per_annotator: bool = False) -> Response:
     return export_response(db, name, fmt, include_unsafe, per_annotator)
@@ -105,20 +107,22 @@ def api_export(name: str, db: DB, fmt: Annotated[ExportFormat, Query(alias="form
 
 
 @pages.get("/admin", response_class=HTMLResponse)
-def admin_home(request: Request, user: Admin, db: DB) -> Response:
+def admin_home(request: Request, user: Admin, db: DB, now: Now) -> Response:
     progress = [tasks.round_progress(db, r) for r in tasks.list_rounds(db)]
     chart = charts.progress_bars([(p["round"], p["labels"], p["slots"]) for p in progress])
     return render(request, "admin.html", user, rounds=progress, chart=chart, users=auth.list_users(db),
-                  default_criteria=DEFAULT_CRITERIA)
+                  failed_logins=auth.failed_logins(db, now), default_criteria=DEFAULT_CRITERIA,
+                  default_lease=DEFAULT_LEASE_MINUTES)
 
 
 @pages.post("/admin/rounds")
 def admin_create_round(db: DB, name: Annotated[str, Form(max_length=100)],
                        criteria: Annotated[str, Form(max_length=2000)] = "",
                        guidelines: Annotated[str, Form(max_length=20_000)] = "",
-                       overlap: Annotated[int, Form()] = 1) -> Response:
+                       overlap: Annotated[int, Form()] = 1,
+                       lease_minutes: Annotated[int, Form()] = DEFAULT_LEASE_MINUTES) -> Response:
     crit = parse_criteria(criteria) if criteria.strip() else [dict(c) for c in DEFAULT_CRITERIA]
-    rnd = tasks.create_round(db, name, crit, guidelines, overlap)
+    rnd = tasks.create_round(db, name, crit, guidelines, overlap, lease_minutes)
     return RedirectResponse(f"/admin/rounds/{quote(rnd.name)}", status_code=303)
 
 

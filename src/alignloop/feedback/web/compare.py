@@ -15,8 +15,10 @@ from alignloop.feedback.web.deps import API_PREFIX, DB, Annotator
 from alignloop.feedback.web.pages import render, win_rate_chart
 from alignloop.feedback.web.schemas import (
     API_ERRORS,
+    MAX_ROW_ID,
     CompareBody,
     ComparisonView,
+    RowId,
     VoteBody,
     VoteOut,
     WinRate,
@@ -39,7 +41,7 @@ def api_next_comparison(name: str, body: CompareBody, user: Annotator, db: DB) -
 
 
 @api.post("/comparisons/{comparison_id}", response_model=VoteOut)
-def api_vote(comparison_id: int, body: VoteBody, user: Annotator, db: DB) -> VoteOut:
+def api_vote(comparison_id: RowId, body: VoteBody, user: Annotator, db: DB) -> VoteOut:
     comp = tasks.vote(db, user, comparison_id, body.winner)
     return VoteOut(comparison_id=comp.id, winner=comp.winner)
 
@@ -64,7 +66,7 @@ def compare_get(request: Request, name: str, user: Annotator, db: DB,
 
 
 @pages.post("/rounds/{name}/compare")
-def compare_post(name: str, user: Annotator, db: DB, comparison_id: Annotated[int, Form()],
+def compare_post(name: str, user: Annotator, db: DB, comparison_id: Annotated[int, Form(ge=1, le=MAX_ROW_ID)],
                  winner: Annotated[str, Form(max_length=8)]) -> Response:
     comp = tasks.vote(db, user, comparison_id, winner)
     return RedirectResponse(f"/rounds/{quote(name)}/compare?model_a={quote(comp.model_a)}"

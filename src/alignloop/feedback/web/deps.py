@@ -13,6 +13,7 @@ answers with 401 on the JSON API and with the login page elsewhere.
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import secrets
 from collections.abc import Callable, Iterator
@@ -44,6 +45,22 @@ def get_db(request: Request) -> Iterator[Session]:
 
 
 DB = Annotated[Session, Depends(get_db)]
+
+
+def app_now(request: Request) -> dt.datetime:
+    """The app's clock (naive UTC): ``create_app(clock=...)`` lets tests step over back-offs and leases."""
+    return request.app.state.clock()
+
+
+Now = Annotated[dt.datetime, Depends(app_now)]
+
+
+def client_address(request: Request) -> str:
+    """The caller's address (behind a reverse proxy on loopback, uvicorn takes it from X-Forwarded-For)."""
+    return request.client.host if request.client is not None else "unknown"
+
+
+Address = Annotated[str, Depends(client_address)]
 
 
 # Declared as security schemes, so the OpenAPI schema says how to authenticate.

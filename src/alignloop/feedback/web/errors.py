@@ -1,7 +1,8 @@
 """The one place where the service layer's exceptions become HTTP answers.
 
 ``tasks.NotFound`` -> 404, ``tasks.Forbidden`` -> 403, ``tasks.Invalid`` and ``UserError`` -> 422,
-``auth.Unauthorized`` -> 401, all as ``{"detail": message}``. ``NotLoggedIn`` is 401 on the JSON API and a
+``tasks.Conflict`` -> 409, ``auth.Unauthorized`` -> 401, all as ``{"detail": message}``; ``auth.Throttled`` -> 429
+with ``Retry-After``. ``NotLoggedIn`` is 401 on the JSON API and a
 redirect to the login page (coming back here afterwards) everywhere else.
 """
 
@@ -17,12 +18,17 @@ from alignloop.feedback import auth, tasks
 from alignloop.feedback.web.deps import API_PREFIX, NotLoggedIn
 
 STATUS: dict[type[Exception], int] = {tasks.NotFound: 404, tasks.Forbidden: 403, tasks.Invalid: 422,
-                                      UserError: 422, auth.Unauthorized: 401}
+                                      tasks.Conflict: 409, UserError: 422, auth.Unauthorized: 401}
 
 
 async def detail_response(_request: Request, exc: Exception) -> Response:
     status = next(code for kind, code in STATUS.items() if isinstance(exc, kind))
     return JSONResponse({"detail": str(exc)}, status)
+
+
+async def throttled(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, auth.Throttled)
+    return JSONResponse({"detail": str(exc)}, 429, headers={"Retry-After": str(exc.retry_after)})
 
 
 async def not_logged_in(request: Request, exc: Exception) -> Response:
@@ -35,3 +41,4 @@ def add_exception_handlers(app: FastAPI) -> None:
     for kind in STATUS:
         app.add_exception_handler(kind, detail_response)
     app.add_exception_handler(NotLoggedIn, not_logged_in)
+    app.add_exception_handler(auth.Throttled, throttled)

@@ -16,13 +16,23 @@ from alignloop.feedback.web.deps import (
     DB,
     LOGIN_CSRF_COOKIE,
     SESSION_COOKIE,
+    Address,
     Annotator,
     Credential,
+    Now,
     checked_login_csrf,
     credential,
 )
 from alignloop.feedback.web.pages import render
-from alignloop.feedback.web.schemas import API_ERRORS, AcceptBody, LoginBody, OkOut, TokenOut, UserOut
+from alignloop.feedback.web.schemas import (
+    API_ERRORS,
+    THROTTLED,
+    AcceptBody,
+    LoginBody,
+    OkOut,
+    TokenOut,
+    UserOut,
+)
 
 api = APIRouter(prefix=API_PREFIX, tags=["login"], responses=API_ERRORS)
 pages = APIRouter(tags=["login"], include_in_schema=False)
@@ -35,9 +45,9 @@ def user_out(user: User) -> UserOut:
 # ---------------------------------------------------------------- JSON API
 
 
-@api.post("/login", response_model=TokenOut)
-def api_login(body: LoginBody, db: DB) -> TokenOut:
-    user, token = auth.log_in(db, body.username, body.password, "api")
+@api.post("/login", response_model=TokenOut, responses=THROTTLED)
+def api_login(body: LoginBody, db: DB, address: Address, now: Now) -> TokenOut:
+    user, token = auth.log_in(db, body.username, body.password, "api", address, now)
     return TokenOut(token=token, user=user_out(user))
 
 
@@ -88,12 +98,18 @@ def login_page(request: Request,
 
 
 @pages.post("/login")
-def login_submit(request: Request, db: DB, login_token: Annotated[str, Depends(checked_login_csrf)],
+def login_submit(request: Request, db: DB, address: Address, now: Now,
+                 login_token: Annotated[str, Depends(checked_login_csrf)],
                  username: Annotated[str, Form(max_length=64)],
                  password: Annotated[str, Form(max_length=256)],
                  next_url: Annotated[str, Form(alias="next", max_length=500)] = "/") -> Response:
     try:
-        _user, secret = auth.log_in(db, username, password, "session")
+        _user, secret = auth.log_in(db, username, password, "session", address, now)
+    except auth.Throttled as exc:
+        response = render(request, "login.html", None, status=429, next=next_url, login_csrf=login_token,
+                          error=f"Too many failed logins. Try again in {exc.retry_after} seconds.")
+        response.headers["Retry-After"] = str(exc.retry_after)
+        return response
     except auth.Unauthorized:
         return render(request, "login.html", None, status=401, next=next_url, login_csrf=login_token,
                       error="Wrong username or password.")

@@ -12,7 +12,7 @@ from alignloop.feedback import tasks
 from alignloop.feedback.db import Candidate
 from alignloop.feedback.web.deps import API_PREFIX, DB, Reviewer
 from alignloop.feedback.web.pages import render
-from alignloop.feedback.web.schemas import API_ERRORS, ReviewBody, ReviewOut, ReviewSample
+from alignloop.feedback.web.schemas import API_ERRORS, MAX_ROW_ID, ReviewBody, ReviewOut, ReviewSample, RowId
 
 api = APIRouter(prefix=API_PREFIX, tags=["review"], responses=API_ERRORS)
 pages = APIRouter(tags=["review"], include_in_schema=False)
@@ -29,7 +29,7 @@ def api_next_review(name: str, user: Reviewer, db: DB) -> Any:
 
 
 @api.post("/reviews/{sample_id}", response_model=ReviewOut)
-def api_review(sample_id: int, body: ReviewBody, user: Reviewer, db: DB) -> ReviewOut:
+def api_review(sample_id: RowId, body: ReviewBody, user: Reviewer, db: DB) -> ReviewOut:
     review = tasks.submit_review(db, user, sample_id, body.decision, body.reason)
     return ReviewOut(review_id=review.id, decision=review.decision)
 
@@ -41,7 +41,7 @@ def review_get(request: Request, name: str, user: Reviewer, db: DB) -> Response:
 
 
 @pages.post("/rounds/{name}/review")
-def review_post(request: Request, name: str, user: Reviewer, db: DB, sample_id: Annotated[int, Form()],
+def review_post(request: Request, name: str, user: Reviewer, db: DB, sample_id: Annotated[int, Form(ge=1, le=MAX_ROW_ID)],
                 decision: Annotated[str, Form(max_length=16)],
                 reason: Annotated[str, Form(max_length=tasks.MAX_COMMENT_CHARS)] = "") -> Response:
     rnd = tasks.get_round(db, name)

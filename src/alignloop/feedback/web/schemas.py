@@ -7,17 +7,24 @@ their scale, ...) live in ``feedback.tasks``; these models only fix the shapes a
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Annotated, Any, Literal
 
+from fastapi import Path
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from alignloop.feedback import tasks
-from alignloop.feedback.db import DEFAULT_CRITERIA
+from alignloop.feedback.db import DEFAULT_CRITERIA, DEFAULT_LEASE_MINUTES
 
 Role = Literal["annotator", "reviewer", "admin"]
 ItemKind = Literal["candidate", "policy"]
 # The same names as feedback.export.FORMATS (a test keeps them equal).
 ExportFormat = Literal["rankings", "pairs", "ratings"]
+
+
+# A row id in a path: bounded, so that a huge number is a 422 instead of an overflow in the database driver.
+MAX_ROW_ID = 2**63 - 1
+RowId = Annotated[int, Path(ge=1, le=MAX_ROW_ID)]
 
 
 # ---------------------------------------------------------------- request bodies
@@ -47,6 +54,7 @@ class RoundBody(Body):
                                         max_length=tasks.MAX_CRITERIA)
     guidelines: str = Field("", max_length=20_000)
     overlap: int = Field(1, ge=1, le=50)
+    lease_minutes: int = Field(DEFAULT_LEASE_MINUTES, ge=1, le=tasks.MAX_LEASE_MINUTES)
 
 
 ResponseText = Annotated[str, Field(max_length=tasks.MAX_RESPONSE_CHARS)]
@@ -58,13 +66,20 @@ class ResponseIn(BaseModel):
     generation: dict[str, Any] = Field(default_factory=dict)
 
 
+class MessageIn(Body):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str = Field(max_length=tasks.MAX_PROMPT_CHARS)
+
+
 class ItemIn(BaseModel):
     """A prompt with its responses (plain texts or {text, model, generation}) and an optional gold ranking
     (response indices, best first); for kind=policy also one line of a PPO run's samples.jsonl
-    ({step, prompt, response, ...}), whose other keys are kept out of the way."""
+    ({step, prompt, response, ...}), whose other keys are kept out of the way. A chat prompt gives its
+    ``messages`` too (``prompt`` is then what annotators see); exports give such a prompt as messages."""
 
     model_config = ConfigDict(extra="allow")
     prompt: str = Field(min_length=1, max_length=tasks.MAX_PROMPT_CHARS)
+    messages: list[MessageIn] | None = Field(None, min_length=1, max_length=tasks.MAX_MESSAGES)
     responses: list[ResponseText | ResponseIn] | None = Field(None, max_length=16)
     response: ResponseText | None = None
     step: int | None = None
@@ -130,11 +145,33 @@ class InvalidOut(BaseModel):
 
 # The error answers every JSON route may give (errors.py makes them).
 API_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorOut, "description": "the body is not valid JSON"},
     401: {"model": ErrorOut, "description": "not logged in, or wrong credentials"},
     403: {"model": ErrorOut, "description": "the caller's role or CSRF token does not allow this"},
     404: {"model": ErrorOut, "description": "no such round, task, sample or comparison"},
+    413: {"model": ErrorOut, "description": "the request body is larger than the app accepts (8 MiB)"},
     422: {"model": InvalidOut, "description": "the request breaks a rule or has the wrong shape"},
 }
+# For a route whose own answer is not JSON: its errors still are, and FastAPI would document them under the
+# route's media type, so they are spelled out (the models are in the schema through the other routes).
+JSON_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"description": e["description"],
+           "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{e['model'].__name__}"}}}}
+    for code, e in API_ERRORS.items()}
+THROTTLED: dict[int | str, dict[str, Any]] = {
+    429: {"model": ErrorOut, "description": "too many failed logins from this address; see Retry-After",
+          "headers": {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}}},
+}
+UNAVAILABLE: dict[int | str, dict[str, Any]] = {
+    503: {"model": ErrorOut, "description": "the database does not answer"},
+}
+LEASE_CONFLICT: dict[int | str, dict[str, Any]] = {
+    409: {"model": ErrorOut, "description": "the task's lease ran out and the item has no room left"},
+}
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok"]
 
 
 class UserOut(BaseModel):
@@ -165,6 +202,7 @@ class UserRow(BaseModel):
     role: Role
     active: bool
     invited: bool  # invited but no password chosen yet
+    failed_logins: int  # failed logins under this username over the last day, from any address
 
 
 class Criterion(BaseModel):
@@ -183,6 +221,7 @@ class UserProgress(BaseModel):
 class RoundRow(BaseModel):
     name: str
     overlap: int
+    lease_minutes: int
     criteria: list[Criterion]
     progress: UserProgress  # the caller's own
 
@@ -191,6 +230,7 @@ class RoundOut(BaseModel):
     name: str
     criteria: list[Criterion]
     overlap: int
+    lease_minutes: int
 
 
 class ItemsAdded(BaseModel):
@@ -207,7 +247,10 @@ class TaskView(BaseModel):
 
     task_id: int
     round: str
-    status: Literal["open", "done", "skipped"]
+    status: Literal["open", "done", "skipped", "expired"]
+    # UTC; an open task not labelled by then goes back to the queue (a late label is kept only while the
+    # item has room). Null for tasks handed out before leases existed.
+    lease_expires_at: dt.datetime | None
     prompt: str
     candidates: list[CandidateView]
     criteria: list[Criterion]
