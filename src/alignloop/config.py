@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from alignloop.errors import UserError
+from alignloop.runs import atomic_write_text
 
 
 class Strict(BaseModel):
@@ -300,8 +301,6 @@ def build_config(
 
 
 def dump_config(cfg: BaseModel, path: str | Path) -> None:
-    from alignloop.runs import atomic_write_text
-
     atomic_write_text(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 

@@ -17,12 +17,14 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from peft import PeftModel
 from torch import nn
+from transformers import AutoModelForSequenceClassification
 
 from alignloop.config import ModelConfig, PPOConfig
 from alignloop.data.formats import parse_rl_prompt, parse_sft
@@ -44,7 +46,13 @@ from alignloop.generation.rollout import (
 )
 from alignloop.generation.sampler import TransformersSampler
 from alignloop.models.forward import body_and_lm_head, causal_lm_loss_sum
-from alignloop.models.load import count_parameters, load_pretrained, prepare_for_training, save_model
+from alignloop.models.load import (
+    count_parameters,
+    load_pretrained,
+    prepare_for_training,
+    read_meta,
+    save_model,
+)
 from alignloop.models.reward import combine_criteria
 from alignloop.rl import ppo_math as pm
 from alignloop.rl.rewards import build_reward, reward_model_dir
@@ -144,11 +152,6 @@ def critic_from_reward_model(path: str, device: torch.device, policy_tokenizer) 
     """The reward model's body and score head, rescaled so the initial value is the reward model's
     normalised reward (criteria heads combined with their weights, as RewardModel.score does). The critic
     reads the policy's token ids, so the reward model must share the policy's tokenizer."""
-    from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification
-
-    from alignloop.models.load import read_meta
-
     folder = reward_model_dir(path)
     rm, rm_tokenizer = load_pretrained(ModelConfig(name_or_path=str(folder), dropout=0.0),
                                        auto_cls=AutoModelForSequenceClassification, device=device, for_training=True)
@@ -228,8 +231,6 @@ def load_policy_and_reference(cfg: PPOConfig, device: torch.device) -> tuple[nn.
 
 def ptx_batches(path: str, tokenizer, batch_size: int, seed: int):
     """Endless seeded stream of SFT batches for PPO-ptx, indexed so resume is exact."""
-    from collections import Counter
-
     examples = [tokenize_sft(parse_sft(r), tokenizer, 1024, 32, Counter()) for r in read_records(path)]
     order = epoch_batches(len(examples), batch_size, seed, 0)
 
