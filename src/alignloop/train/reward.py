@@ -404,10 +404,9 @@ def evaluate_split(model, items: list[Encoded], cfg: RMConfig, weights: torch.Te
     out["accuracy_by_margin"] = _bucket_accuracy(margins, correct)
     out["ece"] = expected_calibration_error(all_delta)
 
-    reward = raw @ weights
-    dist = {"raw": _stats(reward)}
+    dist = {"raw": _stats(combine_criteria(raw, weights))}
     if norm:
-        dist["normalized"] = _stats((reward - norm["mean"]) / norm["std"])
+        dist["normalized"] = _stats(combine_criteria(raw, weights, norm["mean"], norm["std"]))
     if len(delta):
         dist["chosen_mean"] = cols[b["win"], -1].mean().item()
         dist["rejected_mean"] = cols[b["lose"], -1].mean().item()
@@ -459,7 +458,7 @@ def normalization_stats(model, items: list[Encoded], weights: torch.Tensor, pad_
     unique = list({tuple(s): None for it in items for s in it.seqs})
     if len(unique) > max_samples:
         unique = random.Random(seed).sample(unique, max_samples)
-    reward = head_scores(model, [list(s) for s in unique], pad_id, batch_size) @ weights
+    reward = combine_criteria(head_scores(model, [list(s) for s in unique], pad_id, batch_size), weights)
     std = reward.std(unbiased=False).item()
     return {"mean": reward.mean().item(), "std": std if std > 1e-8 else 1.0, "samples": len(unique)}
 
