@@ -415,10 +415,11 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
                     m = r.select(idx)
                     m_mask = mask[idx]
                     with acc.autocast():
-                        loss, stats = _micro_loss(train_policy, critic, m, m_mask, old_logp[idx], ref_logp[idx],
-                                                  advantages[idx], None if returns is None else returns[idx],
-                                                  None if old_values is None else old_values[idx], kl_ctl.coef, p,
-                                                  g.temperature)
+                        loss, stats = micro_batch_loss(train_policy, critic, m, m_mask, old_logp[idx],
+                                                       ref_logp[idx], advantages[idx],
+                                                       None if returns is None else returns[idx],
+                                                       None if old_values is None else old_values[idx],
+                                                       kl_ctl.coef, p, g.temperature)
                         if ptx is not None:
                             ptx_batch = {k: v.to(device) if torch.is_tensor(v) else v
                                          for k, v in ptx(state.setdefault("ptx_position", 0)).items()}
@@ -521,7 +522,8 @@ def _micro(r: Rollout, size: int, fn) -> torch.Tensor:
     return torch.cat([fn(r.select(list(range(i, min(i + size, len(r)))))) for i in range(0, len(r), size)])
 
 
-def _policy_forward(policy: nn.Module, r: Rollout, want_hidden: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def response_logits_and_hidden(policy: nn.Module, r: Rollout,
+                               want_hidden: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Logits [N, V] at response tokens only, and (for a value head on the policy) the hidden states."""
     if not want_hidden:
         return response_logits(policy, r), None
@@ -534,7 +536,7 @@ def _policy_forward(policy: nn.Module, r: Rollout, want_hidden: bool) -> tuple[t
 
 
 def _logprobs(model: nn.Module, r: Rollout, temperature: float) -> torch.Tensor:
-    logits, _ = _policy_forward(model, r, False)
+    logits, _ = response_logits_and_hidden(model, r, False)
     ids = r.response_ids[r.response_mask.bool()]
     return scatter_response(logprobs_from_logits(logits, ids, temperature), r.response_mask)
 
@@ -542,14 +544,16 @@ def _logprobs(model: nn.Module, r: Rollout, temperature: float) -> torch.Tensor:
 def _values(policy: nn.Module, critic: ValueModel, r: Rollout) -> torch.Tensor:
     if critic.body is not None:
         return critic.values(r)
-    _, hidden = _policy_forward(policy, r, True)
+    _, hidden = response_logits_and_hidden(policy, r, True)
     return critic.values(r, hidden)
 
 
-def _micro_loss(policy, critic, m: Rollout, mask, old_logp, ref_logp, advantages, returns, old_values, kl_coef,
-                p, temperature) -> tuple[torch.Tensor, dict[str, float]]:
+def micro_batch_loss(policy, critic, m: Rollout, mask, old_logp, ref_logp, advantages, returns, old_values, kl_coef,
+                     p, temperature) -> tuple[torch.Tensor, dict[str, float]]:
+    """One micro-batch's PPO loss: the clipped policy loss, minus the entropy bonus, plus GRPO's k3 KL
+    term and the critic's clipped value loss; with the logged statistics of each part."""
     head_on_policy = critic is not None and critic.body is None
-    logits, hidden = _policy_forward(policy, m, head_on_policy)
+    logits, hidden = response_logits_and_hidden(policy, m, head_on_policy)
     ids = m.response_ids[m.response_mask.bool()]
     logp = scatter_response(logprobs_from_logits(logits, ids, temperature), m.response_mask)
     loss, st = pm.policy_loss(logp, old_logp, advantages, mask, p.clip_range)

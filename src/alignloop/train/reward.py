@@ -440,7 +440,8 @@ def annotator_agreement(groups: list[Group]) -> dict | None:
 # ---------------------------------------------------------------- the stage
 
 
-def _encode_groups(groups: list[Group], tokenizer, max_len: int, stats: Counter) -> list[Encoded]:
+def encode_groups(groups: list[Group], tokenizer, max_len: int, stats: Counter) -> list[Encoded]:
+    """Every group's responses as reward-model inputs (see encode_for_reward); counts truncated sequences."""
     out = []
     for g in groups:
         seqs = []
@@ -505,9 +506,9 @@ def run_rm(cfg: RMConfig, overwrite: bool = False) -> Path:
     pad_id = tokenizer.pad_token_id
 
     stats: Counter = Counter()
-    train = _encode_groups(splits["train"], tokenizer, max_len, stats)
-    val = _encode_groups(splits["validation"], tokenizer, max_len, stats)
-    test = _encode_groups(splits["test"], tokenizer, max_len, stats)
+    train = encode_groups(splits["train"], tokenizer, max_len, stats)
+    val = encode_groups(splits["validation"], tokenizer, max_len, stats)
+    test = encode_groups(splits["test"], tokenizer, max_len, stats)
     data_report["truncation"] = {**stats, "max_seq_len": max_len}
 
     if acc.is_main_process:
