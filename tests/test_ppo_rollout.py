@@ -13,7 +13,7 @@ from alignloop.generation.rollout import Rollout, response_logits, response_logp
 from alignloop.generation.sampler import TransformersSampler
 from alignloop.models.load import load_pretrained
 from alignloop.models.tiny import build_tiny_model
-from alignloop.train.ppo import ValueModel, _micro_loss, policy_value_head
+from alignloop.train.ppo import ValueModel, micro_batch_loss, policy_value_head, response_logits_and_hidden
 
 WORDS = "red blue green cat dog bird runs jumps sleeps big small happy sad tree river stone".split()
 
@@ -90,7 +90,7 @@ def test_padding_and_prompt_never_reach_a_loss(tiny):
     def loss_of(rr: Rollout, old_logp, advantages):
         with torch.no_grad():
             values = critic.values(rr, _policy_hidden(model, rr))
-            loss, _ = _micro_loss(model, critic, rr, mask, old_logp, old_logp, advantages, values + 1.0,
+            loss, _ = micro_batch_loss(model, critic, rr, mask, old_logp, old_logp, advantages, values + 1.0,
                                   values * 0.5, 0.05, settings, 1.0)
         return loss
 
@@ -103,9 +103,7 @@ def test_padding_and_prompt_never_reach_a_loss(tiny):
 
 
 def _policy_hidden(model, r):
-    from alignloop.train.ppo import _policy_forward
-
-    return _policy_forward(model, r, True)[1]
+    return response_logits_and_hidden(model, r, True)[1]
 
 
 def test_value_head_reads_policy_hidden_states(tiny):

@@ -216,8 +216,8 @@ def test_ratings_of_ranked_responses_share_the_rankings_forward_and_keep_the_obj
     from alignloop.data.formats import parse_feedback
     from alignloop.data.io import Record
     from alignloop.train.reward import (
-        _encode_groups,
         batch_structure,
+        encode_groups,
         objective_sum,
         rewards_with_combined,
         share_rated_responses,
@@ -245,7 +245,7 @@ def test_ratings_of_ranked_responses_share_the_rankings_forward_and_keep_the_obj
     weights = torch.ones(1)
 
     def loss_and_rows(units):
-        items = _encode_groups(units, tok, 128, Counter())
+        items = encode_groups(units, tok, 128, Counter())
         b = batch_structure(items, 1)
         seqs = [s for it in items for s in it.seqs]
         with torch.no_grad():

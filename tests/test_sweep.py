@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-import alignloop.train.supervised as supervised
+import alignloop.sweep as sweep_module
 from alignloop.cli import main
 from test_classification import FAST_TRAIN, generated_reviews, write_config, write_jsonl
 
@@ -37,7 +37,7 @@ def test_sweep_resumes_after_interruption_and_best_config_trains(tmp_path, tiny_
     sweep = tmp_path / "sweep"
     args = ["sweep", "-c", str(cfg), "--trials", "3", "--space", str(space), "--output", str(sweep)]
 
-    real_run = supervised.run_supervised
+    real_run = sweep_module.run_supervised
     calls: list[str] = []
 
     def interrupted_on_third(c, overwrite=False, on_eval=None):
@@ -46,7 +46,7 @@ def test_sweep_resumes_after_interruption_and_best_config_trains(tmp_path, tiny_
             raise KeyboardInterrupt  # Ctrl-C in the middle of the third trial
         return real_run(c, overwrite, on_eval)
 
-    monkeypatch.setattr(supervised, "run_supervised", interrupted_on_third)
+    monkeypatch.setattr(sweep_module, "run_supervised", interrupted_on_third)
     assert main(args) == 130
     study = optuna.load_study(study_name="alignloop", storage=f"sqlite:///{sweep / 'study.db'}")
     states = [t.state.name for t in study.trials]
@@ -56,7 +56,7 @@ def test_sweep_resumes_after_interruption_and_best_config_trains(tmp_path, tiny_
     assert len(finished) == 2
 
     calls.clear()
-    monkeypatch.setattr(supervised, "run_supervised", lambda c, overwrite=False, on_eval=None:
+    monkeypatch.setattr(sweep_module, "run_supervised", lambda c, overwrite=False, on_eval=None:
                         calls.append(c.output_dir) or real_run(c, overwrite, on_eval))
     assert main(args) == 0
     assert len(calls) == 1  # only the missing trial ran; the two finished ones were kept

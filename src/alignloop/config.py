@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from alignloop.errors import UserError
+from alignloop.runs import atomic_write_text
 
 
 class Strict(BaseModel):
@@ -305,8 +306,6 @@ def validate_config(cls: type[C], tree: dict, source: str = "config") -> C:
 
 
 def dump_config(cfg: BaseModel, path: str | Path) -> None:
-    from alignloop.runs import atomic_write_text
-
     atomic_write_text(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 

@@ -19,6 +19,9 @@ from pathlib import Path
 
 from alignloop.config import SFTConfig
 from alignloop.data import synthetic
+from alignloop.data.io import read_records
+from alignloop.models.tiny import build_tiny_model
+from alignloop.train.sft import run_sft
 
 
 @dataclass(frozen=True)
@@ -46,8 +49,6 @@ def write_data(out_dir: str | Path, seed: int = 0, **sizes: int) -> dict[str, Pa
 def as_chat(data: dict[str, Path]) -> dict[str, Path]:
     """The same data as chat records (``messages``), for an instruction-tuned model: it answers a user turn
     through its own chat template, where a raw-text prompt often gets an empty answer. Files are kept."""
-    from alignloop.data.io import read_records
-
     out = {}
     for name in ("sft", "rl_prompts", "eval_prompts"):
         path = data[name].with_name(f"{name}_chat.jsonl")
@@ -81,10 +82,6 @@ def build_base_model(work_dir: str | Path, corpus: str | Path, size: BaseModelSi
                      seed: int = 0) -> Path:
     """Tokenizer + random tiny Llama in ``work_dir/init``, pretrained into ``work_dir/pretrain``; returns
     the pretrained model folder (``work_dir/pretrain/model``)."""
-    from alignloop.data.io import read_records
-    from alignloop.models.tiny import build_tiny_model
-    from alignloop.train.sft import run_sft
-
     work = Path(work_dir)
     init, run = work / "init", work / "pretrain"
     if not (run / "FINISHED").is_file():

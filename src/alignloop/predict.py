@@ -10,13 +10,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from alignloop.config import SamplingConfig
+import torch
+from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+from alignloop.config import ModelConfig, SamplingConfig
+from alignloop.data.formats import PlainText, Words, validate_record
+from alignloop.data.io import read_records
+from alignloop.data.tokenize import ensure_chat_template, render_prompt
 from alignloop.errors import UserError
+from alignloop.generation.sampler import TransformersSampler, inference_device
+from alignloop.models.load import load_pretrained, read_meta
+from alignloop.runs import atomic_write_text, to_json
+from alignloop.train.classification import class_probabilities, encode_texts
+from alignloop.train.tagging import encode_words, predict_word_tags
 
 
 def _read_inputs(path: str, fmt: str, field: str) -> list:
-    from alignloop.data.io import read_records
-
     records = read_records(path, fmt)
     for rec in records:
         if field not in rec.data:
@@ -25,13 +34,6 @@ def _read_inputs(path: str, fmt: str, field: str) -> list:
 
 
 def predict_classification(model_dir: Path, meta: dict, records: list, batch_size: int, device) -> list[dict]:
-    from transformers import AutoModelForSequenceClassification
-
-    from alignloop.config import ModelConfig
-    from alignloop.data.formats import PlainText, validate_record
-    from alignloop.models.load import load_pretrained
-    from alignloop.train.classification import class_probabilities, encode_texts
-
     names = meta["labels"]
     id2label = dict(enumerate(names))
     model, tok = load_pretrained(ModelConfig(name_or_path=str(model_dir)), AutoModelForSequenceClassification,
@@ -51,13 +53,6 @@ def predict_classification(model_dir: Path, meta: dict, records: list, batch_siz
 
 
 def predict_tagging(model_dir: Path, meta: dict, records: list, batch_size: int, device) -> list[dict]:
-    from transformers import AutoModelForTokenClassification
-
-    from alignloop.config import ModelConfig
-    from alignloop.data.formats import Words, validate_record
-    from alignloop.models.load import load_pretrained
-    from alignloop.train.tagging import encode_words, predict_word_tags
-
     names = meta["labels"]
     id2label = dict(enumerate(names))
     model, tok = load_pretrained(ModelConfig(name_or_path=str(model_dir)), AutoModelForTokenClassification,
@@ -72,13 +67,6 @@ def predict_tagging(model_dir: Path, meta: dict, records: list, batch_size: int,
 
 def predict_causal_lm(model_dir: Path, records: list, device, sampling: SamplingConfig) -> list[dict]:
     """The completion of every record's prompt by the one sampler, after seeding torch with sampling.seed."""
-    import torch
-
-    from alignloop.config import ModelConfig
-    from alignloop.data.tokenize import ensure_chat_template, render_prompt
-    from alignloop.generation.sampler import TransformersSampler
-    from alignloop.models.load import load_pretrained
-
     model, tok = load_pretrained(ModelConfig(name_or_path=str(model_dir)), device=device, for_training=False)
     model.to(device).eval()
     ensure_chat_template(tok)
@@ -111,10 +99,6 @@ def predict(model_dir: str | Path, data: str, output: str | Path, data_format: s
             sampling: SamplingConfig = SamplingConfig(temperature=0.0, seed=0)) -> Path:
     """``batch_size`` batches classification and tagging; a causal LM generates ``sampling.batch_size``
     prompts per call (default: ``batch_size``). Predictions are greedy unless sampling.temperature > 0."""
-    from alignloop.generation.sampler import inference_device
-    from alignloop.models.load import read_meta
-    from alignloop.runs import atomic_write_text, to_json
-
     folder = Path(model_dir)
     if not folder.is_dir():
         raise UserError(f"model folder not found: {folder}")
@@ -126,8 +110,6 @@ def predict(model_dir: str | Path, data: str, output: str | Path, data_format: s
     elif task == "tagging":
         rows = predict_tagging(folder, meta, _read_inputs(data, data_format, "tokens"), batch_size, device)
     elif task == "causal_lm":
-        from alignloop.data.io import read_records
-
         if sampling.batch_size is None:
             sampling = sampling.model_copy(update={"batch_size": batch_size})
         rows = predict_causal_lm(folder, read_records(data, data_format), device, sampling)

@@ -16,10 +16,13 @@ import logging
 from pathlib import Path
 from typing import Any, Literal
 
+import optuna
 from pydantic import ValidationError, model_validator
 
-from alignloop.config import SFTConfig, Strict, describe_validation_error, read_yaml, set_dotted
-from alignloop.errors import UserError
+from alignloop.config import SFTConfig, Strict, describe_validation_error, dump_config, read_yaml, set_dotted
+from alignloop.errors import TrainingDiverged, UserError
+from alignloop.train.supervised import run_supervised
+from alignloop.training.fit import metric_greater_is_better
 
 log = logging.getLogger(__name__)
 
@@ -106,13 +109,6 @@ def validation_value(run_dir: Path, metric: str) -> float:
 
 
 def run_sweep(cfg: SFTConfig, trials: int, space: dict[str, Param], sweep_dir: Path) -> tuple[Any, Path]:
-    import optuna
-
-    from alignloop.config import dump_config
-    from alignloop.errors import TrainingDiverged
-    from alignloop.train.supervised import run_supervised
-    from alignloop.training.fit import metric_greater_is_better
-
     base = cfg.model_dump(mode="json")
     for key, p in space.items():  # every key must exist in the config: fail now, not in trial 7
         sample = p.choices[0] if p.type == "categorical" else (int(p.low) if p.type == "int" else p.low)

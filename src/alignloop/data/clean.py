@@ -9,6 +9,8 @@ from collections import Counter
 from html.parser import HTMLParser
 from typing import Any
 
+from datasketch import MinHash, MinHashLSH
+
 from alignloop.config import CleanConfig
 from alignloop.data.io import Record
 
@@ -115,8 +117,6 @@ def clean_records(records: list[Record], cfg: CleanConfig) -> tuple[list[Record]
     seen: set[str] = set()
     lsh = None
     if cfg.dedupe_near:
-        from datasketch import MinHash, MinHashLSH
-
         lsh = MinHashLSH(threshold=cfg.near_threshold, num_perm=64)
 
     for rec in records:

@@ -87,6 +87,7 @@ def _csv_value(raw: str | None) -> Any:
 
 
 def _read_table(path: Path, fmt: str) -> Iterator[Record]:
+    # pyarrow and datasets take most of a second to import; every JSONL reader (the feedback app's too) needs neither.
     if fmt == "parquet":
         import pyarrow.parquet as pq
 

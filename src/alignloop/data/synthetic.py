@@ -224,23 +224,16 @@ def gold_ratings(prompt: str, response: str) -> dict[str, float]:
 # ---------------------------------------------------------------- prompts
 
 
-@dataclass(frozen=True)
-class WorldPrompt:
-    text: str
-    entities: dict[str, str]
-
-
 def _stable_int(*parts: object) -> int:
     digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:8], "big")
 
 
-def sample_prompt(rng: random.Random) -> WorldPrompt:
+def sample_prompt(rng: random.Random) -> str:
     template, _ = rng.choice(PROMPT_TEMPLATES)
     base, act3, acting = rng.choice(ACTIONS)
-    text = template.format(colour=rng.choice(COLOURS), animal=rng.choice(ANIMALS), place=rng.choice(PLACES),
+    return template.format(colour=rng.choice(COLOURS), animal=rng.choice(ANIMALS), place=rng.choice(PLACES),
                            act3=act3, acting=acting)
-    return WorldPrompt(text, requested_entities(text))
 
 
 def is_eval_prompt(text: str) -> bool:
@@ -248,29 +241,29 @@ def is_eval_prompt(text: str) -> bool:
     return _stable_int("eval-split", text) % 8 == 0
 
 
-def _prompts(n: int, seed: int, held_out: bool, salt: str) -> list[WorldPrompt]:
+def _prompts(n: int, seed: int, held_out: bool, salt: str) -> list[str]:
     rng = random.Random(_stable_int(salt, seed))
-    out: list[WorldPrompt] = []
+    out: list[str] = []
     seen: set[str] = set()
     for _ in range(n * 200):
         if len(out) == n:
             break
         p = sample_prompt(rng)
-        if p.text in seen or is_eval_prompt(p.text) != held_out:
+        if p in seen or is_eval_prompt(p) != held_out:
             continue
-        seen.add(p.text)
+        seen.add(p)
         out.append(p)
     return out
 
 
 def rl_prompts(n: int = 256, seed: int = 0) -> list[dict]:
     """``{"prompt"}`` records for PPO and candidate collection; never an evaluation prompt."""
-    return [{"prompt": p.text} for p in _prompts(n, seed, held_out=False, salt="rl")]
+    return [{"prompt": p} for p in _prompts(n, seed, held_out=False, salt="rl")]
 
 
 def eval_prompts(n: int = 64, seed: int = 0) -> list[dict]:
     """Held-out ``{"prompt"}`` records, disjoint from every training / RL prompt of any seed."""
-    return [{"prompt": p.text} for p in _prompts(n, seed, held_out=True, salt="eval")]
+    return [{"prompt": p} for p in _prompts(n, seed, held_out=True, salt="eval")]
 
 
 # ---------------------------------------------------------------- responses
@@ -363,7 +356,7 @@ def pretraining_corpus(n: int = 4000, seed: int = 0, with_question: float = 0.8)
     rng = random.Random(_stable_int("corpus", seed))
     out = []
     for _ in range(n):
-        prompt = sample_prompt(rng).text
+        prompt = sample_prompt(rng)
         style = random_style(rng, rng.random())
         if rng.random() < with_question:
             # Answers in the corpus always name what was asked (their other faults vary), so every
@@ -379,7 +372,7 @@ def sft_records(n: int = 1000, seed: int = 0) -> list[dict]:
     gives a reasonable starting policy and RLHF has room to improve on it."""
     prompts = _prompts(n, seed, held_out=False, salt="sft")
     rng = random.Random(_stable_int("sft", seed))
-    return [{"prompt": p.text, "completion": " " + write_response(rng, p.text, random_style(rng, 0.6))}
+    return [{"prompt": p, "completion": " " + write_response(rng, p, random_style(rng, 0.6))}
             for p in prompts]
 
 
@@ -387,11 +380,11 @@ def preference_pairs(n: int = 512, seed: int = 0) -> list[dict]:
     """``{"prompt", "chosen", "rejected"}`` by gold_total (ties skipped), for reward-model tests."""
     out = []
     for p in _prompts(n, seed, held_out=False, salt="pairs"):
-        a, b = candidate_responses(p.text, 2, seed)
-        ga, gb = gold_total(p.text, a), gold_total(p.text, b)
+        a, b = candidate_responses(p, 2, seed)
+        ga, gb = gold_total(p, a), gold_total(p, b)
         if ga != gb:
             chosen, rejected = (a, b) if ga > gb else (b, a)
-            out.append({"prompt": p.text, "chosen": chosen, "rejected": rejected})
+            out.append({"prompt": p, "chosen": chosen, "rejected": rejected})
     return out
 
 

@@ -22,18 +22,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from alignloop.config import EvalConfig, ModelConfig, dump_config
-from alignloop.data.formats import parse_rl_prompt
+from alignloop.data.formats import parse_rl_prompt, parse_sft
 from alignloop.data.io import read_records
-from alignloop.data.tokenize import ensure_chat_template, render_prompt
+from alignloop.data.tokenize import ensure_chat_template, render_prompt, tokenize_sft
 from alignloop.errors import UserError
 from alignloop.evaluate.judge import human_win_rates
 from alignloop.evaluate.safety import SafetyCheck
 from alignloop.generation.rollout import Rollout, response_logprobs
 from alignloop.generation.sampler import TransformersSampler, inference_device
+from alignloop.models.load import load_pretrained
+from alignloop.models.reward import RewardModel
+from alignloop.rl.rewards import import_callable
 from alignloop.runs import RunDir, atomic_write_json, atomic_write_text, to_json
 from alignloop.stats import paired_win_rate
+from alignloop.train.sft import lm_eval
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +78,6 @@ def load_prompts(path: str, limit: int) -> list[Prompt]:
 
 
 def load_model(path: str, device: torch.device, chat_template: str | None):
-    from alignloop.models.load import load_pretrained
-
     model, tok = load_pretrained(ModelConfig(name_or_path=path), device=device, for_training=False)
     ensure_chat_template(tok, chat_template)
     return model.to(device).eval(), tok
@@ -102,8 +105,6 @@ def prompt_ids(tok, prompts: Sequence[Prompt], max_len: int) -> list[list[int]]:
 def sample(model, tok, prompts: Sequence[Prompt], cfg: EvalConfig, name: str, path: str) -> Generations:
     """One sampled response per prompt. The generator is reseeded so that every model draws from the
     same random stream: differences between models come from the models, not the dice."""
-    from tqdm.auto import tqdm
-
     g = cfg.generation
     sampler = TransformersSampler(model, tok.eos_token_id, tok.pad_token_id)
     ids = prompt_ids(tok, prompts, cfg.max_prompt_len)
@@ -139,10 +140,6 @@ def sequence_kl(policy_gen: Generations, reference, temperature: float, batch_si
 
 def test_loss(model, tok, path: str, max_seq_len: int, batch_size: int) -> dict:
     """The SFT task metric: token-averaged loss and perplexity on SFT-format test records."""
-    from alignloop.data.formats import parse_sft
-    from alignloop.data.tokenize import tokenize_sft
-    from alignloop.train.sft import lm_eval
-
     examples = [tokenize_sft(parse_sft(rec), tok, max_seq_len, 32, Counter()) for rec in read_records(path)]
     device = next(model.parameters()).device
     with torch.no_grad():
@@ -154,8 +151,6 @@ def test_loss(model, tok, path: str, max_seq_len: int, batch_size: int) -> dict:
 
 
 def gold_function(spec: str) -> Callable[[str, str], float | dict]:
-    from alignloop.rl.rewards import import_callable
-
     return import_callable(spec)
 
 
@@ -239,8 +234,6 @@ def run_eval(cfg: EvalConfig, overwrite: bool = False) -> Path:
     sources = [p.source for p in prompts]
     rewards: dict[str, list[float]] = {}
     if cfg.reward_model:
-        from alignloop.models.reward import RewardModel
-
         rm = RewardModel.load(cfg.reward_model, device)
         rewards = {g.name: rm.score(sources, g.texts, batch_size=cfg.batch_size) for g in runs}
         del rm

@@ -356,6 +356,7 @@ def build_report(run: str | Path | ReportInputs, output: str | Path | None = Non
     if title:
         inputs.title = title
     if isinstance(gold, str):
+        # rl.rewards loads torch; the report itself needs neither, so only a gold function given by name pays for it.
         from alignloop.rl.rewards import import_callable
 
         gold = import_callable(gold)

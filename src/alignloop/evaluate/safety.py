@@ -10,8 +10,12 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from alignloop.config import SafetyConfig
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from alignloop.config import ModelConfig, SafetyConfig
 from alignloop.errors import UserError
+from alignloop.models.load import load_pretrained
 
 
 def blocklist_terms(cfg: SafetyConfig) -> list[str]:
@@ -46,11 +50,6 @@ class SafetyCheck:
         return self.pattern is not None or self.classifier is not None
 
     def _load_classifier(self, path: str) -> None:
-        from transformers import AutoModelForSequenceClassification
-
-        from alignloop.config import ModelConfig
-        from alignloop.models.load import load_pretrained
-
         model, tok = load_pretrained(ModelConfig(name_or_path=path), auto_cls=AutoModelForSequenceClassification,
                                      for_training=False)
         labels = {int(i): str(name) for i, name in model.config.id2label.items()}
@@ -62,8 +61,6 @@ class SafetyCheck:
         self.classifier, self.tokenizer = model.eval(), tok
 
     def unsafe_probability(self, texts: Sequence[str]) -> list[float]:
-        import torch
-
         out: list[float] = []
         for i in range(0, len(texts), self.batch_size):
             enc = self.tokenizer(list(texts[i : i + self.batch_size]), padding=True, truncation=True,

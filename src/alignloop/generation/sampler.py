@@ -16,6 +16,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
+from transformers import GenerationConfig
 
 from alignloop.config import SamplingConfig
 from alignloop.data.batching import left_pad
@@ -40,8 +42,6 @@ def inference_device() -> torch.device:
 def generation_config(s: SamplingConfig, eos_id: int | None, pad_id: int, output_logits: bool = False):
     """A complete config: every setting that changes what is sampled is set here, nothing is left for
     transformers to fill from the checkpoint. Temperature 0 is greedy decoding."""
-    from transformers import GenerationConfig
-
     # top_k=0 must be explicit: transformers fills an unset top_k with 50.
     sampling = dict(do_sample=True, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p) if s.temperature > 0 \
         else dict(do_sample=False)
@@ -55,8 +55,6 @@ def generation_config(s: SamplingConfig, eos_id: int | None, pad_id: int, output
 def clean_generation_defaults(model: nn.Module) -> Iterator[None]:
     """transformers fills every unset generation setting from the checkpoint's generation_config
     (suppress_tokens, bad_words_ids, eos ids...); swap in a blank one while we sample."""
-    from transformers import GenerationConfig
-
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     saved = inner.generation_config
     inner.generation_config = GenerationConfig()
@@ -78,8 +76,6 @@ class TransformersSampler:
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *, repeat: int = 1,
                  keep_logprobs: bool = False, desc: str | None = None) -> Rollout:
-        from tqdm.auto import tqdm
-
         if keep_logprobs and sampling.temperature <= 0:
             raise ValueError("log-probabilities need a sampling temperature > 0")
         rows = [p for p in prompts for _ in range(repeat)]

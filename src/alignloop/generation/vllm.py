@@ -12,6 +12,11 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 
+import torch
+from transformers import AutoConfig
+
+from alignloop.config import ModelConfig
+from alignloop.data.tokenize import ensure_chat_template
 from alignloop.errors import UserError
 from alignloop.generation.streaming import (
     Delta,
@@ -21,14 +26,13 @@ from alignloop.generation.streaming import (
     StreamRequest,
     context_length_of,
 )
+from alignloop.models.load import load_tokenizer, model_source
 
 
 def check_vllm_available() -> None:
     if importlib.util.find_spec("vllm") is None:
         raise UserError("--engine vllm needs the vllm package (pip install vllm) and a CUDA GPU; "
                         "use --engine transformers (the default) otherwise")
-    import torch
-
     if not torch.cuda.is_available():
         raise UserError("--engine vllm needs a CUDA GPU and none is visible; use --engine transformers")
 
@@ -47,12 +51,7 @@ class VLLMEngine:
     def create(cls, model: str, metrics: EngineCounters, max_batch: int = 32, max_queue: int = 256,
                dtype: str = "auto") -> VLLMEngine:
         check_vllm_available()
-        from transformers import AutoConfig
-        from vllm import AsyncEngineArgs, AsyncLLMEngine
-
-        from alignloop.config import ModelConfig
-        from alignloop.data.tokenize import ensure_chat_template
-        from alignloop.models.load import load_tokenizer, model_source
+        from vllm import AsyncEngineArgs, AsyncLLMEngine  # optional dependency: only with --engine vllm
 
         source = model_source(ModelConfig(name_or_path=model))
         llm = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(model=source, dtype=dtype, max_num_seqs=max_batch))
@@ -87,7 +86,7 @@ class VLLMEngine:
         self.metrics.finished.labels("cancelled").inc()
 
     async def _run(self, gen: Generation) -> None:
-        from vllm import SamplingParams as VSampling
+        from vllm import SamplingParams as VSampling  # optional dependency: only with --engine vllm
 
         s = gen.params.sampling
         # vLLM's "top-k off" is -1; temperature 0 is greedy in both.

@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from transformers import AutoModelForSequenceClassification
 
 from alignloop.config import ModelConfig
+from alignloop.data.tokenize import ensure_chat_template
 from alignloop.errors import UserError
 from alignloop.models.load import load_pretrained, read_meta, save_model
 from alignloop.runs import atomic_write_text
@@ -36,17 +38,11 @@ def export_model(model_dir: str | Path, output: str | Path, merge: bool = False)
         raise UserError(f"{src} holds a LoRA adapter; pass --merge to write a standalone model")
     meta = read_meta(src)
     reward = meta.get("stage") == "rm"
-    auto_cls = None
-    if reward:
-        from transformers import AutoModelForSequenceClassification
-
-        auto_cls = AutoModelForSequenceClassification
+    auto_cls = AutoModelForSequenceClassification if reward else None
     model, tok = load_pretrained(ModelConfig(name_or_path=str(src)), auto_cls=auto_cls, for_training=False)
     if is_adapter:
         model = model.merge_and_unload()
     if not reward:
-        from alignloop.data.tokenize import ensure_chat_template
-
         ensure_chat_template(tok)
         complete_generation_config(model, tok)
     run = read_run(src.parent)

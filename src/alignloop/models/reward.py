@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForSequenceClassification
 
 from alignloop.config import ModelConfig
 from alignloop.data.batching import length_batches, right_pad
@@ -85,8 +87,6 @@ def model_max_len(model, wanted: int) -> int:
 def head_scores(model, seqs: Sequence[list[int]], pad_id: int, batch_size: int,
                 device: torch.device | None = None) -> torch.Tensor:
     """Raw head outputs [len(seqs), num_labels], batching sequences of similar length together."""
-    from tqdm.auto import tqdm
-
     device = device or next(model.parameters()).device
     out = torch.empty(len(seqs), model.config.num_labels, dtype=torch.float32)
     batches = length_batches([len(s) for s in seqs], batch_size)
@@ -114,8 +114,6 @@ class RewardModel:
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device | None = None) -> RewardModel:
-        from transformers import AutoModelForSequenceClassification
-
         folder = Path(path)
         meta = read_meta(folder)
         if meta.get("stage") != "rm":

@@ -6,6 +6,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, decoders, pre_tokenizers, processors, trainers
+from tokenizers import models as tokenizer_models
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
 
 from alignloop.data.tokenize import DEFAULT_CHAT_TEMPLATE
 
@@ -15,10 +18,7 @@ ARCHITECTURES = ("llama", "qwen2", "gpt2")
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024):
     """Byte-level BPE trained on ``texts``, wrapped as a transformers fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok = Tokenizer(tokenizer_models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
@@ -35,8 +35,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024):
 
 def tiny_config(arch: str, vocab_size: int, hidden: int = 64, layers: int = 2, heads: int = 4,
                 max_positions: int = 1024, tokenizer=None):
-    from transformers import GPT2Config, LlamaConfig, Qwen2Config
-
     ids = {}
     if tokenizer is not None:
         ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -59,8 +57,6 @@ def build_tiny_model(out_dir: str | Path, texts: Iterable[str], arch: str = "lla
                      hidden: int = 64, layers: int = 2, heads: int = 4, seed: int = 0,
                      max_positions: int = 1024) -> Path:
     """Train a tokenizer on ``texts``, build a random-init causal LM around it and save both."""
-    from transformers import AutoModelForCausalLM
-
     out = Path(out_dir)
     tok = train_tokenizer(texts, vocab_size)
     config = tiny_config(arch, len(tok), hidden, layers, heads, max_positions, tok)

@@ -17,8 +17,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.utils.class_weight import compute_class_weight
+from transformers import AutoModelForSequenceClassification
 
 from alignloop.config import SFTConfig
 from alignloop.data.batching import length_batches, right_pad
@@ -29,6 +32,7 @@ from alignloop.errors import UserError
 from alignloop.models.load import count_parameters, load_pretrained, prepare_for_training, save_model
 from alignloop.runs import RunDir, atomic_write_json
 from alignloop.train.labelled import check_known, check_metric, write_jsonl
+from alignloop.train.metrics import classification_metrics
 from alignloop.training.accelerator import make_accelerator
 from alignloop.training.finish import finish_run
 from alignloop.training.fit import fit
@@ -85,8 +89,6 @@ def class_probabilities(model, ids: list[list[int]], pad_id: int, batch_size: in
 def evaluate_split(model, examples: list[LabelledExample], ids: list[list[int]], names: list[str], pad_id: int,
                    batch_size: int, device) -> tuple[dict, list[dict]]:
     """Metrics (with the mean cross-entropy) and one prediction row per example."""
-    from alignloop.train.metrics import classification_metrics
-
     probs = class_probabilities(model, ids, pad_id, batch_size, device)
     gold = torch.tensor([names.index(str(e.label)) for e in examples])
     loss = F.nll_loss(probs.clamp_min(1e-12).log(), gold).item()
@@ -101,17 +103,12 @@ def evaluate_split(model, examples: list[LabelledExample], ids: list[list[int]],
 
 def class_weights(train_ids: list[int], n_classes: int) -> torch.Tensor:
     """scikit-learn's "balanced" weights: n_examples / (n_classes * n_in_class)."""
-    import numpy as np
-    from sklearn.utils.class_weight import compute_class_weight
-
     w = compute_class_weight("balanced", classes=np.arange(n_classes), y=np.array(train_ids))
     return torch.tensor(w, dtype=torch.float32)
 
 
 def run_classification(cfg: SFTConfig, overwrite: bool = False,
                        on_eval: Callable[[int, dict[str, float]], None] | None = None) -> Path:
-    from transformers import AutoModelForSequenceClassification
-
     check_metric(cfg, METRICS)
     run = RunDir(cfg.output_dir)
     splits, data_report = load_splits(cfg.data, cfg.train.seed, parse_labelled)

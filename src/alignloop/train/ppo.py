@@ -17,12 +17,14 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from peft import PeftModel
 from torch import nn
+from transformers import AutoModelForSequenceClassification
 
 from alignloop.config import ModelConfig, PPOConfig
 from alignloop.data.formats import parse_rl_prompt, parse_sft
@@ -44,7 +46,13 @@ from alignloop.generation.rollout import (
 )
 from alignloop.generation.sampler import TransformersSampler
 from alignloop.models.forward import body_and_lm_head, causal_lm_loss_sum
-from alignloop.models.load import count_parameters, load_pretrained, prepare_for_training, save_model
+from alignloop.models.load import (
+    count_parameters,
+    load_pretrained,
+    prepare_for_training,
+    read_meta,
+    save_model,
+)
 from alignloop.models.reward import combine_criteria
 from alignloop.rl import ppo_math as pm
 from alignloop.rl.rewards import build_reward, reward_model_dir
@@ -144,11 +152,6 @@ def critic_from_reward_model(path: str, device: torch.device, policy_tokenizer) 
     """The reward model's body and score head, rescaled so the initial value is the reward model's
     normalised reward (criteria heads combined with their weights, as RewardModel.score does). The critic
     reads the policy's token ids, so the reward model must share the policy's tokenizer."""
-    from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification
-
-    from alignloop.models.load import read_meta
-
     folder = reward_model_dir(path)
     rm, rm_tokenizer = load_pretrained(ModelConfig(name_or_path=str(folder), dropout=0.0),
                                        auto_cls=AutoModelForSequenceClassification, device=device, for_training=True)
@@ -228,8 +231,6 @@ def load_policy_and_reference(cfg: PPOConfig, device: torch.device) -> tuple[nn.
 
 def ptx_batches(path: str, tokenizer, batch_size: int, seed: int):
     """Endless seeded stream of SFT batches for PPO-ptx, indexed so resume is exact."""
-    from collections import Counter
-
     examples = [tokenize_sft(parse_sft(r), tokenizer, 1024, 32, Counter()) for r in read_records(path)]
     order = epoch_batches(len(examples), batch_size, seed, 0)
 
@@ -413,10 +414,11 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
                     m = r.select(idx)
                     m_mask = mask[idx]
                     with acc.autocast():
-                        loss, stats = _micro_loss(train_policy, critic, m, m_mask, old_logp[idx], ref_logp[idx],
-                                                  advantages[idx], None if returns is None else returns[idx],
-                                                  None if old_values is None else old_values[idx], kl_ctl.coef, p,
-                                                  g.temperature)
+                        loss, stats = micro_batch_loss(train_policy, critic, m, m_mask, old_logp[idx],
+                                                       ref_logp[idx], advantages[idx],
+                                                       None if returns is None else returns[idx],
+                                                       None if old_values is None else old_values[idx],
+                                                       kl_ctl.coef, p, g.temperature)
                         if ptx is not None:
                             ptx_batch = {k: v.to(device) if torch.is_tensor(v) else v
                                          for k, v in ptx(state.setdefault("ptx_position", 0)).items()}
@@ -519,7 +521,8 @@ def _micro(r: Rollout, size: int, fn) -> torch.Tensor:
     return torch.cat([fn(r.select(list(range(i, min(i + size, len(r)))))) for i in range(0, len(r), size)])
 
 
-def _policy_forward(policy: nn.Module, r: Rollout, want_hidden: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def response_logits_and_hidden(policy: nn.Module, r: Rollout,
+                               want_hidden: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Logits [N, V] at response tokens only, and (for a value head on the policy) the hidden states."""
     if not want_hidden:
         return response_logits(policy, r), None
@@ -532,7 +535,7 @@ def _policy_forward(policy: nn.Module, r: Rollout, want_hidden: bool) -> tuple[t
 
 
 def _logprobs(model: nn.Module, r: Rollout, temperature: float) -> torch.Tensor:
-    logits, _ = _policy_forward(model, r, False)
+    logits, _ = response_logits_and_hidden(model, r, False)
     ids = r.response_ids[r.response_mask.bool()]
     return scatter_response(logprobs_from_logits(logits, ids, temperature), r.response_mask)
 
@@ -540,14 +543,16 @@ def _logprobs(model: nn.Module, r: Rollout, temperature: float) -> torch.Tensor:
 def _values(policy: nn.Module, critic: ValueModel, r: Rollout) -> torch.Tensor:
     if critic.body is not None:
         return critic.values(r)
-    _, hidden = _policy_forward(policy, r, True)
+    _, hidden = response_logits_and_hidden(policy, r, True)
     return critic.values(r, hidden)
 
 
-def _micro_loss(policy, critic, m: Rollout, mask, old_logp, ref_logp, advantages, returns, old_values, kl_coef,
-                p, temperature) -> tuple[torch.Tensor, dict[str, float]]:
+def micro_batch_loss(policy, critic, m: Rollout, mask, old_logp, ref_logp, advantages, returns, old_values, kl_coef,
+                     p, temperature) -> tuple[torch.Tensor, dict[str, float]]:
+    """One micro-batch's PPO loss: the clipped policy loss, minus the entropy bonus, plus GRPO's k3 KL
+    term and the critic's clipped value loss; with the logged statistics of each part."""
     head_on_policy = critic is not None and critic.body is None
-    logits, hidden = _policy_forward(policy, m, head_on_policy)
+    logits, hidden = response_logits_and_hidden(policy, m, head_on_policy)
     ids = m.response_ids[m.response_mask.bool()]
     logp = scatter_response(logprobs_from_logits(logits, ids, temperature), m.response_mask)
     loss, st = pm.policy_loss(logp, old_logp, advantages, mask, p.clip_range)

@@ -20,7 +20,10 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
+from peft import PeftModel
+from transformers import AutoModelForSequenceClassification, set_seed
 
 from alignloop.config import RMConfig
 from alignloop.data.batching import right_pad
@@ -28,10 +31,12 @@ from alignloop.data.formats import (
     Feedback,
     PreferencePair,
     Rating,
+    parse_feedback,
     ranking_groups,
 )
 from alignloop.data.io import Record
 from alignloop.data.splits import load_splits
+from alignloop.data.tokenize import ensure_chat_template
 from alignloop.errors import UserError
 from alignloop.models.load import count_parameters, load_pretrained, prepare_for_training, save_model
 from alignloop.models.reward import (
@@ -290,8 +295,6 @@ def _bucket_accuracy(margins: list[float], correct: list[bool]) -> dict:
     if len(values) <= 6:
         keys = [f"{m:g}" for m in margins]
     else:
-        import numpy as np
-
         edges = np.quantile(margins, [0.25, 0.5, 0.75]).tolist()
         bounds = [min(margins), *edges, max(margins)]
         names = [f"[{bounds[i]:.3g}, {bounds[i + 1]:.3g}]" for i in range(4)]
@@ -401,10 +404,9 @@ def evaluate_split(model, items: list[Encoded], cfg: RMConfig, weights: torch.Te
     out["accuracy_by_margin"] = _bucket_accuracy(margins, correct)
     out["ece"] = expected_calibration_error(all_delta)
 
-    reward = raw @ weights
-    dist = {"raw": _stats(reward)}
+    dist = {"raw": _stats(combine_criteria(raw, weights))}
     if norm:
-        dist["normalized"] = _stats((reward - norm["mean"]) / norm["std"])
+        dist["normalized"] = _stats(combine_criteria(raw, weights, norm["mean"], norm["std"]))
     if len(delta):
         dist["chosen_mean"] = cols[b["win"], -1].mean().item()
         dist["rejected_mean"] = cols[b["lose"], -1].mean().item()
@@ -438,7 +440,8 @@ def annotator_agreement(groups: list[Group]) -> dict | None:
 # ---------------------------------------------------------------- the stage
 
 
-def _encode_groups(groups: list[Group], tokenizer, max_len: int, stats: Counter) -> list[Encoded]:
+def encode_groups(groups: list[Group], tokenizer, max_len: int, stats: Counter) -> list[Encoded]:
+    """Every group's responses as reward-model inputs (see encode_for_reward); counts truncated sequences."""
     out = []
     for g in groups:
         seqs = []
@@ -456,14 +459,12 @@ def normalization_stats(model, items: list[Encoded], weights: torch.Tensor, pad_
     unique = list({tuple(s): None for it in items for s in it.seqs})
     if len(unique) > max_samples:
         unique = random.Random(seed).sample(unique, max_samples)
-    reward = head_scores(model, [list(s) for s in unique], pad_id, batch_size) @ weights
+    reward = combine_criteria(head_scores(model, [list(s) for s in unique], pad_id, batch_size), weights)
     std = reward.std(unbiased=False).item()
     return {"mean": reward.mean().item(), "std": std if std > 1e-8 else 1.0, "samples": len(unique)}
 
 
 def run_rm(cfg: RMConfig, overwrite: bool = False) -> Path:
-    from alignloop.data.formats import parse_feedback
-
     run = RunDir(cfg.output_dir)
     names = [c.name for c in cfg.criteria]
     n_heads = len(names) if cfg.multi_criteria else 1
@@ -488,16 +489,12 @@ def run_rm(cfg: RMConfig, overwrite: bool = False) -> Path:
 
     acc = make_accelerator(cfg.train, run)
     open_run(run, cfg, overwrite, SUPERVISED_MUTABLE, acc.is_main_process)
-    from transformers import AutoModelForSequenceClassification, set_seed
-
     set_seed(cfg.train.seed)  # the new reward head is initialised randomly: same seed, same head
     model, tokenizer = load_pretrained(cfg.model, auto_cls=AutoModelForSequenceClassification, device=acc.device,
                                        for_training=True, config_overrides={"num_labels": n_heads})
     if model.config.num_labels != n_heads:
         raise UserError(f"{cfg.model.name_or_path} has {model.config.num_labels} reward heads but the config asks "
                         f"for {n_heads} (multi_criteria={cfg.multi_criteria}, {len(names)} criteria)")
-    from alignloop.data.tokenize import ensure_chat_template
-
     ensure_chat_template(tokenizer, cfg.data.chat_template)
     # LoRA trains the new head in full; an encoder's pooler (often absent from sentence-embedding
     # checkpoints, so freshly initialised) too.
@@ -509,9 +506,9 @@ def run_rm(cfg: RMConfig, overwrite: bool = False) -> Path:
     pad_id = tokenizer.pad_token_id
 
     stats: Counter = Counter()
-    train = _encode_groups(splits["train"], tokenizer, max_len, stats)
-    val = _encode_groups(splits["validation"], tokenizer, max_len, stats)
-    test = _encode_groups(splits["test"], tokenizer, max_len, stats)
+    train = encode_groups(splits["train"], tokenizer, max_len, stats)
+    val = encode_groups(splits["validation"], tokenizer, max_len, stats)
+    test = encode_groups(splits["test"], tokenizer, max_len, stats)
     data_report["truncation"] = {**stats, "max_seq_len": max_len}
 
     if acc.is_main_process:
@@ -551,8 +548,6 @@ def run_rm(cfg: RMConfig, overwrite: bool = False) -> Path:
         return evaluation
 
     def save(final) -> None:
-        from peft import PeftModel
-
         # LoRA runs are saved merged: model/ is always a plain sequence-classification model.
         to_save = final.merge_and_unload() if isinstance(final, PeftModel) else final
         save_model(to_save, tokenizer, run.model_dir, meta={

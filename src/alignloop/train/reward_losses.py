@@ -45,12 +45,6 @@ def group_mean_sum(values: torch.Tensor, group: torch.Tensor, n_groups: int) -> 
     return (totals / counts.clamp(min=1)).sum()
 
 
-def pairwise_loss_sum(delta: torch.Tensor, margin: torch.Tensor | None, group: torch.Tensor,
-                      n_groups: int) -> torch.Tensor:
-    """Batched K-wise loss: per-pair BT losses averaged within each comparison group, summed over groups."""
-    return group_mean_sum(bradley_terry(delta, margin), group, n_groups)
-
-
 def rating_targets(values: torch.Tensor, low: torch.Tensor, high: torch.Tensor, scale: float) -> torch.Tensor:
     """Ratings on [low, high] mapped linearly onto [-scale, +scale], the reward's own units."""
     return (2 * (values - low) / (high - low) - 1) * scale

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from transformers import AutoModelForTokenClassification
 
 from alignloop.config import SFTConfig
 from alignloop.data.batching import length_batches, right_pad
@@ -29,6 +30,7 @@ from alignloop.errors import UserError
 from alignloop.models.load import count_parameters, load_pretrained, prepare_for_training, save_model
 from alignloop.runs import RunDir, atomic_write_json
 from alignloop.train.labelled import check_known, check_metric, write_jsonl
+from alignloop.train.metrics import tagging_metrics
 from alignloop.training.accelerator import make_accelerator
 from alignloop.training.finish import finish_run
 from alignloop.training.fit import fit
@@ -122,8 +124,6 @@ def predict_word_tags(model, encoded: list[tuple[list[int], list[int]]], names: 
 
 def evaluate_split(model, examples: list[TaggedExample], encoded, items: list[TokenizedExample], names: list[str],
                    pad_id: int, batch_size: int, device) -> tuple[dict, list[dict]]:
-    from alignloop.train.metrics import tagging_metrics
-
     pred, loss = predict_word_tags(model, encoded, names, pad_id, batch_size, device, [it.labels for it in items])
     metrics = {"loss": loss, **tagging_metrics([e.tags for e in examples], pred)}
     rows = [{"where": e.where, "tokens": e.tokens, "tags": e.tags, "predicted_tags": p}
@@ -133,8 +133,6 @@ def evaluate_split(model, examples: list[TaggedExample], encoded, items: list[To
 
 def run_tagging(cfg: SFTConfig, overwrite: bool = False,
                 on_eval: Callable[[int, dict[str, float]], None] | None = None) -> Path:
-    from transformers import AutoModelForTokenClassification
-
     check_metric(cfg, METRICS)
     run = RunDir(cfg.output_dir)
     # Text cleaning works on text fields; a tagging record has none, so "empty text" must not drop it.

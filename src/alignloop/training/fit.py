@@ -47,7 +47,7 @@ class TrainState:
     step: int = 0
     epoch: int = 0
     micro_in_epoch: int = 0  # global micro-batch position inside the epoch
-    units_seen: int = 0
+    units_seen: int = 0  # only recorded; resume rebuilds TrainState(**saved), so checkpoints need the field
     best_metric: float | None = None
     best_step: int | None = None
     evals_without_improvement: int = 0
