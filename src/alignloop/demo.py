@@ -16,6 +16,12 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from alignloop import demo_world
+from alignloop.config import dump_config
+from alignloop.data.synthetic import GOLD_WEIGHTS
+from alignloop.pipeline import PipelineConfig, run_pipeline
+from alignloop.runs import read_metrics
+
 
 @dataclass(frozen=True)
 class DemoSize:
@@ -65,8 +71,6 @@ TINY = DemoSize(corpus=300, sft_records=64, rl_prompts=64, eval_prompts=8, gold_
 def pipeline_config(root: Path, data: dict[str, Path], base_model: Path, size: DemoSize, seed: int,
                     model_name: str | None = None):
     """The demo's PipelineConfig (also written to <root>/pipeline.yaml, a template for real runs)."""
-    from alignloop.data.synthetic import GOLD_WEIGHTS
-    from alignloop.pipeline import PipelineConfig
 
     real = model_name is not None
     lora = {"adapter": "lora", "lora": {"r": 8, "alpha": 16}} if real else {}
@@ -127,7 +131,6 @@ def pipeline_config(root: Path, data: dict[str, Path], base_model: Path, size: D
 
 def prepare(root: Path, size: DemoSize, seed: int, model_name: str | None) -> tuple[dict[str, Path], Path]:
     """The demo world's files and the model SFT starts from (pretrained tiny model, or the real one)."""
-    from alignloop import demo_world
     data = demo_world.write_data(root / "data", seed, corpus=size.corpus, sft=size.sft_records, rl=size.rl_prompts,
                                  evaluation=size.eval_prompts)
     if model_name is not None:
@@ -146,7 +149,6 @@ def _json(path: Path) -> dict:
 
 def results(root: Path, rounds: int) -> dict:
     """The numbers the demo promises, read back from the run folders."""
-    from alignloop.runs import read_metrics
 
     evals = [m for m in read_metrics(root / "sft" / "metrics.jsonl") if m.get("eval_loss") is not None]
     out: dict = {"sft_eval_loss_first": evals[0]["eval_loss"] if evals else None,
@@ -207,8 +209,6 @@ def summary_table(res: dict, passed: dict[str, bool]) -> str:
 def run_demo(output: str | Path, size: DemoSize = FULL, seed: int = 0, model_name: str | None = None,
              force: bool = False) -> dict:
     """Run (or resume) the demo in ``output``; returns {"report", "results", "checks", "table", "seconds"}."""
-    from alignloop.config import dump_config
-    from alignloop.pipeline import run_pipeline
 
     t0 = time.perf_counter()
     root = Path(output)

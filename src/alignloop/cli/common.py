@@ -28,7 +28,7 @@ def quiet_libraries() -> None:
         transformers.utils.logging.disable_progress_bar()
     except ImportError:  # pragma: no cover
         pass
-    for noisy in ("accelerate", "datasets", "peft", "torch.distributed"):
+    for noisy in ("accelerate", "alembic", "datasets", "peft", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -21,6 +21,8 @@ import datetime as dt
 from pathlib import Path
 from typing import Any
 
+from alembic import command
+from alembic.config import Config
 from sqlalchemy import (
     JSON,
     Boolean,
@@ -272,8 +274,6 @@ def make_engine(db: str) -> Engine:
 
 def migrate(engine: Engine) -> None:
     """Create or upgrade the schema to the newest Alembic revision."""
-    from alembic import command
-    from alembic.config import Config
 
     cfg = Config()
     cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))

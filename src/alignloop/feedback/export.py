@@ -40,7 +40,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from alignloop.errors import UserError
-from alignloop.feedback.db import Candidate, Label, Prompt, Review, Round, User
+from alignloop.feedback.db import Candidate, Label, Prompt, Review, Round, User, open_db
+from alignloop.feedback.tasks import NotFound, get_round
 from alignloop.runs import atomic_write_text
 
 FORMATS = ("rankings", "pairs", "ratings")
@@ -160,8 +161,6 @@ def to_jsonl(records: list[dict[str, Any]]) -> str:
 def export_round(db_url: str, round_name: str, output: str | Path, fmt: str = "rankings",
                  include_unsafe: bool = False, per_annotator: bool = False) -> int:
     """Write the round's records as JSONL (atomically); returns how many were written."""
-    from alignloop.feedback.db import open_db
-    from alignloop.feedback.tasks import NotFound, get_round
 
     Session_ = open_db(db_url)
     with Session_() as db:

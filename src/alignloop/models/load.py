@@ -9,11 +9,14 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from alignloop.config import LoraSettings, ModelConfig
 from alignloop.errors import UserError
@@ -91,7 +94,6 @@ def _gguf_to_plain(folder: str, gguf_file: str, trust_remote_code: bool) -> Path
     quantised; we rebuild the architecture from its config without that flag and copy the
     weights, which gives a model that trains and saves like any other.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     src = Path(folder) / gguf_file
     stat = src.stat()
@@ -138,7 +140,6 @@ def model_source(cfg: ModelConfig) -> str:
 
 
 def load_tokenizer(source: str, trust_remote_code: bool = False, padding_side: str = "right"):
-    from transformers import AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
@@ -185,7 +186,6 @@ def load_pretrained(
 
     ``config_overrides`` are set on the model config before the weights load (e.g. a classification
     head's id2label / label2id, which decide the head's shape)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     auto_cls = auto_cls or AutoModelForCausalLM
     device = device or torch.device("cpu")
@@ -220,7 +220,6 @@ def load_pretrained(
         model.resize_token_embeddings(len(tok))
     model.config.pad_token_id = tok.pad_token_id
     if adapter:
-        from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, source, is_trainable=for_training)
     return model, tok
@@ -229,7 +228,6 @@ def load_pretrained(
 def _qlora_quantization(device: torch.device):
     if device.type != "cuda" or importlib.util.find_spec("bitsandbytes") is None:
         raise UserError("model.adapter=qlora needs a CUDA GPU and the bitsandbytes package; use adapter=lora on CPU")
-    from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=torch.bfloat16)
@@ -271,7 +269,6 @@ def freeze(model: nn.Module, embeddings: bool, first_layers: int) -> int:
 
 def apply_lora(model: nn.Module, lora: LoraSettings, task_type: str = "CAUSAL_LM",
                modules_to_save: list[str] | None = None) -> nn.Module:
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if getattr(model, "is_loaded_in_4bit", False):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -287,7 +284,6 @@ def apply_lora(model: nn.Module, lora: LoraSettings, task_type: str = "CAUSAL_LM
 def prepare_for_training(model: nn.Module, cfg: ModelConfig, task_type: str = "CAUSAL_LM",
                          modules_to_save: list[str] | None = None) -> nn.Module:
     """Freezing, then LoRA (a LoRA model trains only its adapters, plus ``modules_to_save``)."""
-    from peft import PeftModel
 
     if isinstance(model, PeftModel):  # continuing an adapter run
         return model
@@ -314,7 +310,6 @@ def save_model(model: nn.Module, tokenizer: Any, out_dir: str | Path, meta: dict
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
-        import shutil
 
         shutil.rmtree(tmp)
     model.save_pretrained(tmp, safe_serialization=True)

@@ -23,6 +23,7 @@ import torch
 
 from alignloop.config import RewardSettings
 from alignloop.errors import UserError
+from alignloop.models.reward import RewardModel
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,6 @@ class RewardModelScorer:
     """The reward model's normalised score of each (prompt, response)."""
 
     def __init__(self, path: str | Path, batch_size: int = 16, device: torch.device | None = None):
-        from alignloop.models.reward import RewardModel
 
         self.path = reward_model_dir(path)
         self.batch_size = batch_size

@@ -22,6 +22,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from alignloop.data.batching import left_pad, left_pad_tensor
 from alignloop.generation.sampler import sample_next_token
@@ -176,7 +178,6 @@ class TransformersEngine:
         return out.logits[:, -1].float()
 
     def _prefill(self, gens: list[Generation]) -> _Batch:
-        from transformers import DynamicCache
 
         ids, mask = left_pad([g.prompt_ids for g in gens], self.pad_id)
         ids, mask = ids.to(self.device), mask.to(self.device)
@@ -255,7 +256,6 @@ def _generator(seed: int | None, device: torch.device) -> torch.Generator:
 
 
 def _plain_cache(cache) -> bool:
-    from transformers.cache_utils import DynamicLayer
 
     return all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [None]))
 
@@ -273,7 +273,6 @@ def _kv(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def _select(batch: _Batch, keep: list[int]) -> _Batch:
-    from transformers import DynamicCache
 
     idx = torch.tensor(keep, device=batch.mask.device)
     if _plain_cache(batch.cache):
@@ -287,7 +286,6 @@ def _select(batch: _Batch, keep: list[int]) -> _Batch:
 
 def _merge(a: _Batch, b: _Batch) -> _Batch:
     """One batch from two: both caches left-padded to the longer one, rows stacked."""
-    from transformers import DynamicCache
 
     length = max(a.mask.shape[1], b.mask.shape[1])
     kv = [(torch.cat([left_pad_tensor(ka, length, 2), left_pad_tensor(kb, length, 2)]),
