@@ -201,7 +201,7 @@ def test_critic_starts_from_the_reward_models_normalised_score(toy, weights):
     r = Rollout(torch.tensor([[1, 5, 9]]), torch.ones(1, 3, dtype=torch.long), torch.tensor([[7, 8]]),
                 torch.ones(1, 2, dtype=torch.long), torch.tensor([False]))
     with torch.no_grad():
-        values = critic.values(r)
+        values = critic(r)
         hidden = rm.model(input_ids=torch.tensor([[1, 5, 9, 7, 8]])).last_hidden_state
         # What RewardModel.score would say for the response cut at each position.
         raw = rm.score(hidden[0, 2:4]) @ torch.tensor(weights or [1.0])

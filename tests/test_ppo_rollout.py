@@ -89,8 +89,8 @@ def test_padding_and_prompt_never_reach_a_loss(tiny):
 
     def loss_of(rr: Rollout, old_logp, advantages):
         with torch.no_grad():
-            values = critic.values(rr, _policy_hidden(model, rr))
-            loss, _ = micro_batch_loss(model, critic, rr, mask, old_logp, old_logp, advantages, values + 1.0,
+            values = critic(rr, _policy_hidden(model, rr))
+            loss, _ = micro_batch_loss(model, critic, True, rr, mask, old_logp, old_logp, advantages, values + 1.0,
                                   values * 0.5, 0.05, settings, 1.0)
         return loss
 
@@ -115,7 +115,7 @@ def test_value_head_reads_policy_hidden_states(tiny):
     # the differences of random values between neighbouring tokens.
     r = generate(model, prompts_of(tok, 3), SamplingConfig(max_new_tokens=5), tok.eos_token_id, tok.pad_token_id)
     with torch.no_grad():
-        assert torch.count_nonzero(critic.values(r, _policy_hidden(model, r))) == 0
+        assert torch.count_nonzero(critic(r, _policy_hidden(model, r))) == 0
 
 
 def test_sampling_never_suppresses_eos_and_ignores_checkpoint_defaults(tiny):

@@ -46,6 +46,8 @@ def add_command(sub) -> None:
     p.add_argument("--algorithm", choices=("ppo", "grpo", "rloo"), help="overrides ppo.algorithm")
     p.add_argument("--output", help="run folder to write (resumed if it holds an unfinished run)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --output")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="sample and train with N processes (DDP through torchrun; on CPU over gloo on loopback)")
     p.add_argument("overrides", nargs="*", metavar="key.path=value",
                    help="override any config field, e.g. ppo.kl_coef=0.1 generation.temperature=0.7")
-    p.set_defaults(func=run, nproc=1)
+    p.set_defaults(func=run)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate.utils import gather_object
 from peft import PeftModel
 from torch import nn
 from transformers import AutoModelForSequenceClassification
@@ -133,8 +134,9 @@ class ValueModel(nn.Module):
         self.body = body
         self.head = head
 
-    def values(self, r: Rollout, hidden: torch.Tensor | None = None) -> torch.Tensor:
-        """Values [B, R] of the states before each response token, 0 on padding."""
+    def forward(self, r: Rollout, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """Values [B, R] of the states before each response token, 0 on padding. Training calls the
+        module (not a method) so that, wrapped for DDP, its gradients are averaged over processes."""
         if hidden is None:
             hidden = response_hidden(self.body, r)
         return scatter_response(self.head(hidden).squeeze(-1).float(), r.response_mask)
@@ -253,8 +255,13 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
     run = RunDir(cfg.output_dir)
     tcfg = cfg.train.core()
     acc = make_accelerator(tcfg, run)
-    if acc.num_processes > 1:
-        raise UserError("alignloop ppo runs in a single process for now (drop --nproc)")
+    world, rank = acc.num_processes, acc.process_index
+    share = check_process_split(prompts_per_step, p.mini_batch_size // p.micro_batch_size, world)
+    # This process's contiguous slice of every step's rows (whole prompt groups), and the rows per
+    # generation call: each call has its own seed, so the samples do not depend on the process count
+    # wherever generation.batch_size divides the share.
+    my_rows = range(rank * share * p.samples_per_prompt, (rank + 1) * share * p.samples_per_prompt)
+    rows_per_call = g.batch_size or len(my_rows)
     device = acc.device
     torch.manual_seed(cfg.train.seed)
 
@@ -268,7 +275,7 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
     eval_prompts = tokenize_prompts(eval_records, tok, cfg.data.max_prompt_len)
     ptx = ptx_batches(cfg.data.ptx, tok, p.ptx_batch_size, cfg.train.seed) if p.ptx_coef > 0 else None
     sampler = TransformersSampler(policy, tok.eos_token_id, tok.pad_token_id)
-    scoring_batch = g.batch_size or p.rollout_size  # no-grad reference / critic forwards, batched as generation
+    scoring_batch = g.batch_size or len(my_rows)  # no-grad reference / critic forwards, batched as generation
 
     groups = param_groups(policy.named_parameters(), tcfg.weight_decay)
     if critic is not None:  # one optimizer, so one state file restores both
@@ -327,10 +334,12 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
     samples_log.truncate_after(state["step"])
     # The accelerator places the modules, puts mixed precision on their forward and (on several processes)
     # wraps them for DDP; generation, the reference's disabled adapter, EMA and checkpoints use `policy`.
+    # `critic` stays the plain module (its attributes, checkpoints); `train_critic` is what the loss calls.
     if critic is None:
         train_policy, optimizer = acc.prepare(policy, optimizer)
+        train_critic = None
     else:
-        train_policy, critic, optimizer = acc.prepare(policy, critic, optimizer)
+        train_policy, train_critic, optimizer = acc.prepare(policy, critic, optimizer)
     logger = StepLogger(acc, run, p.steps, state["step"] if resumed else None, p.algorithm,
                         cfg.model_dump(mode="json"))
 
@@ -354,23 +363,38 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
         batch = [train_prompts[i] for i in plan[state["position"]] for _ in range(p.samples_per_prompt)]
         t0 = time.perf_counter()
         policy.eval()
-        with acc.autocast():
-            r = sampler.generate([q.ids for q in batch], g, keep_logprobs=True)
-        r = _to(r, device)
+        calls = []
+        for start in range(my_rows.start, my_rows.stop, rows_per_call):
+            with torch.random.fork_rng(devices=[]), acc.autocast():
+                torch.manual_seed(rollout_seed(cfg.train.seed, state["step"], start))
+                rows = batch[start: min(start + rows_per_call, my_rows.stop)]
+                calls.append(sampler.generate([q.ids for q in rows], g, keep_logprobs=True))
+        # Every process holds the whole step's rollout from here on: the statistics, whitening and
+        # minibatches below are those of the global batch, exactly as in one process.
+        r = _to(concat_rollouts([c for part in gather_object([calls]) for c in part], tok.pad_token_id), device)
         old_logp = r.logprobs
         t1 = time.perf_counter()
 
-        # ---- score: reward sources, reference log-probs, critic values
-        responses = decode(tok, r)
-        score, source_means = reward([q.source for q in batch], responses, column_lists(batch))
-        score = score.to(device)
+        # ---- score: reward sources, reference log-probs, critic values (each process its own rows)
+        mine = r.select(list(my_rows))
+        my_batch = batch[my_rows.start: my_rows.stop]
+        my_responses = decode(tok, mine)
+        my_score, my_source_means = reward([q.source for q in my_batch], my_responses, column_lists(my_batch))
         t_reward = time.perf_counter() - t1
-        divergence.check(score, state["step"] + 1, "the reward")
-        ref_logp = reference_logprobs(r)
-        old_values = None
+        my_ref_logp = reference_logprobs(mine)
+        my_values = None
         if critic is not None:
             with torch.no_grad(), acc.autocast():
-                old_values = _micro(r, scoring_batch, lambda m: _values(policy, critic, m))
+                my_values = _micro(mine, scoring_batch, lambda m: _values(policy, critic, m))
+        parts = gather_object([(my_responses, my_score.cpu(), my_source_means, my_ref_logp.cpu(),
+                                None if my_values is None else my_values.cpu())])
+        responses = [text for part in parts for text in part[0]]
+        score = torch.cat([part[1] for part in parts]).to(device)
+        # equal shares, so the mean of the processes' means is the global mean
+        source_means = {k: sum(part[2][k] for part in parts) / world for k in my_source_means}
+        ref_logp = torch.cat([part[3] for part in parts]).to(device)
+        old_values = None if my_values is None else torch.cat([part[4] for part in parts]).to(device)
+        divergence.check(score, state["step"] + 1, "the reward")
         t2 = time.perf_counter()
 
         # ---- rewards and advantages
@@ -405,34 +429,44 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
         sums: dict[str, float] = defaultdict(float)
         n_updates, stopped_early = 0, False
         n_micro = p.mini_batch_size // p.micro_batch_size
+        head_on_policy = critic is not None and critic.body is None
         for _epoch in range(p.ppo_epochs):
-            perm = torch.randperm(len(r))
+            perm = torch.randperm(len(r))  # the same on every process: the RNG streams stay in step
             for start in range(0, len(r), p.mini_batch_size):
-                mb_kl = 0.0
-                for m0 in range(start, start + p.mini_batch_size, p.micro_batch_size):
+                # This process's share of the global minibatch: every world-th micro-batch, its loss scaled
+                # so that DDP's average over processes is the minibatch mean (as fit.py's units).
+                mb_sums: dict[str, float] = defaultdict(float)
+                ptx_start = state.setdefault("ptx_position", 0) if ptx is not None else 0
+                for j, m0 in enumerate(range(start, start + p.mini_batch_size, p.micro_batch_size)):
+                    if j % world != rank:
+                        continue
                     idx = perm[m0: m0 + p.micro_batch_size]
                     m = r.select(idx)
                     m_mask = mask[idx]
                     with acc.autocast():
-                        loss, stats = micro_batch_loss(train_policy, critic, m, m_mask, old_logp[idx],
-                                                       ref_logp[idx], advantages[idx],
+                        loss, stats = micro_batch_loss(train_policy, train_critic, head_on_policy, m, m_mask,
+                                                       old_logp[idx], ref_logp[idx], advantages[idx],
                                                        None if returns is None else returns[idx],
                                                        None if old_values is None else old_values[idx],
                                                        kl_ctl.coef, p, g.temperature)
                         if ptx is not None:
                             ptx_batch = {k: v.to(device) if torch.is_tensor(v) else v
-                                         for k, v in ptx(state.setdefault("ptx_position", 0)).items()}
-                            state["ptx_position"] += 1
+                                         for k, v in ptx(ptx_start + j).items()}
                             lm_sum, lm_n = causal_lm_loss_sum(train_policy, ptx_batch)
                             loss = loss + p.ptx_coef * lm_sum / max(lm_n, 1)
                             stats["ptx_loss"] = lm_sum.item() / max(lm_n, 1)
                     divergence.check(loss, state["step"] + 1, "the loss")
-                    acc.backward(loss / n_micro)
+                    acc.backward(loss / (n_micro / world))
                     for k, v in stats.items():
-                        sums[k] += v / n_micro
-                    mb_kl += stats["approx_kl"] / n_micro
+                        mb_sums[k] += v / n_micro
+                if ptx is not None:
+                    state["ptx_position"] = ptx_start + n_micro
+                mb_sums = sum_over_processes(acc, mb_sums)
+                for k, v in mb_sums.items():
+                    sums[k] += v
+                mb_kl = mb_sums["approx_kl"]
                 # policy and critic are clipped each to max_grad_norm on its own
-                clip = [train_policy.parameters()] + ([critic.parameters()] if critic is not None else [])
+                clip = [policy.parameters()] + ([critic.parameters()] if critic is not None else [])
                 optimizer_step(acc, optimizer, scheduler, clip, tcfg.max_grad_norm, divergence, state["step"] + 1)
                 n_updates += 1
                 if p.max_approx_kl is not None and mb_kl > p.max_approx_kl:
@@ -511,6 +545,54 @@ def decode(tok, r: Rollout) -> list[str]:
     return [tok.decode(ids[m.bool()], skip_special_tokens=True) for ids, m in zip(r.response_ids, r.response_mask, strict=True)]
 
 
+def rollout_seed(seed: int, step: int, first_row: int) -> int:
+    """The torch seed of the generation call that samples a step's rows from ``first_row`` on: a function
+    of the row, not of the process that samples it, so N processes draw what one process draws."""
+    return (seed * 1_000_003 + step) * 1_000_003 + first_row
+
+
+def check_process_split(prompts_per_step: int, micro_per_minibatch: int, world: int) -> int:
+    """Prompts per process per step; the step's prompts and every minibatch's micro-batches must split
+    evenly over the processes so that each optimizer step sees the same global minibatch as one process."""
+    if prompts_per_step % world or micro_per_minibatch % world:
+        raise UserError(f"{world} processes need ppo.rollout_size / ppo.samples_per_prompt ({prompts_per_step} "
+                        f"prompts a step) and ppo.mini_batch_size / ppo.micro_batch_size ({micro_per_minibatch} "
+                        f"micro-batches a minibatch) to be multiples of {world}")
+    return prompts_per_step // world
+
+
+def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
+    """Rollouts of separate generation calls as one: prompts left-padded, responses right-padded to the
+    widest (padding is masked, so every row's tokens and log-probabilities are kept as they are)."""
+    if len(parts) == 1:
+        return parts[0]
+    prompt_width = max(r.prompt_ids.shape[1] for r in parts)
+    response_width = max(r.response_ids.shape[1] for r in parts)
+
+    def left(t: torch.Tensor, value) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (prompt_width - t.shape[1], 0), value=value)
+
+    def right(t: torch.Tensor, value) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, response_width - t.shape[1]), value=value)
+
+    has_logprobs = parts[0].logprobs is not None
+    return Rollout(torch.cat([left(r.prompt_ids, pad_id) for r in parts]),
+                   torch.cat([left(r.prompt_mask, 0) for r in parts]),
+                   torch.cat([right(r.response_ids, pad_id) for r in parts]),
+                   torch.cat([right(r.response_mask, 0) for r in parts]),
+                   torch.cat([r.ended for r in parts]),
+                   torch.cat([right(r.logprobs, 0.0) for r in parts]) if has_logprobs else None)
+
+
+def sum_over_processes(acc, sums: dict[str, float]) -> dict[str, float]:
+    """Each statistic summed over the processes (the same keys on each); unchanged in one process."""
+    if acc.num_processes == 1 or not sums:
+        return dict(sums)
+    keys = sorted(sums)
+    total = acc.reduce(torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=acc.device), "sum")
+    return dict(zip(keys, total.tolist(), strict=True))
+
+
 def _to(r: Rollout, device: torch.device) -> Rollout:
     return Rollout(*(t if t is None else t.to(device) for t in (r.prompt_ids, r.prompt_mask, r.response_ids,
                                                                  r.response_mask, r.ended, r.logprobs)))
@@ -526,6 +608,14 @@ def response_logits_and_hidden(policy: nn.Module, r: Rollout,
     """Logits [N, V] at response tokens only, and (for a value head on the policy) the hidden states."""
     if not want_hidden:
         return response_logits(policy, r), None
+    if isinstance(policy, nn.parallel.DistributedDataParallel):
+        # DDP averages gradients only over its own forward, so the body must not run apart; the last
+        # hidden states are the body's output, as in the split path.
+        x = sequence_inputs(r)
+        out = policy(input_ids=x["input_ids"], attention_mask=x["attention_mask"], position_ids=x["position_ids"],
+                     use_cache=False, output_hidden_states=True)
+        select = x["select"]
+        return out.logits[:, :-1][select], out.hidden_states[-1][:, :-1][select]
     parts = body_and_lm_head(policy)
     if parts is None:
         raise UserError("ppo.critic=policy_head is not supported for this model; use ppo.critic=reward_model")
@@ -542,16 +632,17 @@ def _logprobs(model: nn.Module, r: Rollout, temperature: float) -> torch.Tensor:
 
 def _values(policy: nn.Module, critic: ValueModel, r: Rollout) -> torch.Tensor:
     if critic.body is not None:
-        return critic.values(r)
+        return critic(r)
     _, hidden = response_logits_and_hidden(policy, r, True)
-    return critic.values(r, hidden)
+    return critic(r, hidden)
 
 
-def micro_batch_loss(policy, critic, m: Rollout, mask, old_logp, ref_logp, advantages, returns, old_values, kl_coef,
-                     p, temperature) -> tuple[torch.Tensor, dict[str, float]]:
+def micro_batch_loss(policy, critic, head_on_policy: bool, m: Rollout, mask, old_logp, ref_logp, advantages,
+                     returns, old_values, kl_coef, p, temperature) -> tuple[torch.Tensor, dict[str, float]]:
     """One micro-batch's PPO loss: the clipped policy loss, minus the entropy bonus, plus GRPO's k3 KL
-    term and the critic's clipped value loss; with the logged statistics of each part."""
-    head_on_policy = critic is not None and critic.body is None
+    term and the critic's clipped value loss; with the logged statistics of each part. ``policy`` and
+    ``critic`` are the prepared (on several processes DDP-wrapped) modules; ``head_on_policy``: the critic
+    is a value head on the policy's hidden states."""
     logits, hidden = response_logits_and_hidden(policy, m, head_on_policy)
     ids = m.response_ids[m.response_mask.bool()]
     logp = scatter_response(logprobs_from_logits(logits, ids, temperature), m.response_mask)
@@ -565,7 +656,7 @@ def micro_batch_loss(policy, critic, m: Rollout, mask, old_logp, ref_logp, advan
         kl_term = pm.masked_mean(pm.kl_estimate(logp, ref_logp, "k3"), mask)
         loss = loss + kl_coef * kl_term
     if critic is not None:
-        values = critic.values(m, hidden) if head_on_policy else critic.values(m)
+        values = critic(m, hidden) if head_on_policy else critic(m)
         vloss, vst = pm.value_loss(values, old_values, returns, mask, p.value_clip_range)
         loss = loss + p.vf_coef * vloss
         stats.update(value_loss=vloss.item(), vf_clip_frac=vst["vf_clip_frac"].item())
