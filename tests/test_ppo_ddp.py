@@ -109,7 +109,7 @@ def finish(proc: subprocess.Popen) -> None:
     assert proc.returncode == 0, out[-3000:]
 
 
-@pytest.mark.slow(seconds=60)
+@pytest.mark.slow(seconds=35)
 @pytest.mark.parametrize("algorithm", ["ppo", "grpo", "rloo"])
 def test_two_processes_match_one_process(setup, algorithm):
     root = setup[0]
@@ -142,7 +142,7 @@ def test_two_processes_match_one_process(setup, algorithm):
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
 
 
-@pytest.mark.slow(seconds=90)
+@pytest.mark.slow(seconds=55)
 def test_sigkill_then_resume_on_two_processes_matches_uninterrupted_run(setup):
     root = setup[0]
     config = write_config(setup, "ppo")

@@ -14,6 +14,7 @@ Each step, top to bottom:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
@@ -258,10 +259,12 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
     world, rank = acc.num_processes, acc.process_index
     share = check_process_split(prompts_per_step, p.mini_batch_size // p.micro_batch_size, world)
     # This process's contiguous slice of every step's rows (whole prompt groups), and the rows per
-    # generation call: each call has its own seed, so the samples do not depend on the process count
-    # wherever generation.batch_size divides the share.
+    # generation call. A step sampled in one call draws from the run's torch stream; a step split into
+    # several calls (over processes, or by generation.batch_size) seeds each call by its first row, so
+    # the samples do not depend on the process count wherever generation.batch_size divides the share.
     my_rows = range(rank * share * p.samples_per_prompt, (rank + 1) * share * p.samples_per_prompt)
     rows_per_call = g.batch_size or len(my_rows)
+    seeded_calls = rows_per_call < p.rollout_size
     device = acc.device
     torch.manual_seed(cfg.train.seed)
 
@@ -365,8 +368,9 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
         policy.eval()
         calls = []
         for start in range(my_rows.start, my_rows.stop, rows_per_call):
-            with torch.random.fork_rng(devices=[]), acc.autocast():
-                torch.manual_seed(rollout_seed(cfg.train.seed, state["step"], start))
+            with torch.random.fork_rng(devices=[]) if seeded_calls else contextlib.nullcontext(), acc.autocast():
+                if seeded_calls:
+                    torch.manual_seed(rollout_seed(cfg.train.seed, state["step"], start))
                 rows = batch[start: min(start + rows_per_call, my_rows.stop)]
                 calls.append(sampler.generate([q.ids for q in rows], g, keep_logprobs=True))
         # Every process holds the whole step's rollout from here on: the statistics, whitening and
@@ -435,7 +439,7 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
             for start in range(0, len(r), p.mini_batch_size):
                 # This process's share of the global minibatch: every world-th micro-batch, its loss scaled
                 # so that DDP's average over processes is the minibatch mean (as fit.py's units).
-                mb_sums: dict[str, float] = defaultdict(float)
+                mb_kl = 0.0
                 ptx_start = state.setdefault("ptx_position", 0) if ptx is not None else 0
                 for j, m0 in enumerate(range(start, start + p.mini_batch_size, p.micro_batch_size)):
                     if j % world != rank:
@@ -458,13 +462,11 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
                     divergence.check(loss, state["step"] + 1, "the loss")
                     acc.backward(loss / (n_micro / world))
                     for k, v in stats.items():
-                        mb_sums[k] += v / n_micro
+                        sums[k] += v / n_micro
+                    mb_kl += stats["approx_kl"] / n_micro
                 if ptx is not None:
                     state["ptx_position"] = ptx_start + n_micro
-                mb_sums = sum_over_processes(acc, mb_sums)
-                for k, v in mb_sums.items():
-                    sums[k] += v
-                mb_kl = mb_sums["approx_kl"]
+                mb_kl = sum_over_processes(acc, {"approx_kl": mb_kl})["approx_kl"]  # the early stop is global
                 # policy and critic are clipped each to max_grad_norm on its own
                 clip = [policy.parameters()] + ([critic.parameters()] if critic is not None else [])
                 optimizer_step(acc, optimizer, scheduler, clip, tcfg.max_grad_norm, divergence, state["step"] + 1)
@@ -474,6 +476,7 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
                     break
             if stopped_early:
                 break
+        sums = sum_over_processes(acc, sums)
         if ema is not None:
             with torch.no_grad():
                 for n, param in policy.named_parameters():
