@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from alignloop.config import ModelConfig, SamplingConfig
 from alignloop.errors import UserError
@@ -59,15 +60,23 @@ def setup(tmp_path_factory):
     sft = root / "sft.jsonl"
     sft.write_text("".join(json.dumps({"prompt": rng.choice(WORDS), "completion": " ".join(rng.sample(WORDS, 4))})
                            + "\n" for _ in range(20)))
+    # a critic that starts from a reward model: its own transformer body, wrapped for DDP on its own
+    rm = root / "rm"
+    torch.manual_seed(3)
+    AutoModelForSequenceClassification.from_pretrained(policy, num_labels=1).save_pretrained(rm)
+    AutoTokenizer.from_pretrained(policy).save_pretrained(rm)
+    (rm / "alignloop.json").write_text(json.dumps({"stage": "rm", "normalization": {"mean": 0.5, "std": 2.0}}))
     return root, policy, prompts, sft
 
 
-def write_config(setup, algorithm: str) -> Path:
+def write_config(setup, variant: str) -> Path:
     root, policy, prompts, sft = setup
+    algorithm = variant.removesuffix("-rm-critic")
     # 8 rows a step, 4 per process; generation.batch_size 4 rows: the same generation calls in both runs.
     ppo = {"ppo": "critic: policy_head, ptx_coef: 0.1, ptx_batch_size: 2, ema_decay: 0.9, kl_target: 1.0",
-           "grpo": "samples_per_prompt: 2, kl_coef: 0.05", "rloo": "samples_per_prompt: 4"}[algorithm]
-    config = root / f"{algorithm}.yaml"
+           "ppo-rm-critic": f"critic: reward_model, critic_model: {root / 'rm'}, critic_lr: 0.001",
+           "grpo": "samples_per_prompt: 2, kl_coef: 0.05", "rloo": "samples_per_prompt: 4"}[variant]
+    config = root / f"{variant}.yaml"
     config.write_text(f"""\
 model: {{name_or_path: {policy}}}
 data: {{train: {prompts}, eval_fraction: 0.2, ptx: {sft}}}
@@ -109,20 +118,22 @@ def finish(proc: subprocess.Popen) -> None:
     assert proc.returncode == 0, out[-3000:]
 
 
-@pytest.mark.slow(seconds=35)
-@pytest.mark.parametrize("algorithm", ["ppo", "grpo", "rloo"])
-def test_two_processes_match_one_process(setup, algorithm):
+@pytest.mark.slow(seconds=45)
+@pytest.mark.parametrize("variant", ["ppo", "ppo-rm-critic", "grpo", "rloo"])
+def test_two_processes_match_one_process(setup, variant):
     root = setup[0]
-    config = write_config(setup, algorithm)
-    one, two = root / f"{algorithm}-one", root / f"{algorithm}-two"
+    config = write_config(setup, variant)
+    one, two = root / f"{variant}-one", root / f"{variant}-two"
     finish(cli(config, one))
     finish(cli(config, two, "--nproc", "2"))
     a, b = read_metrics(one / "metrics.jsonl"), read_metrics(two / "metrics.jsonl")
     assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, STEPS + 1))
     keys = [k for k in COMPARED if k in a[0]]
     assert {"score_mean", "kl", "policy_loss", "entropy"} <= set(keys)
-    if algorithm == "ppo":
+    if variant == "ppo":
         assert {"value_loss", "ptx_loss", "explained_variance"} <= set(keys)
+    if variant == "ppo-rm-critic":
+        assert {"value_loss", "explained_variance"} <= set(keys)
     for ra, rb in zip(a, b, strict=True):
         assert set(ra) == set(rb)
         for k in keys:
