@@ -18,7 +18,7 @@ import copy
 import hashlib
 import json
 import logging
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,30 +107,36 @@ def best_vs_rest(pairs: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return [(a, b) for a, b in pairs if a not in losers]
 
 
+def mean_ratings(groups: list[Group]) -> list[tuple[Group, dict[str, float]]]:
+    """Per prompt (its first rating record, then each rated response's overall rating): several ratings of
+    one response count as their mean."""
+    by_prompt: dict[str, tuple[Group, dict[str, list[float]]]] = {}
+    for g in groups:
+        _, values = by_prompt.setdefault(g.prompt_key, (g, {}))
+        values.setdefault(g.responses[0], []).append(overall_rating(g))
+    return [(g, {r: sum(v) / len(v) for r, v in values.items()}) for g, values in by_prompt.values()]
+
+
 def pair_units(parsed: list[Group | Unit], cfg: DPOConfig) -> list[Unit]:
     """Units for the pairwise losses. The ratings of one prompt's responses form one unit with a pair for
     every two responses whose overall ratings differ by more than ``dpo.rating_margin``."""
     s = cfg.dpo
     units: list[Unit] = []
-    rated: dict[str, dict[str, list[float]]] = defaultdict(dict)
-    rated_first: dict[str, Group] = {}
+    rated: list[Group] = []
     for item in parsed:
         if isinstance(item, Unit):
             raise UserError(f"{item.where}: an unpaired example ('label') trains only with dpo.loss=kto; "
                             f"dpo.loss={s.loss} needs pairs, rankings or ratings")
         if item.ratings:
-            rated_first.setdefault(item.prompt_key, item)
-            rated[item.prompt_key].setdefault(item.responses[0], []).append(overall_rating(item))
+            rated.append(item)
         elif item.pairs:
             pairs = best_vs_rest(item.pairs) if s.ranking_pairs == "best_vs_rest" else item.pairs
             units.append(Unit(item.prompt, item.responses, item.where, pairs=pairs))
-    for key, by_response in rated.items():
-        responses = list(by_response)
-        value = [sum(v) / len(v) for v in by_response.values()]  # several raters of one response: their mean
+    for first, by_response in mean_ratings(rated):
+        responses, value = list(by_response), list(by_response.values())
         pairs = [(i, j) if value[i] > value[j] else (j, i) for i in range(len(responses))
                  for j in range(i + 1, len(responses)) if abs(value[i] - value[j]) > s.rating_margin]
         if pairs:
-            first = rated_first[key]
             units.append(Unit(first.prompt, responses, first.where, pairs=pairs))
     return units
 
@@ -138,7 +144,8 @@ def pair_units(parsed: list[Group | Unit], cfg: DPOConfig) -> list[Unit]:
 def kto_units(parsed: list[Group | Unit], cfg: DPOConfig) -> list[Unit]:
     """One unit per KTO example: unpaired records as labelled; of a pair or ranking the responses that lose
     no comparison are desirable and those that win none undesirable (reviewers' approve / flag decisions
-    arrive as such pairs); a rating above ``dpo.kto_threshold`` is desirable, below it undesirable. The same
+    arrive as such pairs); a response whose mean rating is above ``dpo.kto_threshold`` is desirable, below
+    it undesirable. The same
     response with the same label for the same prompt is one example."""
     seen: set[tuple[str, str, bool]] = set()
     units: list[Unit] = []
@@ -149,19 +156,22 @@ def kto_units(parsed: list[Group | Unit], cfg: DPOConfig) -> list[Unit]:
             seen.add(key)
             units.append(Unit(g.prompt, [response], g.where, desirable=[desirable]))
 
+    rated: list[Group] = []
     for item in parsed:
         if isinstance(item, Unit):
             add(item, item.responses[0], bool(item.desirable[0]))
         elif item.ratings:
-            value = overall_rating(item)
-            if value != cfg.dpo.kto_threshold:
-                add(item, item.responses[0], value > cfg.dpo.kto_threshold)
+            rated.append(item)
         else:
             winners, losers = {a for a, _ in item.pairs}, {b for _, b in item.pairs}
             for i in sorted(winners - losers):
                 add(item, item.responses[i], True)
             for i in sorted(losers - winners):
                 add(item, item.responses[i], False)
+    for first, by_response in mean_ratings(rated):
+        for response, value in by_response.items():
+            if value != cfg.dpo.kto_threshold:
+                add(first, response, value > cfg.dpo.kto_threshold)
     return units
 
 
