@@ -13,11 +13,12 @@ import pytest
 import torch
 
 from alignloop.cli import main
-from alignloop.config import DPOConfig, build_config
+from alignloop.config import DPOConfig, ModelConfig, build_config
 from alignloop.data.io import Record
 from alignloop.models.load import load_pretrained
 from alignloop.train.dpo import (
     criteria_settings,
+    encode_units,
     kto_units,
     pair_units,
     parse_record,
@@ -54,8 +55,6 @@ def dpo_config(model: Path, train: Path, held_out: Path, out: Path, *overrides: 
 
 
 def test_padded_batch_gives_each_sequence_its_own_logprob_and_counts_only_response_tokens(tiny_model):
-    from alignloop.config import ModelConfig
-
     model, tok = load_pretrained(ModelConfig(name_or_path=str(tiny_model), dropout=0.0))
     model.eval()
     rng = random.Random(0)
@@ -161,6 +160,10 @@ def test_kto_raises_desirable_over_undesirable_margin_on_unpaired_data(tiny_mode
     assert after["desirable"] == after["undesirable"] == 64
     assert before["reward_margin"] == 0.0 < after["reward_margin"]
     assert after["logp_margin"] > before["logp_margin"] + 0.3
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in logged if "loss" in r][-1]
+    assert {"kl", "desirable_share", "reward_desirable", "reward_undesirable"} <= last.keys()
+    assert 0 < last["desirable_share"] < 1
     # 400 training examples: two cached chunks of at most 256; the 128 held-out examples: one
     assert sorted(p.name for p in (out / "reference").iterdir()) == [
         "train-00000.safetensors", "train-00001.safetensors", "validation-00000.safetensors"]
@@ -196,9 +199,6 @@ def test_bad_record_is_one_line_naming_file_and_line(record, message, tmp_path, 
 
 
 def test_truncation_keeps_prompt_end_and_counts_cut_responses(tiny_model, tmp_path):
-    from alignloop.config import ModelConfig
-    from alignloop.train.dpo import encode_units
-
     _, tok = load_pretrained(ModelConfig(name_or_path=str(tiny_model)))
     cfg = build_config(DPOConfig, None, {"model.name_or_path": "m", "data.train": "x"},
                        ["data.max_seq_len=12", "data.max_prompt_len=4"])

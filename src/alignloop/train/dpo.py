@@ -221,7 +221,7 @@ def encode_units(units: list[Unit], tokenizer, cfg: DPOConfig, stats: Counter, k
             other = out[(i + 1) % len(out)]
             room = cfg.data.max_seq_len - len(e.prompt_ids)
             e.kl_response_ids = [r[:room] for r in other.response_ids]
-    elif kto:
+    elif kto:  # a single example has no other response to pair its prompt with: its own stands in
         out[0].kl_response_ids = [list(r) for r in out[0].response_ids]
     return out
 
@@ -350,6 +350,20 @@ def objective(model: nn.Module, batch: dict, cfg: DPOConfig, reference: Referenc
                 "reward_margin": margin, "logp_chosen": logp[c].detach(), "logp_rejected": logp[j].detach()}
     metrics = {k: group_mean_sum(v, unit, n) for k, v in per_pair.items()}
     return group_mean_sum(losses, unit, n), metrics
+
+
+def step_metrics(metrics: dict[str, torch.Tensor], units: int, kto: bool) -> dict[str, float]:
+    """The metric sums of one micro-batch as ``fit`` logs them (it divides by the step's units). KTO's class
+    means are the micro-batch's, weighted by its examples; a class absent from a micro-batch adds nothing."""
+    if not kto:
+        return {k: float(v) for k, v in metrics.items()}
+    out = {"kl": float(metrics["kl"]), "desirable_share": float(metrics["desirable"])}
+    for name in ("desirable", "undesirable"):
+        n = float(metrics[name])
+        if n:
+            out[f"reward_{name}"] = float(metrics[f"reward_{name}"]) / n * units
+            out[f"logp_{name}"] = float(metrics[f"logp_{name}"]) / n * units
+    return out
 
 
 def evaluate_units(model: nn.Module, items: list[Encoded], cfg: DPOConfig, reference: ReferenceFn | None,
@@ -513,7 +527,7 @@ def run_dpo(cfg: DPOConfig, overwrite: bool = False) -> Path:
 
     def loss_fn(m, batch):
         loss, metrics = objective(m, batch, cfg, live)
-        return loss, batch["loss_units"], {k: float(v) for k, v in metrics.items()}
+        return loss, batch["loss_units"], step_metrics(metrics, batch["loss_units"], kto)
 
     def evaluate(m) -> dict[str, float]:
         r = evaluate_units(m, val, cfg, live, pad_id, eval_bs, acc.device)
