@@ -74,3 +74,13 @@ def test_a_dpo_round_trains_on_the_round_feedback_and_is_evaluated(world, tmp_pa
     ev = json.loads((root / "dpo" / "eval.json").read_text())
     assert ev["loss"] == "sigmoid" and ev["validation"]["units"] > 0 and "test" in ev  # gold-ordered test pairs
     assert (root / "eval" / "FINISHED").is_file() and not (root / "rm").exists()
+
+
+def test_demo_dpo_variant_plans_dpo_rounds(world, tmp_path):
+    data, base = world
+    cfg = pipeline_config(tmp_path / "run", data, base, TINY, seed=0, algorithm="dpo")
+    names = [s.name for s in plan(cfg)]
+    assert names == ["sft", "round-1/collect", "round-1/label", "round-1/dpo", "round-1/eval",
+                     "round-2/collect", "round-2/label", "round-2/dpo", "round-2/eval"]
+    ppo_demo = pipeline_config(tmp_path / "run", data, base, TINY, seed=0)
+    assert ppo_demo.algorithm == "ppo" and ppo_demo.dpo == {}  # the PPO demo's config is unchanged
