@@ -185,9 +185,12 @@ def results(root: Path, rounds: int) -> dict:
 
 def checks(res: dict, kl_budget: float) -> dict[str, bool]:
     last, first = res["rounds"][-1], res["rounds"][0]
+    rm_rounds = [r for r in res["rounds"] if r["rm_records"] is not None]  # DPO rounds train no reward model
+    rm_check = {"reward-model test accuracy vs gold >= 0.80": all((r["rm_test_accuracy"] or 0) >= 0.80
+                                                                  for r in rm_rounds)} if rm_rounds else {}
     return {
         "SFT lowered the validation loss": (res["sft_eval_loss_last"] or 1e9) < (res["sft_eval_loss_first"] or 0),
-        "reward-model test accuracy vs gold >= 0.80": all((r["rm_test_accuracy"] or 0) >= 0.80 for r in res["rounds"]),
+        **rm_check,
         "final policy beats SFT on gold, win rate >= 0.65": (last["win_rate_gold"] or 0) >= 0.65,
         f"KL to the SFT model <= {kl_budget:g}": last["kl"] is not None and last["kl"] <= kl_budget,
         "round 2 at least as good as round 1 (gold)": (last["gold_policy"] or 0) >= (first["gold_policy"] or 1),
