@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-COMMANDS = ["sft", "export", "collect", "label", "feedback", "rm", "score", "ppo", "predict", "sweep", "eval",
+COMMANDS = ["sft", "export", "collect", "label", "feedback", "rm", "score", "ppo", "dpo", "predict", "sweep", "eval",
             "report", "serve", "run", "demo"]
 FEEDBACK_SUBCOMMANDS = ["export", "create-user", "invite", "create-round", "add-items"]
 HEAVY = ["torch", "transformers", "peft", "accelerate", "sqlalchemy", "fastapi", "uvicorn", "optuna"]

@@ -221,6 +221,78 @@ class RMConfig(Strict):
         return self
 
 
+
+class DPODataConfig(RMDataConfig):
+    """Feedback as for ``alignloop rm``, plus KTO's unpaired ``{"prompt", "completion", "label"}`` records.
+    Limits as TRL's: the prompt keeps its last ``max_prompt_len`` tokens, prompt + response at most
+    ``max_seq_len`` (the response's end is cut)."""
+
+    max_seq_len: int = Field(1024, gt=8)
+    max_prompt_len: int = Field(512, gt=0)
+    split: SplitConfig = SplitConfig(validation=0.1, test=0.0)
+
+    @model_validator(mode="after")
+    def _prompt_fits(self) -> DPODataConfig:
+        if self.max_prompt_len >= self.max_seq_len:
+            raise ValueError("max_prompt_len must be below max_seq_len (the response needs room)")
+        return self
+
+
+class DPOTrainConfig(TrainConfig):
+    lr: float = Field(1e-6, gt=0)  # TRL's DPOConfig default
+
+
+class DPOSettings(Strict):
+    """The preference objective. Defaults are TRL's (DPOConfig, CPOConfig for SimPO, ORPOConfig, KTOConfig):
+    loss sigmoid, beta 0.1, label_smoothing 0, SimPO gamma 0.5, KTO weights 1, reference computed live,
+    dropout off in policy and reference."""
+
+    # sigmoid = DPO; label_smoothing = cDPO and robust = robust DPO (both with ``label_smoothing``);
+    # ipo; hinge (SLiC); simpo and orpo need no reference model; kto trains on unpaired examples.
+    loss: Literal["sigmoid", "ipo", "hinge", "label_smoothing", "robust", "simpo", "orpo", "kto"] = "sigmoid"
+    # DPO's KL strength (IPO's tau, SimPO's reward scale, ORPO's lambda, KTO's beta).
+    beta: float = Field(0.1, gt=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    gamma: float = Field(0.5, ge=0)  # SimPO's target reward margin
+    sft_weight: float = Field(0.0, ge=0)  # weight of the chosen response's NLL per token (TRL's rpo_alpha)
+    # live: the reference model runs next to the policy in every step; precompute: one pass over the data
+    # before training, cached in the run folder (reference/), and no reference model in memory afterwards.
+    # With LoRA the reference is the base model with the adapter switched off (no second copy).
+    reference: Literal["live", "precompute"] = "live"
+    # A ranking of K responses: all C(K, 2) pairs in one unit (each response encoded once), or only the
+    # best response against each of the others.
+    ranking_pairs: Literal["all", "best_vs_rest"] = "all"
+    # Ratings of responses to one prompt make pairs when their normalised ratings (0 = bottom, 1 = top of
+    # the scale) differ by more than this.
+    rating_margin: float = Field(0.0, ge=0, lt=1)
+    # KTO: a rating above this normalised value is desirable, below it undesirable (equal: left out).
+    kto_threshold: float = Field(0.5, gt=0, lt=1)
+    desirable_weight: float = Field(1.0, gt=0)
+    undesirable_weight: float = Field(1.0, gt=0)
+
+
+class DPOConfig(Strict):
+    output_dir: str = "runs/dpo"
+    # The policy (usually an SFT run's model/); the reference is the same starting weights, frozen.
+    model: ModelConfig = ModelConfig()
+    data: DPODataConfig = DPODataConfig()
+    train: DPOTrainConfig = DPOTrainConfig()
+    dpo: DPOSettings = DPOSettings()
+    # Ratings: the criteria's scales and weights make one overall rating per response (as for ``rm``).
+    criteria: list[Criterion] = DEFAULT_CRITERIA
+    score_scale: tuple[float, float] = (1.0, 7.0)
+
+    @model_validator(mode="after")
+    def _needs_inputs(self) -> DPOConfig:
+        if not self.model.name_or_path:
+            raise ValueError("model.name_or_path is required (or pass --policy)")
+        if not self.data.train:
+            raise ValueError("data.train is required (or pass --data)")
+        if self.score_scale[1] <= self.score_scale[0]:
+            raise ValueError("score_scale must be [low, high] with low < high")
+        return self
+
+
 C = TypeVar("C", bound=BaseModel)
 
 

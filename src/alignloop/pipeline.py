@@ -6,6 +6,8 @@
                                            API) rank and rate them; reviewers judge the last round's PPO samples
     <output_dir>/round-N/rm                reward model on ALL feedback so far (every round's labels + reviews)
     <output_dir>/round-N/ppo               PPO continuing from the current policy against that reward model
+    <output_dir>/round-N/dpo               or, in a round with ``algorithm: dpo``, instead of rm and ppo: DPO
+                                           (or IPO, SimPO, KTO, ...) of the current policy on ALL feedback so far
     <output_dir>/round-N/eval              the new policy against the SFT model (gold, reward, KL, win rates)
     <output_dir>/report.html               the HTML report of everything above
 
@@ -35,6 +37,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from alignloop.config import (
+    DPOConfig,
     EvalConfig,
     PPOConfig,
     RMConfig,
@@ -58,6 +61,7 @@ from alignloop.feedback.export import to_jsonl
 from alignloop.feedback.simulate import SimulatedAnnotation
 from alignloop.rl.rewards import import_callable
 from alignloop.runs import FINISHED, RunDir, atomic_write_json, atomic_write_text, read_metrics
+from alignloop.train.dpo import run_dpo
 from alignloop.train.ppo import run_ppo
 from alignloop.train.reward import run_rm
 from alignloop.train.sft import run_sft
@@ -95,21 +99,30 @@ class FeedbackSettings(Strict):
     simulated: SimulatedAnnotation = SimulatedAnnotation()
 
 
+Algorithm = Literal["ppo", "dpo"]
+ALGORITHMS: tuple[str, ...] = Algorithm.__args__
+
+
 class PipelineConfig(Strict):
-    """The whole loop. ``rm``, ``ppo`` and ``eval`` are the stages' own configs (as in examples/rm.yaml,
-    ppo.yaml, eval.yaml) minus what the runner wires in: model paths, data files and output folders."""
+    """The whole loop. ``rm``, ``ppo``, ``dpo`` and ``eval`` are the stages' own configs (as in
+    examples/rm.yaml, ppo.yaml, dpo.yaml, eval.yaml) minus what the runner wires in: model paths, data files
+    and output folders. ``algorithm`` picks what a round trains after labelling: ppo (a reward model on all
+    feedback so far, then PPO against it) or dpo (direct preference optimisation on all feedback so far:
+    online iterative DPO)."""
 
     output_dir: str = "runs/pipeline"
     rounds: int = Field(2, gt=0)
     sft: SFTConfig
     collect: CollectSettings
     feedback: FeedbackSettings = FeedbackSettings()
+    algorithm: Algorithm = "ppo"
     rm: dict[str, Any] = {}
     ppo: dict[str, Any] = {}
+    dpo: dict[str, Any] = {}
     eval: dict[str, Any] = {}
-    # Per round number, settings laid over ``rm`` / ``ppo`` / ``eval`` for that round only,
-    # e.g. {2: {"ppo": {"ppo": {"steps": 40}}}}.
-    round_overrides: dict[int, dict[Literal["rm", "ppo", "eval"], dict[str, Any]]] = {}
+    # Per round number, settings laid over ``rm`` / ``ppo`` / ``dpo`` / ``eval`` for that round only, and
+    # that round's ``algorithm``, e.g. {2: {"ppo": {"ppo": {"steps": 40}}}} or {2: {"algorithm": "dpo"}}.
+    round_overrides: dict[int, dict[Literal["algorithm", "rm", "ppo", "dpo", "eval"], Any]] = {}
     report_gold: str | None = None  # gold function for the report's over-optimisation plot
 
 
@@ -165,28 +178,40 @@ def plan(cfg: PipelineConfig) -> list[Stage]:
     unknown = sorted(set(cfg.round_overrides) - set(range(1, cfg.rounds + 1)))
     if unknown:
         raise UserError(f"round_overrides: round {unknown[0]}, but the pipeline has rounds 1-{cfg.rounds}")
+    policy = sft_model
     for n in range(1, cfg.rounds + 1):
         over = cfg.round_overrides.get(n, {})
-        user = {name: _overlaid(getattr(cfg, name), over.get(name, {})) for name in ("rm", "ppo", "eval")}
+        algorithm = over.get("algorithm", cfg.algorithm)
+        if algorithm not in ALGORITHMS:
+            raise UserError(f"round_overrides.{n}.algorithm: {algorithm!r} is not one of {', '.join(ALGORITHMS)}")
+        user = {name: _overlaid(getattr(cfg, name), over.get(name, {})) for name in ("rm", "ppo", "dpo", "eval")}
         rdir = root / f"round-{n}"
-        policy = sft_model if n == 1 else root / f"round-{n - 1}" / "ppo" / "model"
-        wired = {"output_dir": str(rdir / "rm"), "model.name_or_path": str(sft_model),
-                 "data.train": str(rdir / "rm" / "feedback.jsonl")}
-        if gold_test(cfg):
-            wired["data.test"] = str(rdir / "collect" / "gold_test.jsonl")
         where = f" (round {n})" if over else ""
-        rm_cfg = validate_config(RMConfig, _merge(user["rm"], wired), "rm" + where)
-        ppo_cfg = validate_config(PPOConfig, _merge(user["ppo"], {
-            "output_dir": str(rdir / "ppo"), "model.name_or_path": str(policy),
-            "reward.model": str(rdir / "rm"), "data.train": cfg.collect.prompts}), "ppo" + where)
-        eval_cfg = validate_config(EvalConfig, _merge(user["eval"], {
-            "output_dir": str(rdir / "eval"), "policy": str(rdir / "ppo" / "model"), "baseline": str(sft_model),
-            "reward_model": str(rdir / "rm" / "model"), "feedback_db": feedback_db(cfg)}), "eval" + where)
         stages += [Stage(f"round-{n}/collect", rdir / "collect", n, policy),
-                   Stage(f"round-{n}/label", rdir / "label", n),
-                   Stage(f"round-{n}/rm", rdir / "rm", n, rm_cfg),
-                   Stage(f"round-{n}/ppo", rdir / "ppo", n, ppo_cfg),
-                   Stage(f"round-{n}/eval", rdir / "eval", n, eval_cfg)]
+                   Stage(f"round-{n}/label", rdir / "label", n)]
+        test = {"data.test": str(rdir / "collect" / "gold_test.jsonl")} if gold_test(cfg) else {}
+        scored_by: dict[str, str] = {}
+        if algorithm == "ppo":
+            rm_cfg = validate_config(RMConfig, _merge(user["rm"], {
+                "output_dir": str(rdir / "rm"), "model.name_or_path": str(sft_model),
+                "data.train": str(rdir / "rm" / "feedback.jsonl"), **test}), "rm" + where)
+            ppo_cfg = validate_config(PPOConfig, _merge(user["ppo"], {
+                "output_dir": str(rdir / "ppo"), "model.name_or_path": str(policy),
+                "reward.model": str(rdir / "rm"), "data.train": cfg.collect.prompts}), "ppo" + where)
+            stages += [Stage(f"round-{n}/rm", rdir / "rm", n, rm_cfg), Stage(f"round-{n}/ppo", rdir / "ppo", n, ppo_cfg)]
+            scored_by = {"reward_model": str(rdir / "rm" / "model")}
+        else:
+            # The round's own policy is DPO's reference; the gold-ordered test pairs are its held-out pairs.
+            dpo_cfg = validate_config(DPOConfig, _merge(user["dpo"], {
+                "output_dir": str(rdir / "dpo"), "model.name_or_path": str(policy),
+                "data.train": str(rdir / "dpo" / "feedback.jsonl"), **test}), "dpo" + where)
+            stages.append(Stage(f"round-{n}/dpo", rdir / "dpo", n, dpo_cfg))
+        trained = rdir / algorithm / "model"
+        eval_cfg = validate_config(EvalConfig, _merge(user["eval"], {
+            "output_dir": str(rdir / "eval"), "policy": str(trained), "baseline": str(sft_model),
+            **scored_by, "feedback_db": feedback_db(cfg)}), "eval" + where)
+        stages.append(Stage(f"round-{n}/eval", rdir / "eval", n, eval_cfg))
+        policy = trained
     return stages
 
 
@@ -246,8 +271,9 @@ def run_label(cfg: PipelineConfig, stage: Stage) -> dict:
     name, db = collected["round"], feedback_db(cfg)
     quota = cfg.feedback.label_quota or collected["items"] * cfg.feedback.overlap
     if cfg.feedback.mode == "simulated" and rounds.round_progress(db, name)["labels"] < quota:
-        samples = (read_metrics(Path(cfg.output_dir) / f"round-{stage.round - 1}" / "ppo" / "samples.jsonl")
-                   if stage.round > 1 else None)
+        # A round after a PPO round reviews its samples; after a DPO round (no samples) there is nothing to review.
+        previous = Path(cfg.output_dir) / f"round-{stage.round - 1}" / "ppo" / "samples.jsonl"
+        samples = read_metrics(previous) if stage.round > 1 and previous.is_file() else None
         rounds.simulate_round(db, name, quota, cfg.feedback.simulated, seed=cfg.sft.train.seed * 100 + stage.round,
                               policy_samples=samples)
     done = rounds.round_progress(db, name)["labels"]
@@ -259,15 +285,16 @@ def run_label(cfg: PipelineConfig, stage: Stage) -> dict:
     return {"round": name, "labels": done, "quota": quota}
 
 
-def run_rm_stage(cfg: PipelineConfig, stage: Stage) -> dict:
-    """Export every round so far (labels and reviews) into one training file, then train."""
+def run_feedback_stage(cfg: PipelineConfig, stage: Stage, train: Callable[[Any], object]) -> dict:
+    """Export every round so far (labels and reviews) into one training file, then train on it (the reward
+    model, or DPO)."""
     names = [_stage_summary(Path(cfg.output_dir) / f"round-{n}" / "collect")["round"]
              for n in range(1, stage.round + 1)]
     records = rounds.export_rounds(feedback_db(cfg), names)
     data = Path(stage.config.data.train)
-    if not data.is_file():  # written once: a resumed reward model must see the same data
+    if not data.is_file():  # written once: a resumed stage must see the same data
         atomic_write_text(data, to_jsonl(records))
-    run_rm(stage.config)
+    train(stage.config)
     return {"rounds": names, "records": len(records),
             "reviews": sum(r.get("source") == "review" for r in records)}
 
@@ -297,7 +324,9 @@ def _run_stage(cfg: PipelineConfig, stage: Stage) -> dict:
     if kind == "label":
         return run_label(cfg, stage)
     if kind == "rm":
-        return run_rm_stage(cfg, stage)
+        return run_feedback_stage(cfg, stage, run_rm)
+    if kind == "dpo":
+        return run_feedback_stage(cfg, stage, run_dpo)
     if kind == "ppo":
         run_ppo(stage.config)
         return {}
@@ -330,8 +359,8 @@ def run_pipeline(cfg: PipelineConfig, start_from: str | None = None, force: bool
         if on_stage is not None:
             on_stage(stage)
         summary = _run_stage(cfg, stage)
-        if stage.name.endswith(("collect", "label", "rm")):
-            # collect and label have no trainer to mark them; rm's marker gains the feedback summary.
+        if stage.name.endswith(("collect", "label", "rm", "dpo")):
+            # collect and label have no trainer to mark them; rm's and dpo's markers gain the feedback summary.
             old = _stage_summary(stage.folder) if RunDir(stage.folder).is_finished() else {}
             atomic_write_json(stage.folder / FINISHED, {"finished_at": time.time(), **old, "stage": stage.name,
                                                         **summary})

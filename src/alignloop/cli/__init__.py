@@ -17,6 +17,7 @@ import textwrap
 from alignloop.cli import (
     collect,
     demo,
+    dpo,
     export,
     feedback,
     label,
@@ -34,8 +35,8 @@ from alignloop.cli import eval as eval_command
 from alignloop.cli.common import examples_epilog, quiet_libraries, run_command
 
 # In the order `alignloop --help` lists them.
-COMMANDS = (sft, export, collect, label, feedback, rm, score, ppo, predict, sweep, eval_command, report, serve,
-            run, demo)
+COMMANDS = (sft, export, collect, label, feedback, rm, score, ppo, dpo, predict, sweep, eval_command, report,
+            serve, run, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,7 +15,8 @@ def run(args: argparse.Namespace) -> int:
 
     real = args.model == "smollm2-135m-instruct"
     output = args.output or ("runs/demo-smollm2" if real else "runs/demo")
-    out = run_demo(output, REAL if real else FULL, args.seed, args.model if real else None, args.force)
+    out = run_demo(output, REAL if real else FULL, args.seed, args.model if real else None, args.force,
+                   args.algorithm)
     print(out["table"])
     print(f"report: {out['report']}")
     print(f"wall time: {out['seconds'] / 60:.1f} min")
@@ -32,10 +33,13 @@ def add_command(sub) -> None:
                     "report. Prints a summary table; exits 1 if a check of a healthy loop failed. About 13-14 "
                     "minutes on 2 CPU cores; re-running resumes.",
         epilog=examples_epilog("alignloop demo", "alignloop demo --output runs/demo-seed1 --seed 1",
-                               "alignloop demo --model smollm2-135m-instruct   # real model + LoRA, < 1 h on 2 cores"),
+                               "alignloop demo --model smollm2-135m-instruct   # real model + LoRA, < 1 h on 2 cores",
+                               "alignloop demo --algorithm dpo --output runs/demo-dpo   # online DPO rounds"),
     )
     p.add_argument("--model", help="tiny (default) or smollm2-135m-instruct")
     p.add_argument("--output", help="run folder (default runs/demo or runs/demo-smollm2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="rerun every pipeline stage")
+    p.add_argument("--algorithm", choices=("ppo", "dpo"), default="ppo",
+                   help="what each round trains after labelling: RM + PPO (default) or DPO on all feedback so far")
     p.set_defaults(func=run)

@@ -1,0 +1,138 @@
+"""alignloop's DPO stage on the peer benchmark's DPO workload: preference pairs/second, steady state, and
+peak memory, printed as one ``BENCH_JSON {...}`` line.
+
+    python bench/dpo.py --model tiny --fixtures /tmp/peer-bench/fixtures                  # live reference
+    python bench/dpo.py --model tiny --fixtures /tmp/peer-bench/fixtures --precompute-ref  # one cached pass
+
+Same workload as the peer's trl_dpo.py: synth.preference_pairs(256) with explicit prompts, the fixture
+causal LM as policy and a frozen copy of it as reference, batch 8 pairs (chosen and rejected in one
+forward: 16 sequences), sigmoid loss, beta 0.1, AdamW lr 1e-5 constant, fp32, 2 threads, max length 1024,
+1 epoch (32 steps). It runs the real ``alignloop dpo`` stage (run_dpo) and times its loop from the end of
+step 3: a step ends when the next one starts collating, so the window covers collation, the policy and
+reference forwards, backward, clipping, the optimizer and the per-step bookkeeping. With
+``--precompute-ref`` the reference pass runs before training (as TRL runs it in the trainer's constructor)
+and is reported in ``dataset_prep_seconds``, outside the window.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PEER = Path(os.environ.get("ALIGNLOOP_PEER_BENCH", Path(__file__).resolve().parents[2] / "shared" / "peer-bench"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", choices=("tiny", "25m"), default="tiny")
+    ap.add_argument("--fixtures", type=Path, default=PEER / "fixtures", help="the peer's make_fixtures.py output")
+    ap.add_argument("--n-pairs", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--max-steps", type=int, default=None, help="default: one full epoch")
+    ap.add_argument("--warmup-steps", type=int, default=3)
+    ap.add_argument("--precompute-ref", action="store_true", help="dpo.reference=precompute")
+    a = ap.parse_args()
+
+    fixtures = a.fixtures.resolve()
+    model_dir = fixtures / {"tiny": "llama-tiny", "25m": "llama-25m"}[a.model]
+    if not (model_dir / "config.json").exists():
+        sys.exit(f"missing fixture {model_dir}: run make_fixtures.py in the peer-bench folder first")
+    # the peer folder that wrote the fixtures (a working copy), else the shared one
+    sys.path.insert(0, str(fixtures.parent if (fixtures.parent / "synth.py").exists() else PEER))
+    import common  # noqa: I001  (pins threads and offline env before torch loads)
+    import synth
+
+    common.setup_torch()
+    common.quiet_logs()
+    import alignloop.train.dpo as stage
+    from alignloop.config import DPOConfig, build_config
+
+    work = Path(tempfile.mkdtemp(prefix="alignloop-bench-dpo-"))
+    data = work / "pairs.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in synth.preference_pairs(a.n_pairs)))
+    overrides = ["dpo.loss=sigmoid", "dpo.beta=0.1", f"dpo.reference={'precompute' if a.precompute_ref else 'live'}",
+                 "train.lr=1e-5", "train.schedule=constant", "train.warmup_steps=0", "train.weight_decay=0",
+                 f"train.batch_size={a.batch_size}", "train.epochs=1", 'train.mixed_precision="no"',
+                 "train.report_to=[]", "train.log_steps=1000000", "train.seed=42", "model.dtype=float32",
+                 "data.split.validation=0", "data.split.test=0", "data.max_seq_len=1024"]
+    if a.max_steps:
+        overrides.append(f"train.max_steps={a.max_steps}")
+    cfg = build_config(DPOConfig, None, {"model.name_or_path": str(model_dir), "data.train": str(data),
+                                         "output_dir": str(work / "run")}, overrides)
+
+    # Record when each step starts collating and what its batch holds, by wrapping the stage's fit.
+    starts: list[float] = []
+    batches: list[dict] = []
+    snaps: list[tuple] = []
+    t_fit: dict[str, float] = {}
+    real_fit = stage.fit
+
+    def timed_fit(model, items, collate, *args, **kwargs):
+        def counting_collate(group):
+            snaps.append(common.cpu_snapshot())
+            starts.append(snaps[-1][0])
+            batch = collate(group)
+            batches.append({"pairs": int(len(batch["chosen"])), "tokens": batch["tokens"],
+                            "padded_tokens": int(batch["prompt_ids"].numel() + batch["response_ids"].numel())})
+            return batch
+
+        t_fit["start"] = time.perf_counter()
+        t_fit["params"] = sum(p.numel() for p in model.parameters())
+        out = real_fit(model, items, counting_collate, *args, **kwargs)
+        t_fit["end"] = time.perf_counter()
+        return out
+
+    stage.fit = timed_fit
+    t0 = time.perf_counter()
+    stage.run_dpo(cfg, overwrite=True)
+    total = time.perf_counter() - t0
+    shutil.rmtree(work)
+
+    w = a.warmup_steps
+    steps = len(starts)
+    if steps <= w + 1:
+        sys.exit(f"only {steps} steps ran; need more than warmup + 1 = {w + 1}")
+    # Steps w+1 .. steps-1 (1-based): from the start of step w+1 (= end of step w) to the start of the last.
+    secs = starts[-1] - starts[w]
+    timed = batches[w:-1]
+    pairs = sum(b["pairs"] for b in timed)
+    tokens = sum(b["tokens"] for b in timed)
+    padded = sum(b["padded_tokens"] for b in timed)
+    common.emit({
+        "bench": "alignloop_dpo",
+        "model": a.model,
+        "params": int(t_fit["params"]),
+        "variant": "precompute_ref" if a.precompute_ref else "ref_model_each_step",
+        "bf16": False,
+        "gradient_checkpointing": False,
+        "batch_size_pairs": a.batch_size,
+        "n_pairs": a.n_pairs,
+        "beta": 0.1,
+        "loss_type": "sigmoid",
+        "steps": steps,
+        "dataset_prep_seconds": round(t_fit["start"] - t0, 2),
+        "dataset_prep_includes": "tokenization" + (" + reference log-prob pass" if a.precompute_ref else ""),
+        "train_wall_seconds": round(t_fit["end"] - t_fit["start"], 2),
+        "total_wall_seconds": round(total, 2),
+        "timed_steps": steps - 1 - w,
+        "warmup_steps": w,
+        "timed_seconds": round(secs, 3),
+        "sec_per_step": round(secs / (steps - 1 - w), 4),
+        "pairs": pairs,
+        "pairs_per_sec": round(pairs / secs, 2),
+        "tokens": tokens,
+        "tokens_per_sec": round(tokens / secs, 1),
+        "padded_tokens": padded,
+        "padding_fraction": round(1 - tokens / padded, 4) if padded else 0.0,
+        "other_procs_cores": round(common.other_load(snaps[w], snaps[-1]), 3),
+    })
+
+
+if __name__ == "__main__":
+    main()
