@@ -14,7 +14,14 @@ from alignloop.data.clean import clean_records
 from alignloop.data.formats import Conversation, PromptCompletion, chat_as_lines, parse_sft
 from alignloop.data.io import Record, read_records
 from alignloop.data.splits import split_by_seed
-from alignloop.data.tokenize import IGNORE, collate_packed, pack_examples, tokenize_sft
+from alignloop.data.tokenize import (
+    IGNORE,
+    collate_packed,
+    encode_prompt,
+    pack_examples,
+    render_prompt,
+    tokenize_sft,
+)
 from alignloop.errors import UserError
 from conftest import write_jsonl
 
@@ -163,3 +170,13 @@ def test_chat_as_lines_writes_role_content_turns():
     assert chat_as_lines(chat) == "system: Be brief.\nuser: Hi\nuser: no role"
     assert chat_as_lines(chat[:2], separator="\n\n") == "system: Be brief.\n\nuser: Hi"
     assert chat_as_lines([]) == ""
+
+
+def test_encode_prompt_adds_special_tokens_to_text_only_and_keeps_the_end(tokenizer):
+    text = "Repeat twice: red cat dog\n"
+    plain = tokenizer(text, add_special_tokens=True)["input_ids"]
+    assert encode_prompt(tokenizer, text, 512) == plain
+    assert encode_prompt(tokenizer, text, 3) == plain[-3:]  # the response follows the end, so the start goes
+    chat = [{"role": "user", "content": "Repeat twice: red cat dog"}]
+    rendered = render_prompt(tokenizer, chat)
+    assert encode_prompt(tokenizer, chat, 512) == tokenizer(rendered, add_special_tokens=False)["input_ids"]

@@ -54,6 +54,14 @@ def render_prompt(tokenizer, prompt: str | list[dict]) -> str:
     return _render(tokenizer, prompt, add_generation_prompt=True)
 
 
+def encode_prompt(tokenizer, prompt: str | list[dict], max_len: int) -> list[int]:
+    """The ids a policy is conditioned on (PPO's rollouts, eval, DPO): the rendered prompt, with the
+    tokenizer's special tokens for a raw text prompt (a chat template writes its own), keeping the last
+    ``max_len`` because the response follows the end."""
+    ids = tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=isinstance(prompt, str))["input_ids"]
+    return ids[-max_len:]
+
+
 def _conversation_ids(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
     """Token ids of the whole conversation and labels that keep only the assistant turns.
 

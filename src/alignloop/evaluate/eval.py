@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from alignloop.config import EvalConfig, ModelConfig, dump_config
 from alignloop.data.formats import parse_rl_prompt, parse_sft
 from alignloop.data.io import read_records
-from alignloop.data.tokenize import ensure_chat_template, render_prompt, tokenize_sft
+from alignloop.data.tokenize import encode_prompt, ensure_chat_template, render_prompt, tokenize_sft
 from alignloop.errors import UserError
 from alignloop.evaluate.judge import human_win_rates
 from alignloop.evaluate.safety import SafetyCheck
@@ -94,12 +94,7 @@ def release_memory() -> None:
 
 
 def prompt_ids(tok, prompts: Sequence[Prompt], max_len: int) -> list[list[int]]:
-    out = []
-    for p in prompts:
-        text = render_prompt(tok, p.source)
-        ids = tok(text, add_special_tokens=isinstance(p.source, str))["input_ids"]
-        out.append(ids[-max_len:])  # keep the end: the response continues from it
-    return out
+    return [encode_prompt(tok, p.source, max_len) for p in prompts]
 
 
 def sample(model, tok, prompts: Sequence[Prompt], cfg: EvalConfig, name: str, path: str) -> Generations:

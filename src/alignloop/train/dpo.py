@@ -33,7 +33,7 @@ from alignloop.data.batching import left_pad, right_pad
 from alignloop.data.formats import Prompt, RecordModel, parse_feedback, validate_record
 from alignloop.data.io import Record
 from alignloop.data.splits import load_splits
-from alignloop.data.tokenize import ensure_chat_template, render_prompt
+from alignloop.data.tokenize import encode_prompt, ensure_chat_template
 from alignloop.errors import UserError
 from alignloop.generation.rollout import Rollout, response_logprobs
 from alignloop.models.load import count_parameters, load_pretrained, prepare_for_training, save_model
@@ -190,13 +190,6 @@ class Encoded:
 
     def __len__(self) -> int:
         return sum(len(self.prompt_ids) + len(r) for r in self.response_ids + self.kl_response_ids)
-
-
-def encode_prompt(tokenizer, prompt: str | list[dict], max_len: int) -> list[int]:
-    """The prompt's token ids as PPO conditions on them (chat prompts through the template with the assistant
-    header), keeping the last ``max_len``: the response follows the end."""
-    ids = tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=isinstance(prompt, str))["input_ids"]
-    return ids[-max_len:]
 
 
 def encode_response(tokenizer, response: str, room: int, stats: Counter) -> list[int]:

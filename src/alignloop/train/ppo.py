@@ -34,6 +34,7 @@ from alignloop.data.io import Record, read_records
 from alignloop.data.splits import split_by_seed
 from alignloop.data.tokenize import (
     collate_padded,
+    encode_prompt,
     ensure_chat_template,
     render_prompt,
     tokenize_sft,
@@ -111,10 +112,9 @@ def tokenize_prompts(records: list[Record], tokenizer, max_len: int) -> list[Pro
     out = []
     for rec in records:
         prompt = parse_rl_prompt(rec)
-        text = render_prompt(tokenizer, prompt)
-        ids = tokenizer(text, add_special_tokens=isinstance(prompt, str))["input_ids"]
         columns = {k: v for k, v in rec.data.items() if k not in ("prompt", "messages")}
-        out.append(Prompt(prompt, text, ids[-max_len:], columns))  # keep the end: the response follows it
+        out.append(Prompt(prompt, render_prompt(tokenizer, prompt), encode_prompt(tokenizer, prompt, max_len),
+                          columns))
     return out
 
 
