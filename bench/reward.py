@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from fit_timing import FitTimer  # bench/ itself is on sys.path when a script here runs
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -61,68 +63,27 @@ def main() -> None:
     cfg = build_config(RMConfig, None, {"model.name_or_path": str(model_dir), "data.train": str(data),
                                         "output_dir": str(work / "run")}, overrides)
 
-    # Record when each step starts collating and what its batch holds, by wrapping the stage's fit.
-    starts: list[float] = []
-    batches: list[dict] = []
-    snaps: list[tuple] = []
-    t_fit: dict[str, float] = {}
-    real_fit = stage.fit
-
-    def timed_fit(model, items, collate, *args, **kwargs):
-        def counting_collate(group):
-            snaps.append(common.cpu_snapshot())
-            starts.append(snaps[-1][0])
-            batch = collate(group)
-            batches.append({"pairs": int(len(batch["win"])), "tokens": int(batch["attention_mask"].sum()),
-                            "padded_tokens": int(batch["input_ids"].numel())})
-            return batch
-
-        t_fit["start"] = time.perf_counter()
-        t_fit["params"] = sum(p.numel() for p in model.parameters())
-        out = real_fit(model, items, counting_collate, *args, **kwargs)
-        t_fit["end"] = time.perf_counter()
-        return out
-
-    stage.fit = timed_fit
+    timer = FitTimer(stage, lambda b: {"pairs": int(len(b["win"])), "tokens": int(b["attention_mask"].sum()),
+                                      "padded_tokens": int(b["input_ids"].numel())}, common)
     t0 = time.perf_counter()
     stage.run_rm(cfg, overwrite=True)
     total = time.perf_counter() - t0
     shutil.rmtree(work)
 
-    w = a.warmup_steps
-    steps = len(starts)
-    if steps <= w + 1:
-        sys.exit(f"only {steps} steps ran; need more than warmup + 1 = {w + 1}")
-    # Steps w+1 .. steps-1 (1-based): from the start of step w+1 (= end of step w) to the start of the last.
-    secs = starts[-1] - starts[w]
-    timed = batches[w:-1]
-    pairs = sum(b["pairs"] for b in timed)
-    tokens = sum(b["tokens"] for b in timed)
-    padded = sum(b["padded_tokens"] for b in timed)
+    window = timer.steady_state(a.warmup_steps, common)
     common.emit({
         "bench": "alignloop_reward",
         "model": a.model,
-        "params": int(t_fit["params"]),
+        "params": int(timer.params),
         "variant": "grouped_by_length" if not a.no_group_by_length else "shuffled",
         "bf16": False,
         "gradient_checkpointing": False,
         "batch_size_pairs": a.batch_size,
         "n_pairs": a.n_pairs,
-        "steps": steps,
-        "dataset_prep_seconds": round(t_fit["start"] - t0, 2),
-        "train_wall_seconds": round(t_fit["end"] - t_fit["start"], 2),
+        "dataset_prep_seconds": round(timer.fit_start - t0, 2),
+        "train_wall_seconds": round(timer.fit_end - timer.fit_start, 2),
         "total_wall_seconds": round(total, 2),
-        "timed_steps": steps - 1 - w,
-        "warmup_steps": w,
-        "timed_seconds": round(secs, 3),
-        "sec_per_step": round(secs / (steps - 1 - w), 4),
-        "pairs": pairs,
-        "pairs_per_sec": round(pairs / secs, 2),
-        "tokens": tokens,
-        "tokens_per_sec": round(tokens / secs, 1),
-        "padded_tokens": padded,
-        "padding_fraction": round(1 - tokens / padded, 4) if padded else 0.0,
-        "other_procs_cores": round(common.other_load(snaps[w], snaps[-1]), 3),
+        **window,
     })
 
 
