@@ -4,6 +4,7 @@ pieces shown as "no data", and the page renders in headless chromium (screenshot
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -17,7 +18,8 @@ from alignloop.plots import nice_ticks
 from alignloop.runs import read_metrics
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
-PLOTS = {"pretrain-loss", "sft-loss", "rm-accuracy", "ppo-reward", "ppo-kl", "ppo-entropy", "gold-vs-rm", "win-rates"}
+PLOTS = {"pretrain-loss", "sft-loss", "rm-accuracy", "ppo-reward", "ppo-kl", "ppo-entropy", "gold-vs-rm", "win-rates",
+         "benchmarks"}
 PAYLOAD = "<script>document.title='pwned'</script><img src=x onerror=\"document.title='pwned'\">"
 
 
@@ -26,13 +28,20 @@ def _jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+def _benchmarks(acc: float) -> dict:
+    return {"demo_world_choice": {"samples": 40, "metrics": {"acc": {"value": acc, "stderr": 0.05},
+                                                             "acc_norm": {"value": acc / 2, "stderr": None}}},
+            "demo_world_count": {"samples": 40, "metrics": {"exact_match,first-number": {"value": 0.1, "stderr": 0.02}}}}
+
+
 def _eval(folder: Path, kl: float, gold_policy: float, gold_base: float, rm: float, win: float) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     wr = {"win_rate": win, "ci_low": win - 0.1, "ci_high": win + 0.1, "wins": 10, "ties": 0, "losses": 6, "n": 16}
     ev = {"prompts": 16, "models": {
         "policy": {"kl": {"mean": kl}, "reward_model": {"mean": rm}, "gold": {"total": {"mean": gold_policy}},
-                   "length_tokens": {"mean": 30.0}, "safety": {"rate": 0.0}},
-        "baseline": {"reward_model": {"mean": 0.0}, "gold": {"total": {"mean": gold_base}}}},
+                   "length_tokens": {"mean": 30.0}, "safety": {"rate": 0.0}, "benchmarks": _benchmarks(gold_policy)},
+        "baseline": {"reward_model": {"mean": 0.0}, "gold": {"total": {"mean": gold_base}},
+                     "benchmarks": _benchmarks(gold_base)}},
         "win_rate": {"gold": wr, "reward_model": {**wr, "win_rate": win + 0.05}},
         "human_win_rates": [{"model_a": "policy", "model_b": "sft", "win_rate": 0.6, "ci_low": 0.4, "ci_high": 0.8}]}
     (folder / "eval.json").write_text(json.dumps(ev))
@@ -104,9 +113,9 @@ def test_every_plot_is_drawn_and_outputs_are_escaped(run_dir):
     assert set(page.plots) == PLOTS
     assert not [p for p, v in page.plots.items() if v["empty"]]
     expected_lines = {"pretrain-loss": 1, "sft-loss": 2, "rm-accuracy": 2, "ppo-reward": 2, "ppo-kl": 2,
-                      "ppo-entropy": 2, "gold-vs-rm": 4, "win-rates": 3}
+                      "ppo-entropy": 2, "gold-vs-rm": 4, "win-rates": 3, "benchmarks": 3}
     assert {p: v["lines"] for p, v in page.plots.items()} == expected_lines
-    assert page.tables == ["summary", "samples"]
+    assert page.tables == ["summary", "benchmarks", "samples"]
     text = out.read_text()
     assert "<script" not in text and "<img" not in text and "script&gt;" in text
     assert "policy, round-1" in text and "policy, round-2" in text and "SFT model" in text
@@ -128,12 +137,24 @@ def test_gold_and_reward_against_kl_come_from_the_run(run_dir):
 
 def test_missing_pieces_say_no_data(tmp_path):
     empty = _parse(build_report(tmp_path))
-    assert set(empty.plots) == PLOTS - {"pretrain-loss"}
+    assert set(empty.plots) == PLOTS - {"pretrain-loss", "benchmarks"}
     assert all(v["empty"] for v in empty.plots.values())
     assert "no data" in (tmp_path / "report.html").read_text()
     _jsonl(tmp_path / "sft" / "metrics.jsonl", [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}])
     partial = _parse(build_report(tmp_path))
     assert not partial.plots["sft-loss"]["empty"] and partial.plots["ppo-kl"]["empty"]
+
+
+def test_benchmark_table_has_the_sft_model_then_each_rounds_policy(run_dir):
+    text = build_report(run_dir).read_text()
+    table = text.split('data-table="benchmarks"')[1].split("</table>")[0]
+    head = re.findall(r"<th>(.*?)</th>", table)
+    assert head == ["task", "metric", "SFT model", "policy, round-1", "policy, round-2"]
+    rows = [re.findall(r"<td>(.*?)</td>", row) for row in table.split("<tr>")[2:]]
+    assert rows == [["demo_world_choice", "acc", "0.700 ± 0.050", "0.750 ± 0.050", "0.800 ± 0.050"],
+                    ["demo_world_choice", "acc_norm", "0.350", "0.375", "0.400"],
+                    ["demo_world_count", "exact_match,first-number", "0.100 ± 0.020", "0.100 ± 0.020",
+                     "0.100 ± 0.020"]]
 
 
 def test_nice_ticks_cover_the_range_with_round_steps():

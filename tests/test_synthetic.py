@@ -4,6 +4,7 @@ everything is a pure function of the seed."""
 from __future__ import annotations
 
 import random
+import re
 import statistics
 
 import pytest
@@ -201,3 +202,26 @@ def test_word_soup_is_neither_consistent_nor_creative():
     generated = {w for p in S.rl_prompts(100, seed=0) for r in S.candidate_responses(p["prompt"], 3, seed=0)
                  for w in S.words(p["prompt"] + " " + r)}
     assert generated <= S.LEXICON
+
+
+def test_benchmark_choices_name_what_was_asked_exactly_once():
+    items = S.benchmark_choice_items(60, seed=0)
+    assert items == S.benchmark_choice_items(60, seed=0) and len({i["question"] for i in items}) == 60
+    assert all(S.is_eval_prompt(i["question"]) for i in items)  # held out from every training prompt
+    for item in items:
+        asked = S.requested_entities(item["question"])
+        full = [c for c in item["choices"] if all(S.requested_entities(c).get(k) == v for k, v in asked.items())]
+        assert len(item["choices"]) == 4 and len(set(item["choices"])) == 4
+        assert full == [item["choices"][item["answer"]]]
+    assert {i["answer"] for i in items} == {0, 1, 2, 3}
+    assert S.benchmark_choice_items(1, seed=3)[0] == {
+        "question": "Describe a rabbit that loves painting.", "answer": 0,
+        "choices": ["The rabbit paints far away.", "The rabbit jumps far away.", "The rabbit digs far away.",
+                    "The rabbit dances far away."]}
+
+
+def test_benchmark_counts_answer_their_arithmetic():
+    for item in S.benchmark_count_items(60, seed=0):
+        a, b = (int(n) for n in re.findall(r"\d+", item["question"]))
+        expected = a + b if "How many" in item["question"] and "more" in item["question"] else a - b
+        assert item["answer"] == str(expected) and int(item["answer"]) >= 0

@@ -597,7 +597,13 @@ class EvalConfig(Strict):
     test_data: str | None = None
     max_seq_len: int = Field(1024, gt=8)
     generation: SamplingConfig = SamplingConfig(batch_size=16)
-    batch_size: int = Field(16, gt=0)  # scoring batch (reward model, KL, classifier, test loss)
+    batch_size: int = Field(16, gt=0)  # scoring batch (reward model, KL, classifier, test loss, benchmarks)
+    # lm-evaluation-harness tasks (names, tags or groups) scored for the policy and the baseline: task YAMLs
+    # in benchmark_tasks (examples/benchmarks: demo_world_choice, demo_world_count, tag demo_world), or
+    # lm-eval's built-in tasks whose data is in the local datasets cache. Needs alignloop[benchmarks].
+    benchmarks: list[str] = []
+    benchmark_tasks: str | None = None
+    benchmark_limit: int | None = Field(None, gt=0)  # at most this many examples per task
     safety: SafetyConfig = SafetyConfig()
     # Blind side-by-side votes from the feedback app (URL or SQLite path); all rounds unless one is named.
     feedback_db: str | None = None

@@ -14,7 +14,14 @@ reward-model score, gold score (a Python function), KL(policy || reference) on t
 tokens, win rates of the policy over the baseline with 95% Wilson intervals, response length,
 distinct-1/2 diversity, the share of responses caught by the safety check, the loss on SFT test
 records, and blind side-by-side human win rates from the feedback database.
-Writes eval.json and samples.jsonl (every prompt with each model's response and scores)."""
+Writes eval.json and samples.jsonl (every prompt with each model's response and scores).
+
+--benchmarks also scores both models on standard benchmarks through lm-evaluation-harness
+(pip install 'alignloop[benchmarks]'), run on the loaded models in this process and offline: task
+names, tags or groups of lm-eval task YAMLs in --benchmark-tasks DIR (examples/benchmarks has
+demo_world_choice, multiple choice by log-likelihood, and demo_world_count, generate-until with exact
+match; the tag demo_world runs both), or lm-eval's built-in tasks whose data is in the local datasets
+cache. The scores go into eval.json (models.<name>.benchmarks), the report and the model card."""
 
 
 def run(args: argparse.Namespace) -> int:
@@ -22,7 +29,10 @@ def run(args: argparse.Namespace) -> int:
              "reward_model": args.reward_model, "prompts": args.prompts, "gold": args.gold,
              "output_dir": args.output, "test_data": args.test_data, "max_prompts": args.max_prompts,
              "safety.classifier": args.safety_classifier, "safety.blocklist_file": args.blocklist_file,
-             "feedback_db": args.feedback_db, "feedback_round": args.feedback_round}
+             "feedback_db": args.feedback_db, "feedback_round": args.feedback_round,
+             "benchmark_tasks": args.benchmark_tasks, "benchmark_limit": args.benchmark_limit}
+    if args.benchmarks:
+        flags["benchmarks"] = [t.strip() for t in args.benchmarks.split(",") if t.strip()]
     if args.blocklist:
         flags["safety.blocklist"] = [w.strip() for w in args.blocklist.split(",") if w.strip()]
     cfg = build_config(EvalConfig, args.config, flags, args.overrides)
@@ -44,6 +54,9 @@ def add_command(sub) -> None:
             "--reward-model runs/demo/round-1/rm/model --prompts eval_prompts.jsonl "
             "--gold alignloop.data.synthetic:gold_breakdown --output runs/demo/round-1/eval",
             "alignloop eval -c examples/eval.yaml generation.temperature=0.7 --blocklist 'kill,bomb'",
+            "alignloop eval --policy runs/demo/round-1/ppo/model --baseline runs/demo/sft/model "
+            "--prompts runs/demo/data/eval_prompts.jsonl --benchmarks demo_world_choice,demo_world_count "
+            "--benchmark-tasks examples/benchmarks --benchmark-limit 100 --output runs/demo/round-1/eval",
         ),
     )
     p.add_argument("-c", "--config", help="YAML config file (fields of EvalConfig)")
@@ -58,6 +71,9 @@ def add_command(sub) -> None:
     p.add_argument("--blocklist", help="comma-separated words / phrases counted as unsafe")
     p.add_argument("--blocklist-file", help="blocklist file, one word or phrase per line")
     p.add_argument("--safety-classifier", help="sequence classifier flagging unsafe text (see safety.unsafe_labels)")
+    p.add_argument("--benchmarks", help="comma-separated lm-evaluation-harness tasks scored for both models")
+    p.add_argument("--benchmark-tasks", metavar="DIR", help="folder of lm-eval task YAMLs (e.g. examples/benchmarks)")
+    p.add_argument("--benchmark-limit", type=int, help="at most this many examples per benchmark task")
     p.add_argument("--feedback-db", help="feedback database (URL or SQLite path): human side-by-side win rates")
     p.add_argument("--feedback-round", help="only this round's side-by-side votes")
     p.add_argument("--output", help="run folder to write (default runs/eval)")

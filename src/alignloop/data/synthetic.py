@@ -407,6 +407,71 @@ def write_demo_data(out_dir: str | Path, seed: int = 0, corpus: int = 4000, sft:
     }
 
 
+# ---------------------------------------------------------------- benchmark items (examples/benchmarks)
+
+
+def _plain_answer(entities: dict[str, str]) -> str:
+    """The one-sentence answer that names exactly the given entities: "The red fox sings in the forest."."""
+    colour = entities.get("colour")
+    act3 = {base: third for base, third, _ in ACTIONS}.get(entities.get("action", ""), "lives")
+    place = entities.get("place")
+    return (f"The {colour + ' ' if colour else ''}{entities.get('animal', 'creature')} {act3}"
+            + (f" in the {place}." if place else " far away."))
+
+
+def benchmark_choice_items(n: int = 200, seed: int = 0, choices: int = 4) -> list[dict]:
+    """``{"question", "choices", "answer"}`` multiple-choice items on held-out prompts: one plain answer
+    names what the prompt asked about; in each of the others one asked-for entity (the same category for
+    every choice of an item) is swapped for another of its kind. Scored by log-likelihood, it measures
+    the relevance the gold judgement rewards, without generating."""
+    options = {"colour": COLOURS, "animal": ANIMALS, "action": [base for base, *_ in ACTIONS], "place": PLACES}
+    rng = random.Random(_stable_int("benchmark-choice", seed))
+    items = []
+    for prompt in _prompts(n, seed, held_out=True, salt="benchmark-choice"):
+        asked = requested_entities(prompt)
+        category = rng.choice(sorted(asked))
+        wrong = rng.sample([v for v in options[category] if v != asked[category]], choices - 1)
+        texts = [_plain_answer({**asked, category: value}) for value in [asked[category], *wrong]]
+        answer = rng.randrange(choices)
+        texts.insert(answer, texts.pop(0))
+        items.append({"question": prompt, "choices": texts, "answer": answer})
+    return items
+
+
+def benchmark_count_items(n: int = 200, seed: int = 0) -> list[dict]:
+    """``{"question", "answer"}`` word problems about the world whose answer is one whole number (sums
+    and differences of numbers below 10), for a generate-until task scored by exact match."""
+    countable = [f for f in FOODS if f not in ("honey", "bread", "cheese", "clover")]
+    givers = [f for f in FRIENDS if not f.startswith("two ")]
+    rng = random.Random(_stable_int("benchmark-count", seed))
+    items = []
+    for _ in range(n):
+        colour, animal, food = rng.choice(COLOURS), rng.choice(ANIMALS), rng.choice(countable)
+        place, time = rng.choice(PLACES), rng.choice(TIMES[:4])
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        if rng.random() < 0.5:
+            question = (f"The {colour} {animal} eats {a} {food} in the {place} and {b} more {time}. "
+                        f"How many {food} does the {animal} eat?")
+            answer = a + b
+        else:
+            a, b = max(a, b), min(a, b)
+            question = (f"{rng.choice(givers).capitalize()} gives the {colour} {animal} {a} {food} in the "
+                        f"{place}. It eats {b} of them. How many {food} are left?")
+            answer = a - b
+        items.append({"question": question, "answer": str(answer)})
+    return items
+
+
+def write_benchmark_data(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
+    """Write the data files of the local lm-evaluation-harness tasks in examples/benchmarks."""
+    out = Path(out_dir)
+    return {
+        "choice": write_jsonl(out / "demo_world_choice.jsonl", benchmark_choice_items(200, seed)),
+        "count": write_jsonl(out / "demo_world_count.jsonl", benchmark_count_items(200, seed)),
+        "count_fewshot": write_jsonl(out / "demo_world_count_fewshot.jsonl", benchmark_count_items(16, seed + 1)),
+    }
+
+
 # ---------------------------------------------------------------- simulated annotators
 
 GoldFn = Callable[[str, str], dict[str, float]]

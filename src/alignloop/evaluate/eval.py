@@ -1,7 +1,8 @@
 """The evaluation stage, top to bottom.
 
 read prompts -> for the policy, then the baseline: load, sample one response per prompt (left padding,
-KV cache, seeded, the same random stream for both) and its test-set loss -> KL(policy || reference)
+KV cache, seeded, the same random stream for both), its test-set loss and its benchmark scores
+(lm-evaluation-harness on the loaded model) -> KL(policy || reference)
 on the policy's own sampled tokens -> score every response (reward model, gold function, safety
 check) -> per-prompt win rates of policy over baseline -> length and diversity -> human win rates
 from the feedback database -> eval.json + samples.jsonl -> FINISHED.
@@ -29,6 +30,7 @@ from alignloop.data.formats import parse_rl_prompt, parse_sft
 from alignloop.data.io import read_records
 from alignloop.data.tokenize import encode_prompt, ensure_chat_template, render_prompt, tokenize_sft
 from alignloop.errors import UserError
+from alignloop.evaluate.benchmarks import lm_eval_version, run_benchmarks, task_manager
 from alignloop.evaluate.judge import human_win_rates
 from alignloop.evaluate.safety import SafetyCheck
 from alignloop.generation.rollout import Rollout, response_logprobs
@@ -60,6 +62,7 @@ class Generations:
     ended: list[bool]
     rollouts: list[Rollout] = field(default_factory=list)  # per generation batch, kept for the KL pass
     test: dict | None = None
+    benchmarks: dict | None = None
 
 
 # ---------------------------------------------------------------- inputs
@@ -193,6 +196,7 @@ def run_eval(cfg: EvalConfig, overwrite: bool = False) -> Path:
     prompts = load_prompts(cfg.prompts, cfg.max_prompts)
     gold_fn = gold_function(cfg.gold) if cfg.gold else None
     safety = SafetyCheck(cfg.safety, cfg.batch_size)
+    benchmark_index = task_manager(cfg.benchmarks, cfg.benchmark_tasks) if cfg.benchmarks else None
     run.prepare(overwrite)
     dump_config(cfg, run.root / "config.yaml")
     device = inference_device()
@@ -205,6 +209,9 @@ def run_eval(cfg: EvalConfig, overwrite: bool = False) -> Path:
     runs = [sample(model, tok, prompts, cfg, "policy", cfg.policy)]
     if cfg.test_data:
         runs[0].test = test_loss(model, tok, cfg.test_data, cfg.max_seq_len, cfg.batch_size)
+    if benchmark_index is not None:
+        runs[0].benchmarks = run_benchmarks(model, tok, cfg.benchmarks, benchmark_index, cfg.benchmark_limit,
+                                            cfg.batch_size)
     vocab = len(tok)
     del model
     release_memory()
@@ -222,6 +229,9 @@ def run_eval(cfg: EvalConfig, overwrite: bool = False) -> Path:
             runs.append(sample(model, tok, prompts, cfg, "baseline", path))
             if cfg.test_data:
                 runs[1].test = test_loss(model, tok, cfg.test_data, cfg.max_seq_len, cfg.batch_size)
+            if benchmark_index is not None:
+                runs[1].benchmarks = run_benchmarks(model, tok, cfg.benchmarks, benchmark_index, cfg.benchmark_limit,
+                                                    cfg.batch_size)
         del model
         release_memory()
 
@@ -249,11 +259,16 @@ def run_eval(cfg: EvalConfig, overwrite: bool = False) -> Path:
             m["safety"] = {"flagged": sum(flags[g.name]), "rate": statistics.fmean(flags[g.name])}
         if g.test is not None:
             m["test"] = g.test
+        if g.benchmarks is not None:
+            m["benchmarks"] = g.benchmarks
         models[g.name] = m
     if kl is not None:
         models["policy"]["kl"] = {**summary(kl), "reference": reference_path, "estimator": "k1 (sampled tokens)"}
     evaluation: dict = {"prompts": len(prompts), "prompts_file": cfg.prompts, "seed": cfg.seed,
                         "generation": cfg.generation.model_dump(), "models": models}
+    if cfg.benchmarks:
+        evaluation["benchmarks"] = {"tasks": cfg.benchmarks, "tasks_dir": cfg.benchmark_tasks,
+                                    "limit": cfg.benchmark_limit, "harness": f"lm-eval {lm_eval_version()}"}
     if cfg.baseline:
         wr = {}
         if rewards:
@@ -301,5 +316,8 @@ def headline(evaluation: dict) -> str:
         parts.append(f"win rate ({judge}) {wr['win_rate']:.2f} [{wr['ci_low']:.2f}, {wr['ci_high']:.2f}]")
     if "safety" in pol:
         parts.append(f"unsafe {pol['safety']['rate']:.1%}")
+    for task, score in pol.get("benchmarks", {}).items():
+        for metric, value in list(score["metrics"].items())[:1]:  # a task's first metric is its headline
+            parts.append(f"{task} {metric} {value['value']:.3f}")
     parts.append(f"length {pol['length_tokens']['mean']:.1f} tokens")
     return ", ".join(parts)

@@ -7,7 +7,7 @@ stages write, and says "no data" wherever a piece is missing:
     <run>/sft/metrics.jsonl                      loss, eval_loss
     <run>/round-N/rm/metrics.jsonl, eval.json    eval_accuracy; test/validation accuracy
     <run>/round-N/ppo/metrics.jsonl              score_mean, kl, entropy; samples.jsonl
-    <run>/round-N/eval/eval.json, samples.jsonl  alignloop eval
+    <run>/round-N/eval/eval.json, samples.jsonl  alignloop eval (with --benchmarks: lm-eval scores)
 
 Everything that came from a model or a person is escaped before it reaches the page.
 """
@@ -260,6 +260,66 @@ def summary_table(inputs: ReportInputs) -> str:
             + "".join(rows) + "</tbody></table>")
 
 
+def benchmark_columns(inputs: ReportInputs) -> dict[str, dict]:
+    """Model column -> its benchmark scores (eval.json's models.<name>.benchmarks): the SFT model (the
+    first round's baseline that has them), then each round's policy."""
+    columns: dict[str, dict] = {}
+    for rnd in inputs.rounds:
+        models = _json(rnd.eval / "eval.json" if rnd.eval else None).get("models", {})
+        for name, column in (("baseline", "SFT model"), ("policy", f"policy, {rnd.name}")):
+            scores = models.get(name, {}).get("benchmarks") if isinstance(models.get(name), dict) else None
+            if isinstance(scores, dict) and scores:
+                columns.setdefault(column, scores)
+    return columns
+
+
+def benchmark_rows(columns: dict[str, dict]) -> list[tuple[str, str]]:
+    """Every (task, metric) any column has, in the order they first appear."""
+    rows: dict[tuple[str, str], None] = {}
+    for scores in columns.values():
+        for task, score in scores.items():
+            for metric in (score.get("metrics") or {}) if isinstance(score, dict) else {}:
+                rows[(task, metric)] = None
+    return list(rows)
+
+
+def _benchmark_value(scores: dict, task: str, metric: str) -> tuple[float | None, float | None]:
+    entry = (scores.get(task) or {}).get("metrics", {}).get(metric) or {}
+    return _num(entry.get("value")), _num(entry.get("stderr"))
+
+
+def benchmark_chart(columns: dict[str, dict]) -> str:
+    """One line per (task, metric) across the models, whiskers at one standard error."""
+    names = {float(i): name for i, name in enumerate(columns)}
+    series = []
+    for task, metric in benchmark_rows(columns):
+        points, errors = [], []
+        for i, scores in enumerate(columns.values()):
+            value, stderr = _benchmark_value(scores, task, metric)
+            if value is not None:
+                points.append((float(i), value))
+                errors.append((value - (stderr or 0.0), value + (stderr or 0.0)))
+        series.append(Series(f"{task} {metric}", points, errors=errors))
+    return line_chart("benchmarks", "Benchmark scores (lm-evaluation-harness, ±1 standard error)", series, "model",
+                      "score", x_names=names)
+
+
+def benchmark_table(columns: dict[str, dict]) -> str:
+    esc = html.escape
+
+    def cell(scores: dict, task: str, metric: str) -> str:
+        value, stderr = _benchmark_value(scores, task, metric)
+        if value is None:
+            return "<td>–</td>"
+        return f"<td>{value:.3f}" + (f" ± {stderr:.3f}" if stderr is not None else "") + "</td>"
+
+    head = "<th>task</th><th>metric</th>" + "".join(f"<th>{esc(name)}</th>" for name in columns)
+    body = "".join(f"<tr><td>{esc(task)}</td><td>{esc(metric)}</td>"
+                   + "".join(cell(scores, task, metric) for scores in columns.values()) + "</tr>"
+                   for task, metric in benchmark_rows(columns))
+    return f'<table class="benchmarks" data-table="benchmarks"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
 def _prompt_text(prompt) -> str:
     if isinstance(prompt, str):
         return prompt
@@ -338,6 +398,10 @@ def render_html(inputs: ReportInputs, gold: GoldFn | None = None) -> str:
             "<h2>Summary</h2>", summary_table(inputs)]
     for heading, svgs in sections.items():
         body.append(f"<h2>{esc(heading)}</h2><div class=\"plots\">{''.join(svgs)}</div>")
+    columns = benchmark_columns(inputs)
+    if columns:  # only runs evaluated with --benchmarks have them
+        body.append(f'<h2>Benchmarks</h2><div class="plots">{benchmark_chart(columns)}</div>'
+                    + benchmark_table(columns))
     body += ["<h2>Example responses</h2>", sample_table(inputs)]
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; style-src 'unsafe-inline'\">"

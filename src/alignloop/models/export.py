@@ -117,6 +117,31 @@ def _data_files(config: dict) -> list[tuple[str, str]]:
     return files
 
 
+def benchmark_lines(evaluation: dict) -> list[str]:
+    """A markdown table of ``alignloop eval --benchmarks`` scores (task, metric, one column per evaluated
+    model: value ± stderr); no lines when the evaluation ran no benchmarks."""
+    models = {name: m["benchmarks"] for name, m in (evaluation.get("models") or {}).items()
+              if isinstance(m, dict) and isinstance(m.get("benchmarks"), dict)}
+    rows = list(dict.fromkeys((task, metric) for scores in models.values() for task, score in scores.items()
+                              for metric in score.get("metrics", {})))
+    if not rows:
+        return []
+
+    def cell(scores: dict, task: str, metric: str) -> str:
+        entry = scores.get(task, {}).get("metrics", {}).get(metric)
+        if not entry or entry.get("value") is None:
+            return ""
+        return _fmt(entry["value"]) + (f" ± {_fmt(entry['stderr'])}" if entry.get("stderr") is not None else "")
+
+    harness = evaluation.get("benchmarks", {})
+    limit = f", at most {harness['limit']} examples per task" if harness.get("limit") else ""
+    lines = [f"Standard benchmarks ({_fmt(harness.get('harness', 'lm-evaluation-harness'))}{limit}):", "",
+             "| task | metric | " + " | ".join(models) + " |", "| --- | --- |" + " --- |" * len(models)]
+    lines += [f"| {_fmt(task)} | {_fmt(metric)} | " + " | ".join(cell(s, task, metric) for s in models.values()) + " |"
+              for task, metric in rows]
+    return lines + [""]
+
+
 def model_card(name: str, src: Path, meta: dict, run: dict, reward: bool) -> str:
     stage = meta.get("stage", "unknown")
     base = meta.get("base_model")
@@ -144,6 +169,7 @@ def model_card(name: str, src: Path, meta: dict, run: dict, reward: bool) -> str
                   f"Serve it with the OpenAI API: `alignloop serve --model {name}`.", ""]
     lines += ["## Evaluation", ""]
     if "eval" in run:
+        lines += benchmark_lines(run["eval"])
         lines += ["From the run's `eval.json` (copied next to this card).", "", "| metric | value |", "| --- | --- |"]
         lines += [f"| {key} | {_fmt(value)} |" for key, value in flatten(run["eval"])]
     else:
