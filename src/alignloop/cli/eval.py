@@ -72,7 +72,8 @@ def add_command(sub) -> None:
     p.add_argument("--blocklist-file", help="blocklist file, one word or phrase per line")
     p.add_argument("--safety-classifier", help="sequence classifier flagging unsafe text (see safety.unsafe_labels)")
     p.add_argument("--benchmarks", help="comma-separated lm-evaluation-harness tasks scored for both models")
-    p.add_argument("--benchmark-tasks", metavar="DIR", help="folder of lm-eval task YAMLs (e.g. examples/benchmarks)")
+    p.add_argument("--benchmark-tasks", metavar="DIR",
+                   help="folder of lm-eval task YAMLs (e.g. examples/benchmarks)")
     p.add_argument("--benchmark-limit", type=int, help="at most this many examples per benchmark task")
     p.add_argument("--feedback-db", help="feedback database (URL or SQLite path): human side-by-side win rates")
     p.add_argument("--feedback-round", help="only this round's side-by-side votes")

@@ -75,15 +75,16 @@ def task_manager(tasks: Sequence[str], tasks_dir: str | None):
     manager = TaskManager(include_path=tasks_dir)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
-        where = (f"{tasks_dir} has {', '.join(local.all_tasks) or 'no tasks'}" if local is not None
-                 else "pass benchmark_tasks (--benchmark-tasks DIR), a folder of task YAMLs such as examples/benchmarks")
+        where = (f"{tasks_dir} has {', '.join(local.all_tasks) or 'no tasks'}" if local is not None else
+                 "pass benchmark_tasks (--benchmark-tasks DIR), a folder of task YAMLs like examples/benchmarks")
         raise UserError(f"unknown benchmark task {unknown[0]!r}: {where}")
     return manager
 
 
 def run_benchmarks(model, tokenizer, tasks: Sequence[str], manager, limit: int | None, batch_size: int) -> dict:
     """Scores of ``model`` on ``tasks`` (see ``benchmark_scores``), ``limit`` examples per task at most.
-    lm-eval's own default seeds, so the numbers match an ``lm_eval`` command line run on the same tasks."""
+    lm-eval's own default seeds, so the numbers match an ``lm_eval`` command line run on the same tasks
+    (it reseeds Python's, NumPy's and torch's global generators; the eval stage reseeds before sampling)."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
@@ -95,7 +96,10 @@ def run_benchmarks(model, tokenizer, tasks: Sequence[str], manager, limit: int |
 
 
 def _number(value) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) else None
+    """A finite number as a float; None for lm-eval's "N/A" and for nan / inf."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
 
 
 def benchmark_scores(results: dict) -> dict[str, dict]:

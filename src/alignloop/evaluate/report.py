@@ -317,7 +317,8 @@ def benchmark_table(columns: dict[str, dict]) -> str:
     body = "".join(f"<tr><td>{esc(task)}</td><td>{esc(metric)}</td>"
                    + "".join(cell(scores, task, metric) for scores in columns.values()) + "</tr>"
                    for task, metric in benchmark_rows(columns))
-    return f'<table class="benchmarks" data-table="benchmarks"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    return (f'<table class="benchmarks" data-table="benchmarks"><thead><tr>{head}</tr></thead>'
+            f"<tbody>{body}</tbody></table>")
 
 
 def _prompt_text(prompt) -> str:
