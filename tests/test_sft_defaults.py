@@ -88,14 +88,14 @@ def default_run(tmp_path: Path, task: str, train: list[dict], test: list[dict]) 
 
 
 @pytest.mark.real_model
-@pytest.mark.slow(seconds=60)
+@pytest.mark.slow(seconds=45)
 def test_default_settings_learn_an_easy_two_class_task(tmp_path):
     test = default_run(tmp_path, "classification", negated_reviews(300, 11), negated_reviews(200, 12))
     assert test["accuracy"] >= 0.9, test
 
 
 @pytest.mark.real_model
-@pytest.mark.slow(seconds=60)
+@pytest.mark.slow(seconds=30)
 def test_default_settings_learn_an_easy_ner_task(tmp_path):
     test = default_run(tmp_path, "tagging", generated_sentences(300, 11), generated_sentences(200, 12))
     assert test["f1"] >= 0.8, test
