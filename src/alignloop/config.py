@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from alignloop.errors import UserError
 from alignloop.runs import atomic_write_text
@@ -125,6 +133,27 @@ class TrainConfig(Strict):
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = ["tensorboard"]
 
 
+# What an SFT run trains for when train.epochs / train.lr are not set, as the field sets them: 3 epochs
+# (Hugging Face's Trainer and TRL's SFTConfig); lr 2e-5 for a whole causal LM (TRL's SFTConfig), 5e-5 for a
+# new head on a pretrained backbone (the Trainer's default, which its run_glue / run_ner examples train
+# with), and 2e-4 for a LoRA / QLoRA adapter (TRL's PEFT guide: about ten times the full fine-tuning rate;
+# QLoRA's rate for small models).
+SFT_DEFAULT_EPOCHS = 3.0
+SFT_DEFAULT_LR: dict[str, float] = {"causal_lm": 2e-5, "classification": 5e-5, "tagging": 5e-5}
+ADAPTER_DEFAULT_LR = 2e-4
+
+
+def sft_default_lr(task: str, adapter: str) -> float:
+    """The learning rate an SFT run of ``task`` trains with when ``train.lr`` is not set."""
+    return SFT_DEFAULT_LR[task] if adapter == "none" else ADAPTER_DEFAULT_LR
+
+
+class SFTTrainConfig(TrainConfig):
+    # None: the task's default (SFT_DEFAULT_EPOCHS, sft_default_lr), filled in when SFTConfig is validated.
+    epochs: float | None = Field(None, gt=0)
+    lr: float | None = Field(None, gt=0)
+
+
 class SFTConfig(Strict):
     # causal_lm: prompt/completion, messages or text; classification: {"text", "label"};
     # tagging: {"tokens", "tags"} (BIO; CoNLL files too).
@@ -132,7 +161,22 @@ class SFTConfig(Strict):
     output_dir: str = "runs/sft"
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
-    train: TrainConfig = TrainConfig()
+    # validate_default: a config without a train section gets the task's defaults too.
+    train: SFTTrainConfig = Field(SFTTrainConfig(), validate_default=True)
+
+    @field_validator("train")
+    @classmethod
+    def _task_defaults(cls, train: SFTTrainConfig, info: ValidationInfo) -> SFTTrainConfig:
+        """Unset epochs / lr become the task's defaults, so config.yaml records what the run trained with
+        and a resumed run compares like with like. A new object: a caller's SFTTrainConfig stays unset."""
+        if "task" not in info.data or "model" not in info.data:
+            return train  # the task or model is invalid: that error is reported, not this
+        unset = {}
+        if train.epochs is None:
+            unset["epochs"] = SFT_DEFAULT_EPOCHS
+        if train.lr is None:
+            unset["lr"] = sft_default_lr(info.data["task"], info.data["model"].adapter)
+        return train.model_copy(update=unset) if unset else train
 
     @model_validator(mode="after")
     def _needs_inputs(self) -> SFTConfig:

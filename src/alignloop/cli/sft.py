@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from alignloop.cli.common import add_training_flags, examples_epilog, run_training_command
-from alignloop.config import SFTConfig, build_config
+from alignloop.config import ADAPTER_DEFAULT_LR, SFT_DEFAULT_EPOCHS, SFT_DEFAULT_LR, SFTConfig, build_config
 
 
 def run(args: argparse.Namespace) -> int:
@@ -24,10 +24,18 @@ def run(args: argparse.Namespace) -> int:
 
 def add_command(sub) -> None:
     p = sub.add_parser(
-        "sft", help="supervised fine-tuning of a causal LM",
+        "sft", help="supervised fine-tuning: a causal LM, or a classification / tagging head",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Fine-tune a causal language model on prompt/completion, chat messages or plain text. "
-                    "Loss is only on completions / assistant turns.",
+        description="Fine-tune a causal language model on prompt/completion, chat messages or plain text\n"
+                    "(loss only on completions / assistant turns), or, with task=classification or\n"
+                    "task=tagging, a new classification / token-tagging head on a pretrained model.\n\n"
+                    "Defaults per task, as Hugging Face's Trainer and TRL set them (a value you set wins;\n"
+                    "the run's config.yaml records what it trained with):\n"
+                    f"  train.epochs  {SFT_DEFAULT_EPOCHS:g}\n"
+                    f"  train.lr      {SFT_DEFAULT_LR['causal_lm']:.0e} causal LM (TRL's SFTConfig); "
+                    f"{SFT_DEFAULT_LR['classification']:.0e} classification and tagging (the Trainer's);\n"
+                    f"                {ADAPTER_DEFAULT_LR:.0e} with model.adapter=lora or qlora (TRL's advice "
+                    "for adapters)",
         epilog=examples_epilog(
             "alignloop sft -c examples/sft.yaml",
             "alignloop sft --model smollm2-135m-instruct --data data/sft.jsonl --output runs/sft "
