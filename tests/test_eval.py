@@ -68,6 +68,7 @@ def test_policy_against_itself_has_zero_kl_and_only_ties(world):
     assert abs(pol["kl"]["mean"]) < 1e-3 and pol["kl"]["reference"] == world["a"]
     gold_wr = ev["win_rate"]["gold"]
     assert gold_wr["ties"] == 12 and gold_wr["win_rate"] == 0.5 and gold_wr["ci_low"] < 0.5 < gold_wr["ci_high"]
+    assert ev["gain"]["gold"] == {"mean": 0.0, "ci_low": 0.0, "ci_high": 0.0, "n": 12}
     assert pol["test"]["loss"] == pytest.approx(base["test"]["loss"]) and pol["test"]["tokens"] > 0
     assert pol["test"]["perplexity"] == pytest.approx(torch.tensor(pol["test"]["loss"]).exp().item(), rel=1e-4)
 
@@ -97,6 +98,9 @@ def test_fields_match_the_samples(world):
     totals = [(r["responses"]["policy"]["gold"]["total"], r["responses"]["baseline"]["gold"]["total"]) for r in rows]
     assert wr["wins"] == sum(a > b for a, b in totals) and wr["losses"] == sum(a < b for a, b in totals)
     assert wr["ci_low"] <= wr["win_rate"] <= wr["ci_high"]
+    gain = ev["gain"]["gold"]
+    assert gain["mean"] == pytest.approx(sum(a - b for a, b in totals) / 12) and gain["n"] == 12
+    assert gain["ci_low"] < gain["mean"] < gain["ci_high"]
     again = run_eval(cfg, overwrite=True)  # seeded: the same responses again
     assert _read(again)[1] == rows
 

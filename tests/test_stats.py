@@ -9,6 +9,7 @@ import pytest
 
 from alignloop.stats import (
     interval_alpha,
+    paired_difference,
     paired_win_rate,
     pairwise_agreement,
     ranking_tau,
@@ -52,6 +53,22 @@ def test_paired_win_rate_compares_prompt_by_prompt():
     assert many.ci_high - many.ci_low < wr.ci_high - wr.ci_low
     with pytest.raises(ValueError):
         paired_win_rate([1.0], [1.0, 2.0])
+
+
+def test_paired_difference_by_hand():
+    # differences 1, 2, 3: mean 2, sample std 1, t(0.975, 2 df) = 4.302652729749464 -> half-width 4.3027 / sqrt(3)
+    d = paired_difference([2.0, 4.0, 6.0], [1.0, 2.0, 3.0])
+    half = 4.302652729749464 / math.sqrt(3)
+    assert (d.mean, d.n) == (2.0, 3)
+    assert (d.ci_low, d.ci_high) == pytest.approx((2.0 - half, 2.0 + half))
+    assert d.as_dict() == {"mean": 2.0, "ci_low": d.ci_low, "ci_high": d.ci_high, "n": 3}
+    # the same differences on more prompts: a narrower interval around the same mean
+    many = paired_difference([2.0, 4.0, 6.0] * 20, [1.0, 2.0, 3.0] * 20)
+    assert many.mean == pytest.approx(2.0) and many.ci_high - many.ci_low < d.ci_high - d.ci_low
+    one = paired_difference([1.0], [0.0])
+    assert (one.mean, one.ci_low, one.ci_high) == (1.0, -math.inf, math.inf)
+    with pytest.raises(ValueError):
+        paired_difference([1.0], [1.0, 2.0])
 
 
 def test_ranking_tau_by_hand():

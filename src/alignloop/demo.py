@@ -242,6 +242,6 @@ def run_demo(output: str | Path, size: DemoSize = FULL, seed: int = 0, model_nam
 # Its reward model is MiniLM, as in the tiny demo: a LoRA reward model on SmolLM2 from 24 prompts a round stayed
 # at chance (0.48 / 0.46 against gold) and PPO against it drove gold down (0.505 -> 0.356, win rate 0.19);
 # MiniLM from 48 prompts a round, 2 epochs: 0.745 / 0.768, gold 0.505 -> 0.647, win rate 0.73.
-REAL = replace(FULL, sft_records=400, rl_prompts=256, eval_prompts=32, gold_test_prompts=32, sft_steps=20,
-               sft_batch=8, prompts_per_round=48, rm_epochs=2.0, ppo_steps=6, round2_ppo_steps=None, rollout_size=16,
-               max_new_tokens=40, ppo_lr=1e-4, ppo_epochs=1)
+REAL = replace(FULL, sft_records=400, rl_prompts=600, eval_prompts=128, gold_test_prompts=48, sft_steps=30,
+               sft_batch=8, prompts_per_round=160, rm_epochs=2.0, ppo_steps=16, round2_ppo_steps=None,
+               rollout_size=32, max_new_tokens=80, ppo_lr=1e-4, ppo_epochs=1)

@@ -1,4 +1,5 @@
-"""The statistics every stage reports the same way: win rates with a Wilson score interval, and how
+"""The statistics every stage reports the same way: win rates with a Wilson score interval, paired
+score differences with a t interval, and how
 much annotators agree (Kendall's tau between rankings, Krippendorff's alpha on ratings, the share of
 annotator pairs that gave the same label).
 
@@ -14,6 +15,7 @@ from dataclasses import asdict, dataclass
 
 import krippendorff
 import numpy as np
+from scipy import stats as scipy_stats
 
 
 def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -57,6 +59,32 @@ def paired_win_rate(a: Sequence[float], b: Sequence[float], tie_tolerance: float
     wins = sum(x - y > tie_tolerance for x, y in zip(a, b, strict=True))
     losses = sum(y - x > tie_tolerance for x, y in zip(a, b, strict=True))
     return win_rate(wins, len(a) - wins - losses, losses)
+
+
+@dataclass
+class MeanDifference:
+    mean: float
+    ci_low: float
+    ci_high: float
+    n: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> MeanDifference:
+    """The mean of ``a[i] - b[i]`` (two models scored on the same prompts) with a Student-t interval: the
+    question "is the gain real" asked of the scores themselves, not only of who won each prompt. With fewer
+    than two pairs the interval is unbounded."""
+    if len(a) != len(b):
+        raise ValueError(f"{len(a)} scores against {len(b)}")
+    diffs = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    n = len(diffs)
+    mean = float(diffs.mean()) if n else 0.0
+    if n < 2:
+        return MeanDifference(mean, -math.inf, math.inf, n)
+    half = float(scipy_stats.t.ppf(0.5 + confidence / 2, n - 1) * diffs.std(ddof=1) / math.sqrt(n))
+    return MeanDifference(mean, mean - half, mean + half, n)
 
 
 def ranking_tau(a: Sequence[Hashable], b: Sequence[Hashable]) -> float | None:

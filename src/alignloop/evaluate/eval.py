@@ -39,7 +39,7 @@ from alignloop.models.load import load_pretrained
 from alignloop.models.reward import RewardModel
 from alignloop.rl.rewards import import_callable
 from alignloop.runs import RunDir, atomic_write_json, atomic_write_text, to_json
-from alignloop.stats import paired_win_rate
+from alignloop.stats import paired_difference, paired_win_rate
 from alignloop.train.sft import lm_eval
 
 log = logging.getLogger(__name__)
@@ -270,13 +270,16 @@ def run_eval(cfg: EvalConfig, overwrite: bool = False) -> Path:
         evaluation["benchmarks"] = {"tasks": cfg.benchmarks, "tasks_dir": cfg.benchmark_tasks,
                                     "limit": cfg.benchmark_limit, "harness": f"lm-eval {lm_eval_version()}"}
     if cfg.baseline:
-        wr = {}
+        wr, gain = {}, {}
         if rewards:
             wr["reward_model"] = paired_win_rate(rewards["policy"], rewards["baseline"]).as_dict()
+            gain["reward_model"] = paired_difference(rewards["policy"], rewards["baseline"]).as_dict()
         if golds:
-            wr["gold"] = paired_win_rate([s["total"] for s in golds["policy"]],
-                                         [s["total"] for s in golds["baseline"]]).as_dict()
+            policy_gold, baseline_gold = ([s["total"] for s in golds[m]] for m in ("policy", "baseline"))
+            wr["gold"] = paired_win_rate(policy_gold, baseline_gold).as_dict()
+            gain["gold"] = paired_difference(policy_gold, baseline_gold).as_dict()
         evaluation["win_rate"] = wr
+        evaluation["gain"] = gain  # policy minus baseline, per prompt
     if cfg.feedback_db:
         evaluation["human_win_rates"] = human_win_rates(cfg.feedback_db, cfg.feedback_round)
 
