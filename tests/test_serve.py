@@ -184,7 +184,7 @@ def test_bad_requests_get_openai_errors_and_server_stays_up(server, client):
                         param="prompt", code="context_length_exceeded")
     assert_openai_error(_post(url, "/v1/completions", json={**body, "max_tokens": 10_000}, headers=auth), 400,
                         param="max_tokens")
-    assert_openai_error(_post(url, "/v1/completions", json={**body, "n": 3}, headers=auth), 400, param="n")
+    assert_openai_error(_post(url, "/v1/completions", json={**body, "n": 0}, headers=auth), 400, param="n")
     assert_openai_error(_post(url, "/v1/completions", json={**body, "model": "gpt-9"}, headers=auth), 404,
                         code="model_not_found")
     assert_openai_error(_post(url, "/v1/chat/completions", json={"model": "tiny", "messages": []}, headers=auth),
