@@ -51,7 +51,8 @@ def add_command(sub) -> None:
         "serve", help="OpenAI-compatible server (completions, chat, streaming, /v1/score for reward models)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Serve a model folder over HTTP with the OpenAI API: /v1/models, /v1/completions, "
-                    "/v1/chat/completions (streaming with stream=true), plus /health and Prometheus /metrics. "
+                    "/v1/chat/completions (streaming with stream=true, n choices, log-probs, echo), plus /health and "
+                    "Prometheus /metrics. "
                     "Concurrent requests are decoded together in one batch. A reward-model folder "
                     "(alignloop.json stage 'rm') is served on /v1/score instead.",
         epilog=examples_epilog(
@@ -79,7 +80,8 @@ def add_command(sub) -> None:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together (default 32)")
     p.add_argument("--max-queue", type=int, default=256,
-                   help="requests that may wait for a batch slot; more get HTTP 429 (default 256)")
+                   help="sequences (one per choice of a request) that may wait for a batch slot; more get "
+                        "HTTP 429 (default 256)")
     p.add_argument("--max-prompt-tokens", type=int, help="longest prompt accepted (default: model context - 1)")
     p.add_argument("--max-total-prompt-tokens", type=int, default=65536,
                    help="prompt tokens of one request, all its prompts together (default 65536)")

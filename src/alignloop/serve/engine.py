@@ -291,22 +291,20 @@ class TransformersEngine:
         row.pending = []
 
     def _advance(self, row: _Row, token: int, entry: TokenLogprob | None) -> bool:
-        """Record one sampled token for a row and stream its text; False when the row is done. EOS
-        (when it ends the row) is neither part of the text nor counted nor given log-probs."""
+        """Record one sampled token for a row and stream its text; False when the row is done. An EOS
+        that ends the row counts as generated and has its log-prob (as in OpenAI's and vLLM's answers:
+        scoring clients drop the last token's log-prob), but adds no text."""
         gen, s, stop = row.gen, row.gen.params.sampling, row.gen.params.stop
         if gen.cancelled:
             self.metrics.finished.labels("cancelled").inc()
             return False
         if not row.tokens:
             self.metrics.time_to_first_token.observe(time.perf_counter() - gen.arrived)
-        finish = None
-        if token in self.eos_ids and s.stop_on_eos:
-            finish = "stop"
-        else:
-            row.tokens.append(token)
-            if entry is not None:
-                row.pending.append(entry)
-        text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
+        finish = "stop" if token in self.eos_ids and s.stop_on_eos else None
+        row.tokens.append(token)
+        if entry is not None:
+            row.pending.append(entry)
+        text = self.tokenizer.decode(row.tokens[:-1] if finish else row.tokens, skip_special_tokens=True)
         end = len(text)
         if stop:
             hit = _find_stop(text, stop, max(0, row.sent_chars - max(map(len, stop))))
