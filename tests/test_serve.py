@@ -649,7 +649,7 @@ def test_unsupported_fields_and_limits_are_refused_by_name(server, client):
         (cmpl, {"n": 17}, "n"), (cmpl, {"n": 0}, "n"), (cmpl, {"max_tokens": 0}, "max_tokens"),
         (cmpl, {"stream_options": {"include_usage": True}}, "stream_options"),
         (cmpl, {"stream": True, "stream_options": {"include_obfuscation": True}}, "stream_options.include_obfuscation"),
-        (cmpl, {"top_k": 5}, "top_k"), (cmpl, {"prompt": []}, "prompt"), (cmpl, {"prompt": [[1, 2], []]}, "prompt.1"),
+        (cmpl, {"top_k": 5}, "top_k"), (cmpl, {"seed": 2**64}, "seed"), (cmpl, {"prompt": []}, "prompt"), (cmpl, {"prompt": [[1, 2], []]}, "prompt.1"),
         (cmpl, {"prompt": [1, 10_000]}, "prompt"), (cmpl, {"prompt": ["red " * 60] * 4}, "prompt"),  # 240 > 200
         (cmpl, {"prompt": ["a"] * 7, "n": 16}, "prompt"),  # 112 choices > 96 = max_batch + max_queue
         (chat, {"top_logprobs": 2}, "top_logprobs"), (chat, {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),

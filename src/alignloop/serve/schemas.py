@@ -49,7 +49,7 @@ class SamplingBody(Body):
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)  # an int64, as OpenAI's; choice j uses seed + j
     stream: bool = False
     stream_options: StreamOptions | None = None
     # vLLM's extension: keep generating past EOS (benchmarks need a fixed number of tokens).
