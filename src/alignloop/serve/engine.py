@@ -165,9 +165,12 @@ class TransformersEngine:
             taken: list[_Row] = []
             if self._waiting:
                 first = self._waiting[0].gen
-                scoring = first.params.prompt_logprobs is not None
-                while self._waiting and len(taken) < room and (
-                        self._waiting[0].gen is first if scoring else self._waiting[0].gen.params.prompt_logprobs is None):
+
+                def same_prefill(row: _Row) -> bool:
+                    scoring = row.gen.params.prompt_logprobs is not None
+                    return row.gen is first if first.params.prompt_logprobs is not None else not scoring
+
+                while self._waiting and len(taken) < room and same_prefill(self._waiting[0]):
                     taken.append(self._waiting.popleft())
             self._running += len(taken)
             self.metrics.queue_depth.set(len(self._waiting))
