@@ -20,15 +20,19 @@ def run(args: argparse.Namespace) -> int:
         from alignloop.generation.vllm import check_vllm_available
 
         check_vllm_available()  # before loading anything: a clear one-line error
-    for flag in ("max_batch", "max_tokens_limit", "max_body_bytes", "max_prompt_tokens"):
+    for flag in ("max_batch", "max_tokens_limit", "max_body_bytes", "max_prompt_tokens", "max_total_prompt_tokens",
+                 "max_n", "max_choices"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1 (got {value})")
-    if args.max_queue < 0:
-        raise UserError(f"--max-queue must be 0 or more (got {args.max_queue})")
+    for flag in ("max_queue", "max_top_logprobs"):
+        if getattr(args, flag) < 0:
+            raise UserError(f"--{flag.replace('_', '-')} must be 0 or more (got {getattr(args, flag)})")
     api_key = args.api_key or os.environ.get("ALIGNLOOP_API_KEY") or None
     limits = Limits(max_prompt_tokens=args.max_prompt_tokens or 1 << 30, max_tokens=args.max_tokens_limit,
                     default_max_tokens=min(args.default_max_tokens, args.max_tokens_limit),
+                    max_total_prompt_tokens=args.max_total_prompt_tokens, max_n=args.max_n,
+                    max_choices=args.max_choices, max_top_logprobs=args.max_top_logprobs,
                     max_body_bytes=args.max_body_bytes)
     server = build_server(args.model, engine=args.engine, api_key=api_key, limits=limits, max_batch=args.max_batch,
                           max_queue=args.max_queue, served_model_name=args.served_model_name, device=args.device,
@@ -47,7 +51,8 @@ def add_command(sub) -> None:
         "serve", help="OpenAI-compatible server (completions, chat, streaming, /v1/score for reward models)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Serve a model folder over HTTP with the OpenAI API: /v1/models, /v1/completions, "
-                    "/v1/chat/completions (streaming with stream=true), plus /health and Prometheus /metrics. "
+                    "/v1/chat/completions (streaming with stream=true, n choices, log-probs, echo), plus /health and "
+                    "Prometheus /metrics. "
                     "Concurrent requests are decoded together in one batch. A reward-model folder "
                     "(alignloop.json stage 'rm') is served on /v1/score instead.",
         epilog=examples_epilog(
@@ -75,8 +80,16 @@ def add_command(sub) -> None:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together (default 32)")
     p.add_argument("--max-queue", type=int, default=256,
-                   help="requests that may wait for a batch slot; more get HTTP 429 (default 256)")
+                   help="sequences (one per choice of a request) that may wait for a batch slot; more get "
+                        "HTTP 429 (default 256)")
     p.add_argument("--max-prompt-tokens", type=int, help="longest prompt accepted (default: model context - 1)")
+    p.add_argument("--max-total-prompt-tokens", type=int, default=65536,
+                   help="prompt tokens of one request, all its prompts together (default 65536)")
+    p.add_argument("--max-n", type=int, default=16, help="largest n (choices per prompt) a request may ask for")
+    p.add_argument("--max-choices", type=int, default=128,
+                   help="choices per request, prompts x n (default 128; at most --max-batch + --max-queue)")
+    p.add_argument("--max-top-logprobs", type=int, default=20,
+                   help="largest completions logprobs / chat top_logprobs (default 20, OpenAI's maximum)")
     p.add_argument("--max-tokens-limit", type=int, default=2048, help="largest max_tokens a request may ask for")
     p.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request omits it")
     p.add_argument("--max-body-bytes", type=int, default=1_000_000, help="largest request body (default 1 MB)")

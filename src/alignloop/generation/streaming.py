@@ -1,8 +1,11 @@
 """The request side of a streaming generation engine (serve's transformers and vLLM engines).
 
-A request is token-id prompt + :class:`StreamRequest` (a SamplingConfig and the stop strings); the
-client reads its :class:`Generation` as an async stream of :class:`Delta` text pieces fed from the
-engine's thread or tasks.
+A request is token-id prompt + :class:`StreamRequest` (a SamplingConfig, the stop strings, how many
+choices and which log-probs); the client reads its :class:`Generation` as an async stream of
+:class:`Delta` text pieces, each naming its choice, fed from the engine's thread or tasks.
+
+Log-probs are the model's own: log_softmax of the raw next-token logits the token was sampled from,
+before temperature, top-k or top-p (what OpenAI and vLLM report).
 """
 
 from __future__ import annotations
@@ -27,16 +30,38 @@ class StreamRequest:
 
     sampling: SamplingConfig
     stop: tuple[str, ...] = ()
+    # Choices sampled from the prompt. With a seed, choice j samples as one request seeded seed + j would.
+    n: int = 1
+    # Per generated token: None = no log-probs, k = the chosen token's and the k most likely tokens'.
+    logprobs: int | None = None
+    # The same for every prompt token after the first (echo with log-probs); None = not computed.
+    prompt_logprobs: int | None = None
+    # Score the prompt and generate nothing (echo with max_tokens 0); sampling.max_new_tokens is unused.
+    prompt_only: bool = False
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token's log-prob and the ``k`` most likely tokens at its position, most likely first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
 class Delta:
-    """A piece of generated text; the last one of a request carries finish_reason and token counts."""
+    """A piece of one choice's text with the log-probs of the tokens sampled since the choice's previous
+    Delta; a choice's last Delta carries finish_reason and its token counts, its first the prompt's
+    log-probs (positions 1.. of the prompt) when they were asked for."""
 
     text: str
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    index: int = 0
+    logprobs: tuple[TokenLogprob, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 class QueueFull(Exception):
@@ -56,7 +81,8 @@ class EngineCounters(Protocol):
 
 
 class Generation:
-    """The client side of one request: an async stream of Deltas, fed from the engine's thread."""
+    """The client side of one request: an async stream of Deltas of its ``params.n`` choices, fed from the
+    engine's thread; it ends when every choice has finished."""
 
     _ids = itertools.count()
 
@@ -67,14 +93,18 @@ class Generation:
         self.arrived = time.perf_counter()
         self.cancelled = False
         self.finished = False
+        self._unfinished = params.n
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue = asyncio.Queue()
         self._on_cancel = on_cancel
 
     def push(self, item: Delta | BaseException) -> None:
         """Thread-safe: hand a Delta (or the error that ended the request) to the client."""
-        if isinstance(item, BaseException) or item.finish_reason:
+        if isinstance(item, BaseException):
             self.finished = True
+        elif item.finish_reason:
+            self._unfinished -= 1
+            self.finished = self._unfinished == 0
         try:
             self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
         except RuntimeError:  # the client's event loop is gone
@@ -89,16 +119,16 @@ class Generation:
         self._queue.put_nowait(None)
 
     async def stream(self) -> AsyncIterator[Delta]:
+        unfinished = self.params.n
         try:
-            while True:
+            while unfinished:
                 item = await self._queue.get()
                 if item is None:
                     return
                 if isinstance(item, BaseException):
                     raise item
                 yield item
-                if item.finish_reason:
-                    return
+                unfinished -= bool(item.finish_reason)
         finally:
             self.cancel()
 

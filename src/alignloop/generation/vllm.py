@@ -3,14 +3,20 @@ side (a vLLM Sampler with weight sync) comes next.
 
 Used only when asked for; it needs the vllm package and a CUDA GPU, and this module imports without
 vllm installed. vLLM schedules and batches on its own, so this adapter only maps a request's
-SamplingConfig to vLLM's sampling parameters, turns vLLM's cumulative outputs into text deltas, and
-aborts a request whose client went away.
+StreamRequest to vLLM's sampling parameters (``vllm_sampling_kwargs``: n, log-probs, prompt log-probs),
+turns vLLM's cumulative outputs into text deltas per choice with their log-probs
+(``vllm_token_logprobs``), and aborts a request whose client went away. vLLM reports the raw
+log-probs (before temperature) by default, as the transformers engine does. With a seed and n > 1,
+vLLM draws the n choices from one seeded generator (the transformers engine seeds choice j with
+seed + j), so seeded choices are reproducible on each engine but differ between them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import importlib.util
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from transformers import AutoConfig
@@ -24,6 +30,7 @@ from alignloop.generation.streaming import (
     Generation,
     QueueFull,
     StreamRequest,
+    TokenLogprob,
     context_length_of,
 )
 from alignloop.models.load import load_tokenizer, model_source
@@ -35,6 +42,28 @@ def check_vllm_available() -> None:
                         "use --engine transformers (the default) otherwise")
     if not torch.cuda.is_available():
         raise UserError("--engine vllm needs a CUDA GPU and none is visible; use --engine transformers")
+
+
+def vllm_sampling_kwargs(params: StreamRequest) -> dict[str, Any]:
+    """vLLM SamplingParams keyword arguments for a request. vLLM generates at least one token, so a
+    prompt-only request (echo with max_tokens 0) asks for one and drops it, as vLLM's own server does."""
+    s = params.sampling
+    # vLLM's "top-k off" is -1; temperature 0 is greedy in both.
+    return dict(n=params.n, max_tokens=1 if params.prompt_only else s.max_new_tokens, temperature=s.temperature,
+                top_p=s.top_p, top_k=s.top_k or -1, stop=list(params.stop), seed=s.seed,
+                ignore_eos=not s.stop_on_eos, logprobs=params.logprobs, prompt_logprobs=params.prompt_logprobs)
+
+
+def vllm_token_logprobs(token_ids: Sequence[int], positions: Sequence[Mapping[int, Any]],
+                        top: int) -> list[TokenLogprob]:
+    """vLLM's log-probs per position ({token id: Logprob with .logprob and its 1-based .rank}: the chosen
+    token and the most likely ones) as TokenLogprobs with the ``top`` most likely, most likely first."""
+    entries = []
+    for token, position in zip(token_ids, positions, strict=True):
+        ranked = sorted(((t, lp) for t, lp in position.items() if lp.rank is not None and lp.rank <= top),
+                        key=lambda item: item[1].rank)
+        entries.append(TokenLogprob(token, position[token].logprob, tuple((t, lp.logprob) for t, lp in ranked)))
+    return entries
 
 
 class VLLMEngine:
@@ -88,27 +117,42 @@ class VLLMEngine:
     async def _run(self, gen: Generation) -> None:
         from vllm import SamplingParams as VSampling  # optional dependency: only with --engine vllm
 
-        s = gen.params.sampling
-        # vLLM's "top-k off" is -1; temperature 0 is greedy in both.
-        sampling = VSampling(max_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
-                             top_k=s.top_k or -1, stop=list(gen.params.stop), seed=s.seed,
-                             ignore_eos=not s.stop_on_eos)
-        sent = 0
-        self.metrics.prompt_tokens.inc(len(gen.prompt_ids))
+        params = gen.params
+        sampling = VSampling(**vllm_sampling_kwargs(params))
+        prompt_len = len(gen.prompt_ids)
+        sent_chars, sent_tokens = [0] * params.n, [0] * params.n
+        started, done = [False] * params.n, [False] * params.n
+        self.metrics.prompt_tokens.inc(prompt_len)
         try:
             async for out in self.llm.generate({"prompt_token_ids": gen.prompt_ids}, sampling, str(gen.id)):
                 if gen.cancelled:
                     return
-                choice = out.outputs[0]
-                finish = choice.finish_reason if out.finished else None
-                if choice.text[sent:] or finish:
-                    n = len(choice.token_ids)
-                    gen.push(Delta(choice.text[sent:], finish, len(gen.prompt_ids) if finish else 0,
-                                   n if finish else 0))
-                    sent = len(choice.text)
-                if finish:
-                    self.metrics.generated_tokens.inc(len(choice.token_ids))
-                    self.metrics.finished.labels(finish).inc()
+                prompt_logprobs = None
+                if params.prompt_logprobs is not None and out.prompt_logprobs is not None:
+                    prompt_logprobs = tuple(vllm_token_logprobs(gen.prompt_ids[1:], out.prompt_logprobs[1:],
+                                                                params.prompt_logprobs))
+                for choice in out.outputs:
+                    j = choice.index
+                    if done[j]:
+                        continue
+                    finish = choice.finish_reason
+                    if params.prompt_only:  # the one token vLLM had to generate is dropped
+                        if finish:
+                            gen.push(Delta("", "length", prompt_len, 0, index=j, prompt_logprobs=prompt_logprobs))
+                            done[j] = True
+                        continue
+                    new_tokens = choice.token_ids[sent_tokens[j]:]
+                    entries = () if params.logprobs is None else tuple(vllm_token_logprobs(
+                        new_tokens, choice.logprobs[sent_tokens[j]:], params.logprobs))
+                    if choice.text[sent_chars[j]:] or entries or finish:
+                        counts = (prompt_len, len(choice.token_ids)) if finish else (0, 0)
+                        gen.push(Delta(choice.text[sent_chars[j]:], finish, *counts, index=j, logprobs=entries,
+                                       prompt_logprobs=None if started[j] else prompt_logprobs))
+                        sent_chars[j], sent_tokens[j], started[j] = len(choice.text), len(choice.token_ids), True
+                    if finish:
+                        done[j] = True
+                        self.metrics.generated_tokens.inc(len(choice.token_ids))
+                        self.metrics.finished.labels(finish).inc()
         except Exception as exc:  # surfaces in the client's stream, the server stays up
             gen.push(RuntimeError(f"generation failed: {exc}"))
         finally:

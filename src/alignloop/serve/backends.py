@@ -39,6 +39,8 @@ def build_server(model: str, engine: str = "transformers", api_key: str | None =
         gen_engine = load_transformers_engine(model, metrics, max_batch, max_queue, dev, dtype)
     if limits.max_prompt_tokens >= gen_engine.context_length:
         limits.max_prompt_tokens = gen_engine.context_length - 1
+    # A request's choices must fit the engine at once (running + queued), else it could never run.
+    limits.max_choices = min(limits.max_choices, max_batch + max_queue)
     return Server(name, limits, metrics, engine=gen_engine, api_key=api_key)
 
 

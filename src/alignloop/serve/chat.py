@@ -1,5 +1,5 @@
 """/v1/chat/completions: the assistant's next message after chat messages (through the model's chat
-template), whole or streamed."""
+template), n choices, whole or streamed, with log-probs in the chat format."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from alignloop.generation.streaming import Delta, TokenLogprob
 from alignloop.serve import streams
 from alignloop.serve.deps import ServerDep
+from alignloop.serve.logprobs import ChoiceLogprobs, TokenTexts
 from alignloop.serve.prompts import chat_prompt
-from alignloop.serve.sampling import generation_engine, stream_request
+from alignloop.serve.sampling import check_chat_request, check_request_size, generation_engine, stream_request
 from alignloop.serve.schemas import (
     ERROR_RESPONSES,
     AssistantMessage,
@@ -22,6 +24,7 @@ from alignloop.serve.schemas import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatDelta,
+    ChatLogprobs,
     Usage,
     event_stream,
 )
@@ -33,25 +36,45 @@ router = APIRouter(tags=["chat"], responses=ERROR_RESPONSES)
 async def chat_completions(req: ChatCompletionRequest, request: Request,
                            server: ServerDep) -> ChatCompletion | StreamingResponse:
     engine = generation_engine(server, req)
+    check_chat_request(req, server.limits)
     ids = chat_prompt(engine.tokenizer, req.messages)
+    check_request_size([len(ids)], req.n, server.limits)
     params = stream_request(req, len(ids), req.max_completion_tokens or req.max_tokens, server.limits,
-                            engine.context_length, "messages")
-    gen = streams.submit(engine, server.metrics, ids, params)
+                            engine.context_length, "messages",
+                            logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+    gens = streams.submit(engine, server.metrics, [(ids, params)])
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    texts = TokenTexts(engine.tokenizer)
+    formatters = [ChoiceLogprobs(texts, ids) for _ in range(req.n)]
 
-    def chunk(text: str | None, finish: str | None, usage: Usage | None,
-              delta: ChatDelta | None = None) -> ChatCompletionChunk:
-        if delta is None:  # the finishing chunk's delta is empty, a text chunk's holds the text
-            delta = ChatDelta() if finish else ChatDelta(content=text)
-        choices = [] if text is None else [ChatChunkChoice(index=0, delta=delta, finish_reason=finish)]
-        return ChatCompletionChunk(id=rid, created=created, model=server.model_name, choices=choices, usage=usage)
+    def logprobs_of(index: int, entries: list[TokenLogprob] | tuple[TokenLogprob, ...]) -> ChatLogprobs | None:
+        return ChatLogprobs(content=formatters[index].chat(entries)) if req.logprobs else None
 
     if req.stream:
+        def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
+            return ChatCompletionChunk(id=rid, created=created, model=server.model_name, choices=choices,
+                                       usage=usage)
+
+        def events(_: int, delta: Delta) -> list[ChatCompletionChunk]:
+            out = []
+            if delta.text or delta.logprobs:
+                out.append(chunk([ChatChunkChoice(index=delta.index, delta=ChatDelta(content=delta.text),
+                                                  finish_reason=None, logprobs=logprobs_of(delta.index,
+                                                                                           delta.logprobs))]))
+            if delta.finish_reason:  # the finishing chunk's delta is empty
+                out.append(chunk([ChatChunkChoice(index=delta.index, delta=ChatDelta(),
+                                                  finish_reason=delta.finish_reason)]))
+            return out
+
+        # Each choice opens with a chunk naming the role, as OpenAI's do.
+        first = [chunk([ChatChunkChoice(index=j, delta=ChatDelta(role="assistant", content=""), finish_reason=None)])
+                 for j in range(req.n)]
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        first = chunk("", None, None, delta=ChatDelta(role="assistant", content=""))
-        return StreamingResponse(streams.event_stream(request, gen, chunk, include_usage, first),
+        return StreamingResponse(streams.event_stream(request, gens, events, first,
+                                                      usage_chunk=(lambda u: chunk([], u)) if include_usage else None),
                                  media_type="text/event-stream")
-    text, last = await streams.collect(request, gen)
-    return ChatCompletion(id=rid, created=created, model=server.model_name, usage=streams.usage(last),
-                          choices=[ChatChoice(index=0, message=AssistantMessage(content=text),
-                                              finish_reason=last.finish_reason)])
+    [results] = await streams.collect(request, gens)
+    choices = [ChatChoice(index=j, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason,
+                          logprobs=logprobs_of(j, c.logprobs)) for j, c in enumerate(results)]
+    return ChatCompletion(id=rid, created=created, model=server.model_name, choices=choices,
+                          usage=streams.usage(gens, sum(c.completion_tokens for c in results)))

@@ -44,6 +44,9 @@ async def invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
     if err.get("type") == "json_invalid" or not loc:
         return error_response(400, "the request body must be a JSON object", code="invalid_json")
     param = ".".join(loc)
+    if err.get("type") == "extra_forbidden":
+        return error_response(400, f"{param}: this server does not support this field", param=param,
+                              code="unsupported_parameter")
     return error_response(400, f"{param}: {err['msg']}", param=param, code=err.get("type"))
 
 

@@ -10,21 +10,29 @@ from alignloop.serve.errors import APIError
 from alignloop.serve.schemas import ChatMessage
 
 
-def completion_prompt(tokenizer: Any, prompt: str | list[str] | list[int]) -> list[int]:
-    """A string (or a list holding one string) is tokenised; a list of ints is taken as token ids."""
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
-        vocab = len(tokenizer)
-        if any(t < 0 or t >= vocab for t in prompt):
-            raise APIError(400, f"token ids must lie in [0, {vocab})", param="prompt")
-        return list(prompt)
-    if isinstance(prompt, list):
-        if len(prompt) != 1:
-            raise APIError(400, "send one prompt per request", param="prompt")
-        prompt = prompt[0]
+def completion_prompts(tokenizer: Any, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
+    """Every prompt of a completion request as token ids: a string, each string of a list, a list of
+    token ids, or each token-id list of a list."""
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    elif prompt and all(isinstance(t, int) for t in prompt):
+        prompt = [prompt]
     if not prompt:
         raise APIError(400, "the prompt is empty", param="prompt")
-    # Same tokenisation as SFT's prompt/completion records, so the model sees what it was trained on.
-    return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    vocab = len(tokenizer)
+    prompts = []
+    for i, p in enumerate(prompt):
+        param = "prompt" if len(prompt) == 1 else f"prompt.{i}"
+        if not p:
+            raise APIError(400, "the prompt is empty", param=param)
+        if isinstance(p, str):
+            # Same tokenisation as SFT's prompt/completion records, so the model sees what it was trained on.
+            prompts.append(tokenizer(p, add_special_tokens=True)["input_ids"])
+        elif any(t < 0 or t >= vocab for t in p):
+            raise APIError(400, f"token ids must lie in [0, {vocab})", param=param)
+        else:
+            prompts.append(list(p))
+    return prompts
 
 
 def chat_prompt(tokenizer: Any, messages: list[ChatMessage]) -> list[int]:

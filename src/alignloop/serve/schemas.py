@@ -1,8 +1,9 @@
 """The OpenAI API's shapes as this server speaks them: request bodies and response models.
 
-Request bodies ignore keys they do not know (the official clients send ``user``, ``logit_bias=None``
-and the like, which change nothing here); a known field the server cannot honour (``n`` > 1, the
-penalties) is refused by the route, never dropped. Every JSON route declares its response model, so
+Every key of a request body is either honoured or refused with a 400 naming it, never dropped: a key
+the bodies do not declare is refused unless its value is null (clients send ``"audio": null`` and the
+like for "not given"); a declared field whose value the server cannot honour (a penalty, ``suffix``,
+``tools``...) is refused by the route's checks (``sampling.py``). Every JSON route declares its response model, so
 the OpenAPI schema (``app.openapi()``) describes what clients really receive; streamed routes send
 the ``*Chunk`` models as server-sent events.
 """
@@ -11,13 +12,29 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
 
 # ---------------------------------------------------------------- request bodies
 
 
 class Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    """Undeclared keys are refused (``extra_forbidden``), except those whose value is null (not given)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def drop_unknown_nulls(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if value is not None or key in cls.model_fields}
+        return data
 
 
 class StreamOptions(Body):
@@ -28,23 +45,31 @@ class SamplingBody(Body):
     """The sampling fields completions and chat completions share."""
 
     model: str
-    max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    n: int = 1
+    n: int = Field(1, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)  # an int64, as OpenAI's; choice j uses seed + j
     stream: bool = False
     stream_options: StreamOptions | None = None
     # vLLM's extension: keep generating past EOS (benchmarks need a fixed number of tokens).
     ignore_eos: bool = False
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    # Refused unless 0 / empty: this server has no penalties and no logit bias.
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+    # The caller's end-user id, for the caller's own records: nothing to honour here.
+    user: str | None = None
 
 
 class CompletionRequest(SamplingBody):
-    prompt: str | list[str] | list[int]
+    # A string, several strings, token ids, or several token-id lists: each prompt has its own n choices.
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0)  # 0 (with echo): score the prompt only
     echo: bool = False
+    logprobs: int | None = Field(None, ge=0)  # the chosen token's and the k most likely tokens' log-probs
+    best_of: int | None = Field(None, ge=1)  # only best_of = n (no server-side ranking)
+    suffix: str | None = None  # refused: no insertion
 
 
 class ChatMessage(Body):
@@ -54,7 +79,15 @@ class ChatMessage(Body):
 
 class ChatCompletionRequest(SamplingBody):
     messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0)  # needs logprobs: true
+    response_format: dict[str, Any] | None = None  # only {"type": "text"}
+    # Refused unless empty: no tool calling.
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class ScoreMessage(Body):
@@ -94,11 +127,22 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    """The legacy completions format, one entry per token (the prompt's first, with echo, has no
+    log-prob). ``top_logprobs`` maps the k most likely tokens, and the chosen one, to their log-probs;
+    ``text_offset`` is where each token's text starts in the choice's text."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
-    index: int
+    index: int  # prompt index * n + choice of that prompt
     text: str
     finish_reason: FinishReason | None
-    logprobs: None = None  # log-probs are not computed (yet): always null
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(BaseModel):
@@ -126,11 +170,26 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None  # the token's text as UTF-8
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]  # the top_logprobs most likely tokens, most likely first
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+    refusal: None = None
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: FinishReason | None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -153,7 +212,7 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
     finish_reason: FinishReason | None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionChunk(OmitNone):

@@ -24,9 +24,15 @@ from alignloop.serve.metrics import ServeMetrics
 
 @dataclass
 class Limits:
-    max_prompt_tokens: int = 4096
+    """What one request may ask for; a request beyond a limit is refused with a 400 naming the field."""
+
+    max_prompt_tokens: int = 4096  # one prompt
+    max_total_prompt_tokens: int = 65536  # all prompts of one request together
     max_tokens: int = 2048  # largest max_tokens a request may ask for
     default_max_tokens: int = 256
+    max_n: int = 16  # choices per prompt
+    max_choices: int = 128  # choices per request: prompts x n
+    max_top_logprobs: int = 20  # completions' logprobs, chat's top_logprobs (OpenAI's maximum is 20)
     max_body_bytes: int = 1_000_000
     max_score_pairs: int = 1024
 
