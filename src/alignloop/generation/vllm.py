@@ -13,10 +13,10 @@ import asyncio
 import importlib.util
 
 import torch
-from transformers import AutoConfig
+from transformers import AutoConfig, GenerationConfig
 
 from alignloop.config import ModelConfig
-from alignloop.data.tokenize import ensure_chat_template
+from alignloop.data.tokenize import ensure_chat_template, stop_token_ids
 from alignloop.errors import UserError
 from alignloop.generation.streaming import (
     Delta,
@@ -39,9 +39,10 @@ def check_vllm_available() -> None:
 
 class VLLMEngine:
     def __init__(self, llm, tokenizer, metrics: EngineCounters, context_length: int, max_batch: int,
-                 max_queue: int) -> None:
+                 max_queue: int, stop_ids: list[int]) -> None:
         self.llm = llm
         self.tokenizer = tokenizer
+        self.stop_ids = stop_ids
         self.metrics = metrics
         self.context_length = context_length
         self.capacity = max_batch + max_queue
@@ -57,8 +58,13 @@ class VLLMEngine:
         llm = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(model=source, dtype=dtype, max_num_seqs=max_batch))
         tokenizer = load_tokenizer(source)
         ensure_chat_template(tokenizer)
-        context = context_length_of(AutoConfig.from_pretrained(source))
-        return cls(llm, tokenizer, metrics, context, max_batch, max_queue)
+        config = AutoConfig.from_pretrained(source)
+        try:
+            saved_generation = GenerationConfig.from_pretrained(source)
+        except OSError:  # the folder has no generation_config.json
+            saved_generation = None
+        stop_ids = stop_token_ids(tokenizer, config, saved_generation)
+        return cls(llm, tokenizer, metrics, context_length_of(config), max_batch, max_queue, stop_ids)
 
     def start(self) -> None:
         """vLLM runs its own scheduler loop."""
@@ -89,10 +95,11 @@ class VLLMEngine:
         from vllm import SamplingParams as VSampling  # optional dependency: only with --engine vllm
 
         s = gen.params.sampling
-        # vLLM's "top-k off" is -1; temperature 0 is greedy in both.
+        # vLLM's "top-k off" is -1; temperature 0 is greedy in both. Besides the tokenizer's EOS, a response
+        # ends at the chat template's end-of-turn token and every EOS the configs name (stop_token_ids).
         sampling = VSampling(max_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
                              top_k=s.top_k or -1, stop=list(gen.params.stop), seed=s.seed,
-                             ignore_eos=not s.stop_on_eos)
+                             ignore_eos=not s.stop_on_eos, stop_token_ids=self.stop_ids if s.stop_on_eos else None)
         sent = 0
         self.metrics.prompt_tokens.inc(len(gen.prompt_ids))
         try:
