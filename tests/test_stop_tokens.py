@@ -9,6 +9,7 @@ collect that stops at EOS alone runs on to the token limit with text after the e
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,7 +19,8 @@ import torch
 from tokenizers import AddedToken
 from transformers import AutoModelForCausalLM, GenerationConfig, Qwen2Config
 
-from alignloop.config import EvalConfig, ModelConfig, SamplingConfig
+from alignloop.config import DPOConfig, EvalConfig, ModelConfig, SamplingConfig, build_config
+from alignloop.data.io import Record
 from alignloop.data.tokenize import DEFAULT_CHAT_TEMPLATE, end_of_turn_id, stop_token_ids
 from alignloop.evaluate.eval import Prompt, load_model, sample
 from alignloop.feedback.collect import generate_candidates
@@ -30,16 +32,17 @@ from alignloop.predict import predict
 from alignloop.serve.app import create_app
 from alignloop.serve.backends import build_server
 from alignloop.serve.server import Limits, serve_in_thread
+from alignloop.train.dpo import criteria_settings, encode_units, pair_units, parse_record
 from conftest import repeat_task, write_jsonl
 
 KEY = "test-secret"
-CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+          "{{ message['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 LLAMA3 = ("{% for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
           "{{ message['content'] }}<|eot_id|>{% endfor %}"
           "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
-GEMMA = ("{% for message in messages %}<start_of_turn>{{ message['role'] }}\n{{ message['content'] }}<end_of_turn>\n"
-         "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+GEMMA = ("{% for message in messages %}<start_of_turn>{{ message['role'] }}\n"
+         "{{ message['content'] }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
 CHATS = [[{"role": "user", "content": "Repeat twice: red cat dog"}], [{"role": "user", "content": "blue"}]]
 ANSWER = " twice"
 
@@ -87,7 +90,8 @@ def chatml_folder(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("chatml") / "model"
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    assert GenerationConfig.from_pretrained(out).eos_token_id == tok.eos_token_id  # EOS only, as a run saves it
+    # The saved generation_config names EOS only, as a run's model/ folder does.
+    assert GenerationConfig.from_pretrained(out).eos_token_id == tok.eos_token_id
     return out
 
 
@@ -138,12 +142,25 @@ def test_export_writes_the_same_stop_ids(chatml_folder):
     assert model.generation_config.eos_token_id == [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
 
 
+def test_dpo_ends_an_answer_to_a_chat_prompt_with_the_end_of_turn_token():
+    tok = chat_tokenizer(CHATML, ["<|im_start|>", "<|im_end|>"])
+    cfg = build_config(DPOConfig, None, {"model.name_or_path": "m", "data.train": "fb.jsonl"})
+    rows = [{"prompt": prompt, "chosen": "red", "rejected": "dog"} for prompt in (CHATS[0], "blue")]
+    units = pair_units([parse_record(Record(r, f"fb.jsonl:{i + 1}"), criteria_settings(cfg))
+                        for i, r in enumerate(rows)], cfg)
+    chat, text = encode_units(units, tok, cfg, Counter(), kto=False)
+    red, dog = single_id(tok, "red"), single_id(tok, "dog")
+    assert chat.response_ids == [[red, 302], [dog, 302]]  # <|im_end|>, as the template closes the turn
+    assert text.response_ids == [[red, 300], [dog, 300]]  # <|endoftext|>, as SFT ends a completion
+
+
 # ---------------------------------------------------------------- every stage that generates
 
 
 def test_serving_the_folder_stops_at_the_end_of_turn(chatml_folder):
     limits = Limits(max_prompt_tokens=64, max_tokens=64, default_max_tokens=16, max_body_bytes=20_000)
-    srv = build_server(str(chatml_folder), api_key=KEY, limits=limits, served_model_name="chatml", device="cpu")
+    srv = build_server(str(chatml_folder), api_key=KEY, limits=limits, served_model_name="chatml",
+                       device="cpu")
     with serve_in_thread(create_app(srv)) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
         chat = client.chat.completions.create(model="chatml", messages=CHATS[0], max_tokens=12, temperature=0)

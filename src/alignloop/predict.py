@@ -73,7 +73,8 @@ def predict_causal_lm(model_dir: Path, records: list, device, sampling: Sampling
     # The rendered prompt holds whatever special tokens the template wants; none are added on top.
     ids = [tok(render_prompt(tok, _prompt(rec)), add_special_tokens=False)["input_ids"] for rec in records]
     torch.manual_seed(0 if sampling.seed is None else sampling.seed)
-    sampler = TransformersSampler(model, stop_token_ids(tok, model.config, model.generation_config), tok.pad_token_id)
+    stop_ids = stop_token_ids(tok, model.config, model.generation_config)
+    sampler = TransformersSampler(model, stop_ids, tok.pad_token_id)
     r = sampler.generate(ids, sampling, desc="generate")
     texts = [tok.decode(row[m.bool()], skip_special_tokens=True)
              for row, m in zip(r.response_ids, r.response_mask, strict=True)]

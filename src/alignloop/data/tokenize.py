@@ -84,7 +84,8 @@ def end_of_turn_id(tokenizer) -> int | None:
     at = text.rfind(_PROBE_ANSWER)
     if at < 0:
         return None
-    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    special = set(tokenizer.all_special_ids)
+    special |= {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
     for token in tokenizer(text[at + len(_PROBE_ANSWER):], add_special_tokens=False)["input_ids"]:
         if token in special:
             return token

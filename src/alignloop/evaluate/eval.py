@@ -107,7 +107,8 @@ def sample(model, tok, prompts: Sequence[Prompt], cfg: EvalConfig, name: str, pa
     """One sampled response per prompt. The generator is reseeded so that every model draws from the
     same random stream: differences between models come from the models, not the dice."""
     g = cfg.generation
-    sampler = TransformersSampler(model, stop_token_ids(tok, model.config, model.generation_config), tok.pad_token_id)
+    stop_ids = stop_token_ids(tok, model.config, model.generation_config)
+    sampler = TransformersSampler(model, stop_ids, tok.pad_token_id)
     ids = prompt_ids(tok, prompts, cfg.max_prompt_len)
     torch.manual_seed(cfg.seed)
     bs = g.batch_size or len(ids)

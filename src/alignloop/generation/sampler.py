@@ -4,7 +4,8 @@ A sampler turns token-id prompts into a :class:`Rollout` under one :class:`Sampl
 transformers backend runs ``model.generate`` on left-padded batches with the KV cache and a complete
 generation config, so nothing is inherited from the checkpoint's generation_config (a stray
 min_new_tokens, repetition penalty, suppressed EOS or top_k=50 would change what is sampled), and every
-stop id (EOS and the chat template's end-of-turn token: data.tokenize.stop_token_ids) ends a response. A vLLM backend fills the same interface (alignloop.generation.vllm).
+stop id (EOS and the chat template's end-of-turn token: data.tokenize.stop_token_ids) ends a response.
+A vLLM backend fills the same interface (alignloop.generation.vllm).
 """
 
 from __future__ import annotations

@@ -99,7 +99,8 @@ class VLLMEngine:
         # ends at the chat template's end-of-turn token and every EOS the configs name (stop_token_ids).
         sampling = VSampling(max_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
                              top_k=s.top_k or -1, stop=list(gen.params.stop), seed=s.seed,
-                             ignore_eos=not s.stop_on_eos, stop_token_ids=self.stop_ids if s.stop_on_eos else None)
+                             ignore_eos=not s.stop_on_eos,
+                             stop_token_ids=self.stop_ids if s.stop_on_eos else None)
         sent = 0
         self.metrics.prompt_tokens.inc(len(gen.prompt_ids))
         try:
