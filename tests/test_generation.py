@@ -23,6 +23,7 @@ from alignloop.config import (
     sampling_from_flags,
 )
 from alignloop.data.batching import left_pad, left_pad_tensor, length_batches, right_pad
+from alignloop.data.tokenize import stop_token_ids
 from alignloop.errors import UserError
 from alignloop.evaluate.eval import Prompt, load_model, sample
 from alignloop.feedback import collect as collect_module
@@ -71,7 +72,8 @@ def reference(folder: Path, prompts: list, sampling: SamplingConfig, seed: int, 
     ids = [tok(tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True),
                add_special_tokens=False)["input_ids"] for p in prompts]
     torch.manual_seed(seed)
-    r = TransformersSampler(model, tok.eos_token_id, tok.pad_token_id).generate(ids, sampling, repeat=repeat)
+    stop = stop_token_ids(tok, model.config, model.generation_config)
+    r = TransformersSampler(model, stop, tok.pad_token_id).generate(ids, sampling, repeat=repeat)
     return [tok.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(r.response_ids, r.response_mask,
                                                                                    strict=True)]
 
@@ -163,7 +165,8 @@ def test_ppo_family_rollouts_draw_what_the_sampler_draws(models, tmp_path, monke
         assert call["sampling"] == PPOConfig.model_fields["generation"].default.model_copy(
             update={"max_new_tokens": 8})
         torch.set_rng_state(call["rng"])
-        again = TransformersSampler(model, tok.eos_token_id, tok.pad_token_id).generate(
+        again = TransformersSampler(model, stop_token_ids(tok, model.config, model.generation_config),
+                                    tok.pad_token_id).generate(
             call["prompts"], call["sampling"], **call["kwargs"])
         assert torch.equal(again.response_ids, call["response_ids"])
 
@@ -200,9 +203,9 @@ def test_checkpoint_generation_config_leaks_into_no_stage(models, tmp_path, monk
 def test_eos_ends_a_response_even_when_the_checkpoint_suppresses_it(models):
     model, tok = load_model(str(models["dirty"]), torch.device("cpu"), None)
     prompt = [tok("red cat")["input_ids"]]
-    sampler = TransformersSampler(model, tok.eos_token_id, tok.pad_token_id)
+    sampler = TransformersSampler(model, [tok.eos_token_id], tok.pad_token_id)
     first = int(sampler.generate(prompt, SamplingConfig(temperature=0, max_new_tokens=1)).response_ids[0, 0])
-    r = TransformersSampler(model, first, tok.pad_token_id).generate(prompt, SamplingConfig(temperature=0))
+    r = TransformersSampler(model, [first], tok.pad_token_id).generate(prompt, SamplingConfig(temperature=0))
     assert r.response_ids.shape[1] == 1 and bool(r.ended[0])  # the first greedy token, taken as EOS, ends it
 
 
@@ -296,5 +299,5 @@ def test_logprobs_need_a_sampling_temperature(models):
     model, tok = load_model(str(models["clean"]), torch.device("cpu"), None)
     torch.manual_seed(0)
     with pytest.raises(ValueError, match="temperature > 0"):
-        TransformersSampler(model, tok.eos_token_id, tok.pad_token_id).generate(
+        TransformersSampler(model, [tok.eos_token_id], tok.pad_token_id).generate(
             [[1, 2]], SamplingConfig(temperature=0), keep_logprobs=True)

@@ -219,7 +219,7 @@ def test_ddp_wrapped_policy_gives_the_split_paths_logits_and_hidden_states(setup
     gradients are averaged); they are the ones the body-and-head split gives in one process."""
     model, tok = load_pretrained(ModelConfig(name_or_path=str(setup[1]), dropout=0.0), for_training=True)
     torch.manual_seed(0)
-    r = TransformersSampler(model, tok.eos_token_id, tok.pad_token_id).generate(
+    r = TransformersSampler(model, [tok.eos_token_id], tok.pad_token_id).generate(
         [tok("red cat")["input_ids"], tok("big tree runs")["input_ids"]], SamplingConfig(max_new_tokens=5))
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
     try:

@@ -42,7 +42,7 @@ def tiny(tmp_path_factory):
 
 
 def generate(model, prompts, s: SamplingConfig, eos_id, pad_id) -> Rollout:
-    return TransformersSampler(model, eos_id, pad_id).generate(prompts, s, keep_logprobs=True)
+    return TransformersSampler(model, [eos_id], pad_id).generate(prompts, s, keep_logprobs=True)
 
 
 def prompts_of(tok, n=5):

@@ -391,10 +391,12 @@ class VLogprob(NamedTuple):
 
 def test_vllm_mapping_of_a_request():
     sampling = SamplingConfig(max_new_tokens=7, temperature=0.5, top_p=0.9, seed=3, stop_on_eos=False)
-    kwargs = vllm_sampling_kwargs(StreamRequest(sampling, ("\n",), n=3, logprobs=2, prompt_logprobs=2))
+    kwargs = vllm_sampling_kwargs(StreamRequest(sampling, ("\n",), n=3, logprobs=2, prompt_logprobs=2), [2, 5])
     assert kwargs == dict(n=3, max_tokens=7, temperature=0.5, top_p=0.9, top_k=-1, stop=["\n"], seed=3,
-                          ignore_eos=True, logprobs=2, prompt_logprobs=2)
-    only = vllm_sampling_kwargs(StreamRequest(sampling, prompt_logprobs=0, prompt_only=True))
+                          ignore_eos=True, stop_token_ids=None, logprobs=2, prompt_logprobs=2)
+    stops = vllm_sampling_kwargs(StreamRequest(SamplingConfig(max_new_tokens=7)), [2, 5])
+    assert stops["stop_token_ids"] == [2, 5] and stops["ignore_eos"] is False
+    only = vllm_sampling_kwargs(StreamRequest(sampling, prompt_logprobs=0, prompt_only=True), [2])
     assert (only["n"], only["max_tokens"], only["logprobs"], only["prompt_logprobs"]) == (1, 1, None, 0)
     # vLLM's per-position dicts hold the chosen token (here ranked 3rd at the first position) and the top ones.
     positions = [{7: VLogprob(-2.0, 3), 4: VLogprob(-0.5, 1), 5: VLogprob(-1.0, 2)},

@@ -16,7 +16,7 @@ from transformers import AutoModelForSequenceClassification, AutoModelForTokenCl
 from alignloop.config import ModelConfig, SamplingConfig
 from alignloop.data.formats import PlainText, Words, validate_record
 from alignloop.data.io import read_records
-from alignloop.data.tokenize import ensure_chat_template, render_prompt
+from alignloop.data.tokenize import ensure_chat_template, render_prompt, stop_token_ids
 from alignloop.errors import UserError
 from alignloop.generation.sampler import TransformersSampler, inference_device
 from alignloop.models.load import load_pretrained, read_meta
@@ -73,7 +73,9 @@ def predict_causal_lm(model_dir: Path, records: list, device, sampling: Sampling
     # The rendered prompt holds whatever special tokens the template wants; none are added on top.
     ids = [tok(render_prompt(tok, _prompt(rec)), add_special_tokens=False)["input_ids"] for rec in records]
     torch.manual_seed(0 if sampling.seed is None else sampling.seed)
-    r = TransformersSampler(model, tok.eos_token_id, tok.pad_token_id).generate(ids, sampling, desc="generate")
+    stop_ids = stop_token_ids(tok, model.config, model.generation_config)
+    sampler = TransformersSampler(model, stop_ids, tok.pad_token_id)
+    r = sampler.generate(ids, sampling, desc="generate")
     texts = [tok.decode(row[m.bool()], skip_special_tokens=True)
              for row, m in zip(r.response_ids, r.response_mask, strict=True)]
     return [{**rec.data, "generation": t} for rec, t in zip(records, texts, strict=True)]

@@ -10,6 +10,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 import torch
+from jinja2 import TemplateError
 
 from alignloop.data.batching import right_pad
 from alignloop.data.formats import Conversation, PlainText, PromptCompletion, SFTExample
@@ -60,6 +61,51 @@ def encode_prompt(tokenizer, prompt: str | list[dict], max_len: int) -> list[int
     ``max_len`` because the response follows the end."""
     ids = tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=isinstance(prompt, str))["input_ids"]
     return ids[-max_len:]
+
+
+# The assistant's answer in the conversation rendered to find the template's end-of-turn token.
+_PROBE_ANSWER = "alignloop probe answer"
+
+
+def end_of_turn_id(tokenizer) -> int | None:
+    """The special token the chat template closes an assistant turn with (``<|im_end|>`` in ChatML,
+    ``<|eot_id|>`` in Llama 3, ``<end_of_turn>`` in Gemma, EOS in many others), or None.
+
+    Found by rendering a short conversation and reading what follows the answer: the first token that
+    is not whitespace, if it is one of the tokenizer's special (or added special) tokens. None when there
+    is no template, the template refuses the probe, or the turn ends with ordinary text."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    probe = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": _PROBE_ANSWER}]
+    try:
+        text = _render(tokenizer, probe, add_generation_prompt=False)
+    except TemplateError:  # e.g. a template that insists on a system turn
+        return None
+    at = text.rfind(_PROBE_ANSWER)
+    if at < 0:
+        return None
+    special = set(tokenizer.all_special_ids)
+    special |= {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    for token in tokenizer(text[at + len(_PROBE_ANSWER):], add_special_tokens=False)["input_ids"]:
+        if token in special:
+            return token
+        if tokenizer.decode([token]).strip():
+            return None
+    return None
+
+
+def stop_token_ids(tokenizer, *configs) -> list[int]:
+    """Every token id that ends a response of this model: the EOS of the tokenizer and of each config
+    given (the model's config and generation_config; either may hold a list), and the chat template's
+    end-of-turn token. A model folder served as it is stops where an exported one does."""
+    ids: set[int] = set()
+    for source in (tokenizer, *configs):
+        eos = getattr(source, "eos_token_id", None)
+        ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    turn = end_of_turn_id(tokenizer)
+    if turn is not None:
+        ids.add(turn)
+    return sorted(ids)
 
 
 def _conversation_ids(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:

@@ -28,7 +28,13 @@ from tqdm.auto import tqdm
 from alignloop.config import EvalConfig, ModelConfig, dump_config
 from alignloop.data.formats import parse_rl_prompt, parse_sft
 from alignloop.data.io import read_records
-from alignloop.data.tokenize import encode_prompt, ensure_chat_template, render_prompt, tokenize_sft
+from alignloop.data.tokenize import (
+    encode_prompt,
+    ensure_chat_template,
+    render_prompt,
+    stop_token_ids,
+    tokenize_sft,
+)
 from alignloop.errors import UserError
 from alignloop.evaluate.benchmarks import lm_eval_version, run_benchmarks, task_manager
 from alignloop.evaluate.judge import human_win_rates
@@ -104,7 +110,8 @@ def sample(model, tok, prompts: Sequence[Prompt], cfg: EvalConfig, name: str, pa
     """One sampled response per prompt. The generator is reseeded so that every model draws from the
     same random stream: differences between models come from the models, not the dice."""
     g = cfg.generation
-    sampler = TransformersSampler(model, tok.eos_token_id, tok.pad_token_id)
+    stop_ids = stop_token_ids(tok, model.config, model.generation_config)
+    sampler = TransformersSampler(model, stop_ids, tok.pad_token_id)
     ids = prompt_ids(tok, prompts, cfg.max_prompt_len)
     torch.manual_seed(cfg.seed)
     bs = g.batch_size or len(ids)

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from alignloop.config import ModelConfig, SamplingConfig
 from alignloop.data.formats import chat_as_lines
 from alignloop.data.io import read_records
-from alignloop.data.tokenize import render_prompt
+from alignloop.data.tokenize import render_prompt, stop_token_ids
 from alignloop.errors import UserError
 from alignloop.feedback import tasks
 from alignloop.feedback.db import DEFAULT_CRITERIA, open_db
@@ -53,7 +53,8 @@ def generate_candidates(model, tok, prompts: list[str | list[dict]], k: int, sam
     ``sampling.seed``: batches of ``sampling.batch_size`` prompts, each padded to its own longest prompt,
     each prompt's K samples in contiguous rows (the row layout of transformers' num_return_sequences)."""
     torch.manual_seed(candidate_seed(sampling))
-    sampler = TransformersSampler(model, tok.eos_token_id, tok.pad_token_id)
+    stop_ids = stop_token_ids(tok, model.config, model.generation_config)
+    sampler = TransformersSampler(model, stop_ids, tok.pad_token_id)
     per_call = sampling.batch_size or len(prompts)
     out: list[list[str]] = []
     for start in tqdm(range(0, len(prompts), per_call), desc="collect", unit="batch"):

@@ -1,7 +1,8 @@
 """What a sampler returns, and the log-probabilities of what was sampled.
 
 Prompts are left-padded so every row's next token lands in the same column and the KV cache serves
-the whole batch; responses are right-padded after their first EOS. Positions come from the attention
+the whole batch; responses are right-padded after their first stop token (EOS, or the chat template's
+end-of-turn token; "EOS" below means any of them). Positions come from the attention
 mask, so a padded row computes exactly what it would alone.
 
 The log-probabilities use ``logits / temperature`` - the distribution the sampler drew from - or the
@@ -10,6 +11,7 @@ PPO ratio starts away from 1 and the KL estimate is biased (often negative).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -43,11 +45,11 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature
     return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
-def mask_after_eos(tokens: torch.Tensor, eos_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mask [B, R] that is 1 up to and including the first EOS, ended [B])."""
-    if eos_id is None:
+def mask_after_eos(tokens: torch.Tensor, stop_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask [B, R] that is 1 up to and including the first of any stop id, ended [B]: a stop id occurs)."""
+    if not stop_ids:
         return torch.ones_like(tokens), torch.zeros(tokens.shape[0], dtype=torch.bool)
-    is_eos = tokens == eos_id
+    is_eos = torch.isin(tokens, torch.tensor(list(stop_ids), dtype=tokens.dtype, device=tokens.device))
     before = torch.cumsum(is_eos.long(), 1) - is_eos.long()  # EOS seen strictly before this position
     return (before == 0).long(), is_eos.any(1)
 

@@ -3,8 +3,9 @@
 A sampler turns token-id prompts into a :class:`Rollout` under one :class:`SamplingConfig`. The
 transformers backend runs ``model.generate`` on left-padded batches with the KV cache and a complete
 generation config, so nothing is inherited from the checkpoint's generation_config (a stray
-min_new_tokens, repetition penalty, suppressed EOS or top_k=50 would change what is sampled), and EOS
-always ends a response. A vLLM backend fills the same interface (alignloop.generation.vllm).
+min_new_tokens, repetition penalty, suppressed EOS or top_k=50 would change what is sampled), and every
+stop id (EOS and the chat template's end-of-turn token: data.tokenize.stop_token_ids) ends a response.
+A vLLM backend fills the same interface (alignloop.generation.vllm).
 """
 
 from __future__ import annotations
@@ -39,14 +40,14 @@ def inference_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def generation_config(s: SamplingConfig, eos_id: int | None, pad_id: int, output_logits: bool = False):
+def generation_config(s: SamplingConfig, stop_ids: Sequence[int], pad_id: int, output_logits: bool = False):
     """A complete config: every setting that changes what is sampled is set here, nothing is left for
     transformers to fill from the checkpoint. Temperature 0 is greedy decoding."""
     # top_k=0 must be explicit: transformers fills an unset top_k with 50.
     sampling = dict(do_sample=True, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p) if s.temperature > 0 \
         else dict(do_sample=False)
     return GenerationConfig(**sampling, max_new_tokens=s.max_new_tokens, min_new_tokens=0, repetition_penalty=1.0,
-                            eos_token_id=eos_id if s.stop_on_eos else None,
+                            eos_token_id=list(stop_ids) if s.stop_on_eos and stop_ids else None,
                             pad_token_id=pad_id, use_cache=True, num_beams=1, return_dict_in_generate=True,
                             output_logits=output_logits)
 
@@ -68,9 +69,9 @@ class TransformersSampler:
     """``model.generate`` on left-padded batches (see the module docstring). The caller seeds torch's RNG;
     draws follow the row order, so the same seed, prompts and settings give the same tokens in every stage."""
 
-    def __init__(self, model: nn.Module, eos_id: int | None, pad_id: int) -> None:
+    def __init__(self, model: nn.Module, stop_ids: Sequence[int], pad_id: int) -> None:
         self.model = model
-        self.eos_id = eos_id
+        self.stop_ids = list(stop_ids)
         self.pad_id = pad_id
 
     @torch.no_grad()
@@ -82,7 +83,7 @@ class TransformersSampler:
         # One width for the whole call (what the rollout returns); calls are cut from it row-wise.
         prompt_ids, prompt_mask = left_pad(rows, self.pad_id)
         device = next(self.model.parameters()).device
-        cfg = generation_config(sampling, self.eos_id, self.pad_id, keep_logprobs)
+        cfg = generation_config(sampling, self.stop_ids, self.pad_id, keep_logprobs)
         per_call = (sampling.batch_size or len(prompts)) * repeat
         chunks, logps = [], []
         for i in tqdm(range(0, len(rows), per_call), desc=desc, unit="batch", disable=desc is None, leave=False):
@@ -103,7 +104,7 @@ class TransformersSampler:
             if logprobs is not None:
                 logprobs[row: row + c.shape[0], : c.shape[1]] = logps[k]
             row += c.shape[0]
-        response_mask, ended = mask_after_eos(response_ids, self.eos_id)
+        response_mask, ended = mask_after_eos(response_ids, self.stop_ids)
         if logprobs is not None:
             logprobs = logprobs * response_mask
         return Rollout(prompt_ids, prompt_mask, response_ids, response_mask, ended, logprobs)

@@ -19,10 +19,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from transformers import AutoConfig
+from transformers import AutoConfig, GenerationConfig
 
 from alignloop.config import ModelConfig
-from alignloop.data.tokenize import ensure_chat_template
+from alignloop.data.tokenize import ensure_chat_template, stop_token_ids
 from alignloop.errors import UserError
 from alignloop.generation.streaming import (
     Delta,
@@ -44,14 +44,17 @@ def check_vllm_available() -> None:
         raise UserError("--engine vllm needs a CUDA GPU and none is visible; use --engine transformers")
 
 
-def vllm_sampling_kwargs(params: StreamRequest) -> dict[str, Any]:
+def vllm_sampling_kwargs(params: StreamRequest, stop_ids: Sequence[int]) -> dict[str, Any]:
     """vLLM SamplingParams keyword arguments for a request. vLLM generates at least one token, so a
-    prompt-only request (echo with max_tokens 0) asks for one and drops it, as vLLM's own server does."""
+    prompt-only request (echo with max_tokens 0) asks for one and drops it, as vLLM's own server does.
+    Besides the tokenizer's EOS, a response ends at every id of ``stop_ids`` (stop_token_ids: the chat
+    template's end-of-turn token and every EOS the configs name)."""
     s = params.sampling
     # vLLM's "top-k off" is -1; temperature 0 is greedy in both.
     return dict(n=params.n, max_tokens=1 if params.prompt_only else s.max_new_tokens, temperature=s.temperature,
                 top_p=s.top_p, top_k=s.top_k or -1, stop=list(params.stop), seed=s.seed,
-                ignore_eos=not s.stop_on_eos, logprobs=params.logprobs, prompt_logprobs=params.prompt_logprobs)
+                ignore_eos=not s.stop_on_eos, stop_token_ids=list(stop_ids) if s.stop_on_eos else None,
+                logprobs=params.logprobs, prompt_logprobs=params.prompt_logprobs)
 
 
 def vllm_token_logprobs(token_ids: Sequence[int], positions: Sequence[Mapping[int, Any]],
@@ -68,9 +71,10 @@ def vllm_token_logprobs(token_ids: Sequence[int], positions: Sequence[Mapping[in
 
 class VLLMEngine:
     def __init__(self, llm, tokenizer, metrics: EngineCounters, context_length: int, max_batch: int,
-                 max_queue: int) -> None:
+                 max_queue: int, stop_ids: list[int]) -> None:
         self.llm = llm
         self.tokenizer = tokenizer
+        self.stop_ids = stop_ids
         self.metrics = metrics
         self.context_length = context_length
         self.capacity = max_batch + max_queue
@@ -86,8 +90,13 @@ class VLLMEngine:
         llm = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(model=source, dtype=dtype, max_num_seqs=max_batch))
         tokenizer = load_tokenizer(source)
         ensure_chat_template(tokenizer)
-        context = context_length_of(AutoConfig.from_pretrained(source))
-        return cls(llm, tokenizer, metrics, context, max_batch, max_queue)
+        config = AutoConfig.from_pretrained(source)
+        try:
+            saved_generation = GenerationConfig.from_pretrained(source)
+        except OSError:  # the folder has no generation_config.json
+            saved_generation = None
+        stop_ids = stop_token_ids(tokenizer, config, saved_generation)
+        return cls(llm, tokenizer, metrics, context_length_of(config), max_batch, max_queue, stop_ids)
 
     def start(self) -> None:
         """vLLM runs its own scheduler loop."""
@@ -118,7 +127,7 @@ class VLLMEngine:
         from vllm import SamplingParams as VSampling  # optional dependency: only with --engine vllm
 
         params = gen.params
-        sampling = VSampling(**vllm_sampling_kwargs(params))
+        sampling = VSampling(**vllm_sampling_kwargs(params, self.stop_ids))
         prompt_len = len(gen.prompt_ids)
         sent_chars, sent_tokens = [0] * params.n, [0] * params.n
         started, done = [False] * params.n, [False] * params.n

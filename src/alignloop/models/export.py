@@ -17,7 +17,7 @@ import yaml
 from transformers import AutoModelForSequenceClassification
 
 from alignloop.config import ModelConfig
-from alignloop.data.tokenize import ensure_chat_template
+from alignloop.data.tokenize import ensure_chat_template, stop_token_ids
 from alignloop.errors import UserError
 from alignloop.models.load import load_pretrained, read_meta, save_model
 from alignloop.runs import atomic_write_text
@@ -58,16 +58,8 @@ def export_model(model_dir: str | Path, output: str | Path, merge: bool = False)
 def complete_generation_config(model, tok) -> None:
     """Stop at EOS and at the chat template's end-of-turn token; pad with the (distinct) pad token."""
     gc = model.generation_config
-    eos = gc.eos_token_id if isinstance(gc.eos_token_id, list) else [gc.eos_token_id]
-    eos = [e for e in eos if e is not None]
-    if tok.eos_token_id is not None:
-        eos.append(tok.eos_token_id)
-    template = tok.chat_template if isinstance(tok.chat_template, str) else ""
-    for token in tok.all_special_tokens:
-        if ("end" in token.lower() or "eot" in token.lower()) and token in template:
-            eos.append(tok.convert_tokens_to_ids(token))
-    eos = sorted(set(eos))
-    gc.eos_token_id = eos[0] if len(eos) == 1 else eos
+    stop = stop_token_ids(tok, model.config, gc)
+    gc.eos_token_id = stop[0] if len(stop) == 1 else stop
     gc.pad_token_id = tok.pad_token_id
     if tok.bos_token_id is not None:
         gc.bos_token_id = tok.bos_token_id

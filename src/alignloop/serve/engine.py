@@ -33,6 +33,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from alignloop.data.batching import left_pad, left_pad_tensor
+from alignloop.data.tokenize import stop_token_ids
 from alignloop.generation.sampler import sample_next_token
 from alignloop.generation.streaming import (
     Delta,
@@ -102,7 +103,7 @@ class TransformersEngine:
         self.max_queue = max_queue
         self.context_length = context_length or context_length_of(model.config)
         self.device = next(model.parameters()).device
-        self.eos_ids = _eos_ids(model, tokenizer)
+        self.stop_ids = set(stop_token_ids(tokenizer, model.config, model.generation_config))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         accepted = inspect.signature(model.forward).parameters
         self._keep_last = "logits_to_keep" in accepted
@@ -303,7 +304,7 @@ class TransformersEngine:
             return False
         if not row.tokens:
             self.metrics.time_to_first_token.observe(time.perf_counter() - gen.arrived)
-        finish = "stop" if token in self.eos_ids and s.stop_on_eos else None
+        finish = "stop" if token in self.stop_ids and s.stop_on_eos else None
         row.tokens.append(token)
         if entry is not None:
             row.pending.append(entry)
@@ -384,12 +385,3 @@ def _merge(a: _Batch, b: _Batch) -> _Batch:
     return _Batch(a.rows + b.rows, DynamicCache(ddp_cache_data=kv), mask,
                   torch.cat([a.positions, b.positions]), torch.cat([a.logits, b.logits]))
 
-
-def _eos_ids(model, tokenizer) -> set[int]:
-    ids: set[int] = set()
-    for source in (getattr(model, "generation_config", None), model.config):
-        eos = getattr(source, "eos_token_id", None) if source is not None else None
-        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids

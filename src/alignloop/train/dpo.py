@@ -33,7 +33,7 @@ from alignloop.data.batching import left_pad, right_pad
 from alignloop.data.formats import Prompt, RecordModel, parse_feedback, validate_record
 from alignloop.data.io import Record
 from alignloop.data.splits import load_splits
-from alignloop.data.tokenize import encode_prompt, ensure_chat_template
+from alignloop.data.tokenize import encode_prompt, end_of_turn_id, ensure_chat_template
 from alignloop.errors import UserError
 from alignloop.generation.rollout import Rollout, response_logprobs
 from alignloop.models.load import count_parameters, load_pretrained, prepare_for_training, save_model
@@ -192,9 +192,9 @@ class Encoded:
         return sum(len(self.prompt_ids) + len(r) for r in self.response_ids + self.kl_response_ids)
 
 
-def encode_response(tokenizer, response: str, room: int, stats: Counter) -> list[int]:
-    """The response's tokens and the EOS that ends it (as SFT trains completions), cut to ``room`` tokens."""
-    ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+def encode_response(tokenizer, response: str, end_id: int, room: int, stats: Counter) -> list[int]:
+    """The response's tokens and the token that ends it, cut to ``room`` tokens."""
+    ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [end_id]
     if len(ids) > room:
         stats["responses_truncated"] += 1
         ids = ids[:room]
@@ -202,11 +202,17 @@ def encode_response(tokenizer, response: str, room: int, stats: Counter) -> list
 
 
 def encode_units(units: list[Unit], tokenizer, cfg: DPOConfig, stats: Counter, kto: bool) -> list[Encoded]:
+    # As SFT trains them: a completion of a text prompt ends with EOS, an answer to a chat prompt with the
+    # template's end-of-turn token (EOS where the template closes turns with it or with plain text).
+    turn_end = end_of_turn_id(tokenizer)
+    chat_end = tokenizer.eos_token_id if turn_end is None else turn_end
     out = []
     for u in units:
         prompt_ids = encode_prompt(tokenizer, u.prompt, cfg.data.max_prompt_len)
         room = cfg.data.max_seq_len - len(prompt_ids)
-        out.append(Encoded(u, prompt_ids, [encode_response(tokenizer, r, room, stats) for r in u.responses]))
+        end_id = chat_end if isinstance(u.prompt, list) else tokenizer.eos_token_id
+        responses = [encode_response(tokenizer, r, end_id, room, stats) for r in u.responses]
+        out.append(Encoded(u, prompt_ids, responses))
     if kto and len(out) > 1:
         # The KL estimate needs responses that do not answer the prompt: each unit borrows the next unit's
         # (a fixed pairing, so the reference's share can be computed once before training).

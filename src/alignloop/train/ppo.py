@@ -37,6 +37,7 @@ from alignloop.data.tokenize import (
     encode_prompt,
     ensure_chat_template,
     render_prompt,
+    stop_token_ids,
     tokenize_sft,
 )
 from alignloop.errors import UserError
@@ -277,7 +278,8 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
     train_prompts = tokenize_prompts(train_records, tok, cfg.data.max_prompt_len)
     eval_prompts = tokenize_prompts(eval_records, tok, cfg.data.max_prompt_len)
     ptx = ptx_batches(cfg.data.ptx, tok, p.ptx_batch_size, cfg.train.seed) if p.ptx_coef > 0 else None
-    sampler = TransformersSampler(policy, tok.eos_token_id, tok.pad_token_id)
+    stop_ids = stop_token_ids(tok, policy.config, policy.generation_config)
+    sampler = TransformersSampler(policy, stop_ids, tok.pad_token_id)
     scoring_batch = g.batch_size or len(my_rows)  # no-grad reference / critic forwards, batched as generation
 
     groups = param_groups(policy.named_parameters(), tcfg.weight_decay)
