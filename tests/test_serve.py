@@ -26,7 +26,7 @@ from alignloop.serve.engine import token_logprobs
 from alignloop.serve.errors import APIError
 from alignloop.serve.logprobs import ChoiceLogprobs, TokenTexts, generated_items, prompt_items
 from alignloop.serve.metrics import ServeMetrics
-from alignloop.serve.sampling import stream_request
+from alignloop.serve.sampling import MAX_STOP_STRINGS, stream_request
 from alignloop.serve.schemas import CompletionRequest
 from alignloop.serve.server import Limits, Server, serve_in_thread
 
@@ -124,6 +124,22 @@ def test_sampling_parameters(server, client):
     nucleus = client.completions.create(model="tiny", prompt="Repeat twice:", max_tokens=20, temperature=1.0,
                                         top_p=1e-6, seed=3, extra_body={"ignore_eos": True})
     assert nucleus.choices[0].text == text
+
+
+def test_stop_takes_as_many_strings_as_lm_eval_sends(server, client):
+    """lm-eval's code tasks stop on five strings and add the EOS text: all six are honoured."""
+    text = client.completions.create(model="tiny", prompt="Repeat twice:", max_tokens=20, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    stop = text[len(text) // 2: len(text) // 2 + 2]
+    stops = ["\nclass", "\ndef", "\n#", "\nif", "</s>", stop]
+    assert len(stops) > 4  # OpenAI's own limit
+    cut = client.completions.create(model="tiny", prompt="Repeat twice:", max_tokens=20, temperature=0, stop=stops,
+                                    extra_body={"ignore_eos": True})
+    assert cut.choices[0].text == text[: text.index(stop)] and cut.choices[0].finish_reason == "stop"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="tiny", prompt="hi", max_tokens=2,
+                                  stop=[str(i) for i in range(MAX_STOP_STRINGS + 1)])
+    assert err.value.param == "stop"
 
 
 def test_32_concurrent_requests_are_batched(server):

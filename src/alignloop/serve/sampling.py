@@ -14,7 +14,9 @@ from alignloop.serve.errors import APIError
 from alignloop.serve.schemas import ChatCompletionRequest, CompletionRequest, SamplingBody
 from alignloop.serve.server import Limits, Server, StreamingEngine
 
-MAX_STOP_STRINGS = 4
+# More than OpenAI's 4: lm-eval's code tasks (humaneval) send five `until` strings and add the EOS text;
+# vLLM has no limit. Each string costs one search of the text's tail per generated token.
+MAX_STOP_STRINGS = 16
 
 
 def unsupported(param: str, message: str) -> APIError:
