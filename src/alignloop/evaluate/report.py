@@ -246,7 +246,8 @@ def summary_table(inputs: ReportInputs) -> str:
             w = ev.get("win_rate", {}).get(judge)
             if not w:
                 return "–"
-            return f"{w['win_rate']:.2f} [{w['ci_low']:.2f}, {w['ci_high']:.2f}]"
+            n = f" (n={w['n']})" if "n" in w else ""  # the prompts it was measured on
+            return f"{w['win_rate']:.2f} [{w['ci_low']:.2f}, {w['ci_high']:.2f}]{n}"
 
         cells = [esc(rnd.name), _cell(acc), _cell(_gold_total(ev, "policy")), _cell(_gold_total(ev, "baseline")),
                  _cell(_get(ev, "models", "policy", "reward_model", "mean")),
