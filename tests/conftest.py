@@ -94,3 +94,25 @@ def tiny_model(tiny_model_factory) -> Path:
 @pytest.fixture
 def sft_data(tmp_path) -> Path:
     return write_jsonl(tmp_path / "sft.jsonl", repeat_task(400))
+
+
+@pytest.fixture(scope="module")
+def reward_dir(tmp_path_factory, tiny_model_factory) -> Path:
+    """A reward-model folder as the rm stage writes it: sequence classifier + alignloop.json (stage rm),
+    with normalisation statistics that differ from the identity."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    from alignloop.models.load import save_model
+
+    base = tiny_model_factory("llama", hidden=32)
+    config = AutoConfig.from_pretrained(base, num_labels=1)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(config)
+    with torch.no_grad():
+        model.score.weight.normal_(0, 1.0)  # an untrained head would score everything alike
+    tok = AutoTokenizer.from_pretrained(base)
+    out = tmp_path_factory.mktemp("rm") / "model"
+    save_model(model, tok, out, meta={"stage": "rm", "criteria": ["reward"], "criteria_weights": [1.0],
+                                      "normalization": {"mean": 0.25, "std": 2.0}, "max_seq_len": 256})
+    return out

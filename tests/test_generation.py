@@ -295,6 +295,16 @@ def test_next_token_sampling_greedy_top_k_top_p():
     assert {sample_next_token(logits, SamplingConfig(), g) for _ in range(400)} == {0, 1, 2, 3}
 
 
+def test_next_token_sampling_at_the_extremes_is_greedy():
+    """Settings a client may send (found by fuzzing the server): a top-p below float32's smallest number
+    still keeps the top token, and a temperature so small that logits / T overflows samples greedily."""
+    logits = torch.tensor([1.0, 3.0, -2.0, 2.5])
+    g = torch.Generator().manual_seed(0)
+    for settings in (dict(top_p=5e-324), dict(temperature=1e-300), dict(temperature=5e-324, top_p=1e-50),
+                     dict(temperature=1e-6)):
+        assert {sample_next_token(logits, SamplingConfig(**settings), g) for _ in range(20)} == {1}, settings
+
+
 def test_logprobs_need_a_sampling_temperature(models):
     model, tok = load_model(str(models["clean"]), torch.device("cpu"), None)
     torch.manual_seed(0)

@@ -7,45 +7,27 @@ import pytest
 import torch
 
 from alignloop.models.export import export_model
-from alignloop.models.load import save_model
+from alignloop.models.load import read_meta
 from alignloop.models.reward import RewardModel, encode_for_reward, head_scores
 from alignloop.rl.rewards import RemoteReward
 from alignloop.serve.app import create_app
 from alignloop.serve.backends import build_server
 from alignloop.serve.server import serve_in_thread
 
-NORM = {"mean": 0.25, "std": 2.0}
 PAIRS = [{"prompt": "Repeat twice: red cat\n", "response": "red cat red cat"},
          {"prompt": "Repeat twice: big dog\n", "response": "small"},
          {"prompt": "Say something", "response": "happy sad tree river stone bird"},
          {"prompt": [{"role": "user", "content": "Repeat twice: dog"}], "response": "dog dog"}]
 
 
-@pytest.fixture(scope="module")
-def reward_dir(tmp_path_factory, tiny_model_factory):
-    """A reward-model folder as the rm stage writes it: sequence classifier + alignloop.json (stage rm)."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
-
-    base = tiny_model_factory("llama", hidden=32)
-    config = AutoConfig.from_pretrained(base, num_labels=1)
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_config(config)
-    with torch.no_grad():
-        model.score.weight.normal_(0, 1.0)  # an untrained head would score everything alike
-    tok = AutoTokenizer.from_pretrained(base)
-    out = tmp_path_factory.mktemp("rm") / "model"
-    save_model(model, tok, out, meta={"stage": "rm", "criteria": ["reward"], "criteria_weights": [1.0],
-                                      "normalization": NORM, "max_seq_len": 256})
-    return out
-
-
 def test_score_endpoint_returns_the_reward_models_normalised_scores(reward_dir):
     reference = RewardModel.load(reward_dir, device="cpu")
+    norm = read_meta(reward_dir)["normalization"]
     prompts, responses = [p["prompt"] for p in PAIRS], [p["response"] for p in PAIRS]
     want = reference.score(prompts, responses)
     seqs = [encode_for_reward(reference.tokenizer, p, r, 256)[0] for p, r in zip(prompts, responses, strict=True)]
     raw = head_scores(reference.model, seqs, reference.tokenizer.pad_token_id, 8)[:, 0]
-    torch.testing.assert_close(torch.tensor(want), (raw - NORM["mean"]) / NORM["std"])  # normalised, not raw
+    torch.testing.assert_close(torch.tensor(want), (raw - norm["mean"]) / norm["std"])  # normalised, not raw
     assert max(want) - min(want) > 1e-3
 
     srv = build_server(str(reward_dir), api_key="k", served_model_name="rm", device="cpu")

@@ -110,18 +110,23 @@ class TransformersSampler:
         return Rollout(prompt_ids, prompt_mask, response_ids, response_mask, ended, logprobs)
 
 
+# Temperatures below this sample greedily in sample_next_token.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
+
 def sample_next_token(logits: torch.Tensor, s: SamplingConfig, generator: torch.Generator | None) -> int:
     """One token from one row of next-token logits [V] (serve's engine samples row by row, each request
     with its own settings and seeded generator): greedy at temperature 0, otherwise softmax(logits / T)
-    cut to the top-k tokens, then to the smallest prefix whose mass reaches top-p."""
-    if s.temperature == 0:
+    cut to the top-k tokens, then to the smallest prefix whose mass reaches top-p. A temperature below
+    GREEDY_BELOW_TEMPERATURE is greedy too (as in vLLM): logits / T would overflow into inf and nan."""
+    if s.temperature < GREEDY_BELOW_TEMPERATURE:
         return int(logits.argmax())
     probs = F.softmax(logits.float() / s.temperature, dim=-1)
     if 0 < s.top_k < probs.shape[-1]:
         probs = probs.masked_fill(probs < probs.topk(s.top_k).values[-1], 0.0)
     if s.top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
-        # The top token always stays.
         drop = sorted_p.cumsum(0) - sorted_p >= s.top_p
+        drop[0] = False  # the top token always stays, even for a top-p that is 0 in float32
         probs = probs.scatter(0, order[drop], 0.0)
     return int(torch.multinomial(probs, 1, generator=generator))

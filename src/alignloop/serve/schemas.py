@@ -17,11 +17,28 @@ from pydantic import (
     ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
+    field_validator,
     model_serializer,
     model_validator,
 )
 
 # ---------------------------------------------------------------- request bodies
+
+
+def is_unicode_text(value: Any) -> bool:
+    """False when a string in ``value`` (nested lists and dicts too) holds half of a UTF-16 surrogate pair:
+    JSON may escape one alone (``"\\ud800"``), but it is no text a tokenizer can take."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(value, list):
+        return all(map(is_unicode_text, value))
+    if isinstance(value, dict):
+        return all(is_unicode_text(k) and is_unicode_text(v) for k, v in value.items())
+    return True
 
 
 class Body(BaseModel):
@@ -35,6 +52,13 @@ class Body(BaseModel):
         if isinstance(data, dict):
             return {key: value for key, value in data.items() if value is not None or key in cls.model_fields}
         return data
+
+    @field_validator("*")
+    @classmethod
+    def unicode_text(cls, value: Any) -> Any:
+        if not is_unicode_text(value):
+            raise ValueError("a string holds a lone UTF-16 surrogate, which is not Unicode text")
+        return value
 
 
 class StreamOptions(Body):
@@ -278,7 +302,9 @@ ERROR_RESPONSES_OF_TEXT_ROUTE: dict[int | str, dict[str, Any]] = {
 
 
 def event_stream(chunk: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
-    """The OpenAPI answer of a route that streams with ``stream: true``."""
-    return {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+    """The OpenAPI answer of a route that streams with ``stream: true``. Before OpenAPI 3.2's itemSchema, the
+    schema of a text/event-stream describes one event (an object of its fields: data, event, id, retry)."""
+    event = {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}
+    return {200: {"content": {"text/event-stream": {"schema": event}},
                   "description": f"a JSON object, or with stream=true server-sent events: `data: <{chunk.__name__} "
                                  "JSON>` per piece of text, then `data: [DONE]`"}}
