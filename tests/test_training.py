@@ -15,12 +15,13 @@ import pytest
 import torch
 import yaml
 
-from alignloop.config import PPOConfig, SFTConfig, build_config
+from alignloop.config import PPOConfig, SFTConfig, TrainConfig, build_config
 from alignloop.errors import TrainingDiverged, UserError
 from alignloop.models.tiny import build_tiny_model
 from alignloop.runs import read_metrics
 from alignloop.train.ppo import run_ppo
 from alignloop.train.sft import run_sft
+from alignloop.training.accelerator import make_accelerator
 from alignloop.training.resume import config_changes
 
 TESTS = Path(__file__).resolve().parent
@@ -174,3 +175,12 @@ def test_trackers_named_in_report_to_receive_the_logged_steps(tiny_model, sft_da
     run_sft(sft_config(tiny_model, sft_data, out, "train.max_steps=2", "train.report_to=[tensorboard]"))
     events = list((out / "logs").rglob("events.out.tfevents.*"))
     assert events and sum(e.stat().st_size for e in events) > 0
+
+
+def test_stages_in_one_process_each_get_their_own_precision():
+    """A pipeline runs its stages in one process: SFT and PPO in bf16, the reward model in fp32. accelerate
+    refused the second precision ("AcceleratorState has already been initialized")."""
+    for precision, dtype in (("bf16", torch.bfloat16), ("no", torch.float32), ("bf16", torch.bfloat16)):
+        acc = make_accelerator(TrainConfig(mixed_precision=precision))
+        with acc.autocast():
+            assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == dtype, precision

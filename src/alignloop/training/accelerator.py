@@ -6,6 +6,7 @@ import importlib.util
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 
 from alignloop.config import TrainConfig
 from alignloop.runs import RunDir
@@ -20,6 +21,11 @@ def make_accelerator(cfg: TrainConfig, run: RunDir | None = None, trackers: bool
     mp = cfg.mixed_precision
     if mp == "auto":
         mp = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+    # accelerate keeps one AcceleratorState per process and refuses a second Accelerator with another
+    # precision; a pipeline runs its stages in one process (SFT and PPO in bf16, the reward model in fp32),
+    # so a stage that asks for another precision starts from a fresh state (the process group is kept).
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != mp:
+        AcceleratorState._reset_state(reset_partial_state=False)
     log_with = []
     if trackers and run is not None:
         log_with = [t for t in cfg.report_to if importlib.util.find_spec(TRACKER_MODULES[t])]
