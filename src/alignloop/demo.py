@@ -254,6 +254,6 @@ def run_demo(output: str | Path, size: DemoSize = FULL, seed: int = 0, model_nam
 # bf16 autocast on CPU (AMX): LoRA training 1.6x, PPO's rollouts 1.4x the fp32 tokens/s.
 # Its reward model is MiniLM, as in the tiny demo: a LoRA reward model on SmolLM2 from 24 prompts a round stayed
 # at chance (0.48 / 0.46 against gold) and PPO against it drove gold down (0.505 -> 0.356, win rate 0.19).
-REAL = replace(FULL, sft_records=400, rl_prompts=400, eval_prompts=96, gold_test_prompts=32, sft_steps=24,
-               sft_batch=8, prompts_per_round=48, overlap=3, rm_epochs=3.0, ppo_steps=10, round2_ppo_steps=None,
+REAL = replace(FULL, sft_records=400, rl_prompts=400, eval_prompts=96, gold_test_prompts=32, sft_steps=16,
+               sft_batch=8, prompts_per_round=64, overlap=3, rm_epochs=3.0, ppo_steps=6, round2_ppo_steps=None,
                rollout_size=32, max_new_tokens=64, ppo_lr=2e-4, ppo_epochs=1, mixed_precision="bf16")
