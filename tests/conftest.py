@@ -8,6 +8,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -41,6 +42,16 @@ def pytest_collection_modifyitems(config, items):
         return mark.kwargs.get("seconds", 1.0) if mark else 0.0
 
     items.sort(key=expected_seconds, reverse=True)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests (``pytestmark = pytest.mark.usefixtures("one_thread")``): tiny
+    models run fastest on one, and on a shared CPU two threads spin-wait each other badly."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -23,18 +23,12 @@ from alignloop.evaluate.report import ReportInputs, RoundInputs, build_report
 from alignloop.models.export import model_card
 from alignloop.models.load import load_tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
+
 TASKS = Path(__file__).resolve().parents[1] / "examples" / "benchmarks"
 LIMIT = 40
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install lm-eval)")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

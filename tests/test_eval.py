@@ -19,16 +19,9 @@ from alignloop.models.load import load_tokenizer
 from alignloop.models.tiny import build_tiny_model
 from alignloop.runs import read_metrics
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
+
 GOLD = "alignloop.data.synthetic:gold_breakdown"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; on a shared CPU two threads spin-wait each other badly."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

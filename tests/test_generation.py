@@ -34,18 +34,12 @@ from alignloop.generation.sampler import TransformersSampler, inference_device, 
 from alignloop.models.load import load_pretrained
 from alignloop.predict import predict
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
+
 CHATS = [[{"role": "user", "content": "red cat runs"}], [{"role": "user", "content": "blue dog"}],
          [{"role": "user", "content": "big happy tree sleeps by the river"}]]
 SEED = 11
 SAMPLING = SamplingConfig(max_new_tokens=8, temperature=1.0, batch_size=8)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -19,16 +19,11 @@ from alignloop.models.tiny import build_tiny_model
 from alignloop.rl.rewards import CombinedReward, import_callable
 from alignloop.runs import read_metrics
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
+
 WORDS = "red blue green cat dog bird runs jumps sleeps big small happy sad tree river stone".split()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and the cores are shared with other test processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 REWARD = "test_ppo_loop:a_share"
 
 

@@ -15,16 +15,9 @@ from alignloop.models.load import load_pretrained
 from alignloop.models.tiny import build_tiny_model
 from alignloop.train.ppo import ValueModel, micro_batch_loss, policy_value_head, response_logits_and_hidden
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
+
 WORDS = "red blue green cat dog bird runs jumps sleeps big small happy sad tree river stone".split()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and the cores are shared with other test processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def build(tmp_path_factory, arch: str):

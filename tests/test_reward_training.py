@@ -32,16 +32,9 @@ from alignloop.models.tiny import build_tiny_model
 from alignloop.runs import read_metrics
 from alignloop.train.reward import to_group
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
+
 FAST = ["train.lr=3e-3", "train.batch_size=16", "train.report_to=[]", "train.log_steps=5"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models gain nothing from threads, and the CPU is shared.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from alignloop.evaluate.benchmarks import benchmark_scores, offline_harness, task_manager
 from alignloop.serve.app import create_app
 from alignloop.serve.backends import build_server
 from alignloop.serve.server import serve_in_thread
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install lm-eval)")
 pytest.importorskip("tenacity", reason="lm-eval's API models need its [api] extra (pip install 'lm-eval[api]')")
@@ -22,14 +23,6 @@ TASK_NAMES = ["demo_world_choice", "demo_world_count"]
 LIMIT = 20
 BATCH = 4
 KEY = "lmeval-secret"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

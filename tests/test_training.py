@@ -24,16 +24,10 @@ from alignloop.train.sft import run_sft
 from alignloop.training.accelerator import make_accelerator
 from alignloop.training.resume import config_changes
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
+
 TESTS = Path(__file__).resolve().parent
 WORDS = "red blue green cat dog bird runs jumps sleeps big small happy sad tree river stone".split()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_config_changes_split_mutable_from_immutable_keys():
