@@ -77,6 +77,8 @@ def pipeline_config(root: Path, data: dict[str, Path], base_model: Path, size: D
     ``algorithm="dpo"``: every round trains the policy with DPO on all feedback so far instead of RM + PPO."""
 
     real = model_name is not None
+    # only when set, so the tiny demo's pipeline stays examples/demo.yaml
+    precision = {"mixed_precision": size.mixed_precision} if size.mixed_precision != "auto" else {}
     lora = {"adapter": "lora", "lora": {"r": 8, "alpha": 16}} if real else {}
     if size.reward_model:
         rm_model = {"model": {"name_or_path": size.reward_model, "freeze_embeddings": True, "freeze_layers": 2}}
@@ -92,7 +94,7 @@ def pipeline_config(root: Path, data: dict[str, Path], base_model: Path, size: D
             "data": {"train": str(data["sft"]), "max_seq_len": 192, "split": {"validation": 0.1}},
             "train": {"max_steps": size.sft_steps, "batch_size": size.sft_batch, "lr": 2e-4 if real else 1e-3,
                       "warmup_steps": 10, "schedule": "cosine", "eval_steps": max(1, size.sft_steps // 5),
-                      "log_steps": 5, "seed": seed, "report_to": [], "mixed_precision": size.mixed_precision},
+                      "log_steps": 5, "seed": seed, "report_to": [], **precision},
         },
         "collect": {"prompts": str(data["rl_prompts"]), "prompts_per_round": size.prompts_per_round,
                     "k": size.k,
@@ -123,7 +125,7 @@ def pipeline_config(root: Path, data: dict[str, Path], base_model: Path, size: D
                     # (gold gain 0.02 -> 0.07-0.09).
                     "lam": 1.0},
             "train": {"lr": size.ppo_lr, "save_steps": 5, "sample_steps": 2, "samples_to_log": 8, "seed": seed,
-                      "report_to": [], "mixed_precision": size.mixed_precision},
+                      "report_to": [], **precision},
         },
         "round_overrides": {2: {"ppo": {"ppo": {"steps": size.round2_ppo_steps}}}} if size.round2_ppo_steps else {},
         **({"algorithm": "dpo", "dpo": {
