@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,27 @@ def pytest_collection_modifyitems(config, items):
         return mark.kwargs.get("seconds", 1.0) if mark else 0.0
 
     items.sort(key=expected_seconds, reverse=True)
+
+
+PEER_BENCH = Path(os.environ.get("ALIGNLOOP_PEER_BENCH", REPO.parent / "shared" / "peer-bench"))
+
+
+@pytest.fixture(scope="module")
+def peer_bench_fixtures(tmp_path_factory) -> Path:
+    """A folder for the bench scripts' ``--fixtures`` built like ../shared/peer-bench's: a tiny Llama whose
+    tokenizer is trained on the workload's own text (which keeps the prompts as short as the real
+    fixtures'); skips where the peer folder is absent."""
+    if not (PEER_BENCH / "synth.py").exists():
+        pytest.skip("the peer benchmark folder (../shared/peer-bench) is not present")
+    sys.path.insert(0, str(PEER_BENCH))
+    import synth
+
+    from alignloop.models.tiny import build_tiny_model
+
+    root = tmp_path_factory.mktemp("fixtures")
+    build_tiny_model(root / "llama-tiny", synth.tokenizer_corpus(2000), vocab_size=1000, hidden=32, layers=2,
+                     heads=2)
+    return root
 
 
 @pytest.fixture(scope="module")

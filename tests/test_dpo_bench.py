@@ -10,29 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from alignloop.models.tiny import build_tiny_model
-
 REPO = Path(__file__).resolve().parents[1]
-PEER = Path(os.environ.get("ALIGNLOOP_PEER_BENCH", REPO.parent / "shared" / "peer-bench"))
 
-
-@pytest.fixture(scope="module")
-def fixtures(tmp_path_factory):
-    if not (PEER / "synth.py").exists():
-        pytest.skip("the peer benchmark folder (../shared/peer-bench) is not present")
-    sys.path.insert(0, str(PEER))
-    import synth
-
-    root = tmp_path_factory.mktemp("fixtures")
-    build_tiny_model(root / "llama-tiny", synth.tokenizer_corpus(2000), vocab_size=1000, hidden=32, layers=2,
-                     heads=2)
-    return root
 
 
 @pytest.mark.parametrize("variant", [[], ["--precompute-ref"]])
-def test_bench_prints_pairs_per_second_and_memory(fixtures, variant):
+def test_bench_prints_pairs_per_second_and_memory(peer_bench_fixtures, variant):
     out = subprocess.run([sys.executable, str(REPO / "bench" / "dpo.py"), "--model", "tiny", "--fixtures",
-                          str(fixtures), "--n-pairs", "48", *variant],
+                          str(peer_bench_fixtures), "--n-pairs", "48", *variant],
                          capture_output=True, text=True, timeout=300, env=dict(os.environ, BENCH_OUT=""))
     assert out.returncode == 0, out.stderr[-3000:]
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("BENCH_JSON ")]

@@ -10,32 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from alignloop.models.tiny import build_tiny_model
-
 REPO = Path(__file__).resolve().parents[1]
-PEER = Path(os.environ.get("ALIGNLOOP_PEER_BENCH", REPO.parent / "shared" / "peer-bench"))
 KEYS = {"samples_per_sec", "generate_s", "score_s", "reward_s", "score_other_s", "train_s", "peak_rss_mb",
         "timed_seconds", "samples"}
 
 
-@pytest.fixture(scope="module")
-def fixtures(tmp_path_factory):
-    if not (PEER / "synth.py").exists():
-        pytest.skip("the peer benchmark folder (../shared/peer-bench) is not present")
-    sys.path.insert(0, str(PEER))
-    import synth
-
-    root = tmp_path_factory.mktemp("fixtures")
-    # a tokenizer trained on the workload's own text keeps the prompts as short as the real fixtures'
-    build_tiny_model(root / "llama-tiny", synth.tokenizer_corpus(2000), vocab_size=1000, hidden=32, layers=2,
-                     heads=2)
-    return root
-
 
 @pytest.mark.parametrize("algorithm", ["ppo", "rloo"])
-def test_bench_prints_throughput_split_and_memory(fixtures, algorithm):
+def test_bench_prints_throughput_split_and_memory(peer_bench_fixtures, algorithm):
     out = subprocess.run([sys.executable, str(REPO / "bench" / "ppo.py"), "--model", "tiny", "--fixtures",
-                          str(fixtures), "--algorithm", algorithm, "--total-samples", "64", "--new-tokens", "4"],
+                          str(peer_bench_fixtures), "--algorithm", algorithm, "--total-samples", "64", "--new-tokens", "4"],
                          capture_output=True, text=True, timeout=300, env=dict(os.environ, BENCH_OUT=""))
     assert out.returncode == 0, out.stderr[-3000:]
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("BENCH_JSON ")]
