@@ -241,6 +241,10 @@ def test_review_decisions_export_as_pairs(fb_client):
     assert fb_client.post("/api/rounds/r1/review/next", headers=rev).status_code == 204
     pairs = fb_client.get("/api/rounds/r1/export?format=pairs", headers=admin).text.splitlines()
     assert pairs == ['{"prompt": "ppo prompt", "chosen": "good sample", "rejected": "bad sample", "source": "review"}']
+    unpaired = fb_client.get("/api/rounds/r1/export?format=unpaired", headers=admin).text.splitlines()
+    assert [json.loads(line) for line in unpaired] == [
+        {"prompt": "ppo prompt", "completion": "good sample", "label": True, "source": "review"},
+        {"prompt": "ppo prompt", "completion": "bad sample", "label": False, "source": "review"}]
 
 
 def test_blind_side_by_side_win_rate(fb_client):

@@ -7,11 +7,13 @@ import json
 import pytest
 
 from alignloop.cli import main
+from alignloop.config import DPOConfig
 from alignloop.data.formats import parse_feedback
-from alignloop.data.io import Record
+from alignloop.data.io import Record, read_records
 from alignloop.feedback import agreement, auth, tasks
 from alignloop.feedback.db import DEFAULT_CRITERIA, Prompt, User, open_db
 from alignloop.feedback.export import borda, export_records
+from alignloop.train.dpo import kto_units, parse_record
 from feedback_fixtures import *  # noqa: F403  (fixtures)
 from feedback_fixtures import PASSWORD
 
@@ -231,3 +233,34 @@ def test_cli_create_round_default_and_custom_criteria_and_errors(tmp_path, capsy
         assert main(["feedback", "create-round", "--db", fb_db_url, *argv]) == 2
         err = capsys.readouterr().err.strip()
         assert needle in err and len(err.splitlines()) == 1, err
+
+
+def test_unpaired_export_for_kto_from_rankings_and_reviews(fb_sessions):
+    seed_round(fb_sessions, overlap=2, items=[{"prompt": "P", "responses": ["A", "B", "C"]},
+                                              {"prompt": "T", "responses": ["X", "Y"]}])
+    for user in ("u0", "u1"):  # P: A best and C worst for both; T: an even split
+        label_as(fb_sessions, user, ["A", "B", "C"])
+    label_as(fb_sessions, "u0", ["X", "Y"])
+    label_as(fb_sessions, "u1", ["Y", "X"])
+    # The best (loses no comparison) is desirable, the worst (wins none) undesirable; B and the tied T give nothing.
+    assert export(fb_sessions, "unpaired") == [{"prompt": "P", "completion": "A", "label": True},
+                                               {"prompt": "P", "completion": "C", "label": False}]
+    per_label = export(fb_sessions, "unpaired", per_annotator=True)
+    assert [(r["annotator"], r["completion"], r["label"]) for r in per_label] == [
+        ("u0", "A", True), ("u0", "C", False), ("u1", "A", True), ("u1", "C", False),
+        ("u0", "X", True), ("u0", "Y", False), ("u1", "Y", True), ("u1", "X", False)]
+
+
+def test_unpaired_chat_records_are_what_kto_reads(fb_sessions, tmp_path):
+    seed_round(fb_sessions, overlap=1, items=[{"prompt": "system: Be brief.\n\nuser: Name a colour.",
+                                               "messages": CHAT, "responses": ["Red.", "Um"]}])
+    label_as(fb_sessions, "u0", ["Red.", "Um"])
+    records = export(fb_sessions, "unpaired")
+    assert records == [{"prompt": CHAT, "completion": [{"role": "assistant", "content": "Red."}], "label": True},
+                       {"prompt": CHAT, "completion": [{"role": "assistant", "content": "Um"}], "label": False}]
+    path = tmp_path / "kto.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    cfg = DPOConfig.model_validate({"model": {"name_or_path": "unused"}, "data": {"train": str(path)},
+                                    "dpo": {"loss": "kto"}, "output_dir": str(tmp_path / "out")})
+    units = kto_units([parse_record(r, None) for r in read_records(path)], cfg)
+    assert [(u.prompt, u.responses, u.desirable) for u in units] == [(CHAT, ["Red."], [True]), (CHAT, ["Um"], [False])]

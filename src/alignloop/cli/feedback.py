@@ -93,11 +93,14 @@ def add_command(sub) -> None:
                         epilog=examples_epilog(
                             "alignloop feedback export --db feedback.db --round r1 --output r1.jsonl",
                             "alignloop feedback export --round r1 --format pairs --output pairs.jsonl",
-                            "alignloop rm --data r1.jsonl ...   # train the reward model on it"))
+                            "alignloop rm --data r1.jsonl ...   # train the reward model on it",
+                            "alignloop feedback export --round r1 --format unpaired --output kto.jsonl",
+                            "alignloop dpo --data kto.jsonl dpo.loss=kto ..."))
     add_db_flag(e)
     e.add_argument("--round", required=True)
     e.add_argument("--output", required=True, help="JSONL file to write")
-    e.add_argument("--format", default="rankings", choices=["rankings", "pairs", "ratings"])
+    e.add_argument("--format", default="rankings", choices=["rankings", "pairs", "ratings", "unpaired"],
+                   help="unpaired: desirable / undesirable examples for KTO (alignloop dpo, dpo.loss=kto)")
     e.add_argument("--include-unsafe", action="store_true", help="keep candidates flagged unsafe")
     e.add_argument("--per-annotator", action="store_true",
                    help="one record per label with an 'annotator' field instead of aggregating")

@@ -121,6 +121,13 @@ Prompt = str | list[Message]
 Annotator = str | int | None
 
 
+def assistant_turn_text(v: object) -> object:
+    """TRL's conversational preference forms give a response as one assistant message: its text."""
+    if isinstance(v, list) and len(v) == 1 and isinstance(v[0], dict) and v[0].get("role") == "assistant":
+        return v[0].get("content")
+    return v
+
+
 class PreferencePair(RecordModel):
     prompt: Prompt
     chosen: str
@@ -129,13 +136,18 @@ class PreferencePair(RecordModel):
     criterion: str | None = None
     annotator: Annotator = None
 
-    @field_validator("chosen", "rejected", mode="before")
-    @classmethod
-    def _assistant_turn(cls, v: object) -> object:
-        # TRL's conversational preference form gives each response as one assistant message.
-        if isinstance(v, list) and len(v) == 1 and isinstance(v[0], dict) and v[0].get("role") == "assistant":
-            return v[0].get("content")
-        return v
+    _assistant_turn = field_validator("chosen", "rejected", mode="before")(assistant_turn_text)
+
+
+class UnpairedExample(RecordModel):
+    """KTO's unpaired feedback (TRL's unpaired preference format): a response and whether it is desirable."""
+
+    prompt: Prompt
+    completion: str
+    label: bool
+    annotator: Annotator = None
+
+    _assistant_turn = field_validator("completion", mode="before")(assistant_turn_text)
 
 
 class DialoguePair(RecordModel):

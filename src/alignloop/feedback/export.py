@@ -5,8 +5,13 @@ Formats
   aggregate positions are written as a tie group (a nested list), which forms no pair.
 - ``pairs``: ``{"prompt", "chosen", "rejected"}``.
 - ``ratings``: ``{"prompt", "response", "scores": {criterion: value}}``.
-A chat prompt (an item stored with its messages) is written as its message list, and in pairs the
-responses as one assistant message each: TRL's conversational preference format, so consumers can
+- ``unpaired``: ``{"prompt", "completion", "label": true | false}`` (TRL's unpaired preference format, what
+  ``alignloop dpo`` trains KTO on): of each ranking the candidates that lose no comparison (the best, or
+  the best tie group) are desirable and those that win none (the worst) undesirable; middle ranks, and an
+  item whose candidates all tie, give nothing. Ratings are not turned into labels here: export them as
+  ``ratings`` and KTO reads them against ``dpo.kto_threshold``.
+A chat prompt (an item stored with its messages) is written as its message list, and in pairs (and
+unpaired examples) the responses as one assistant message each: TRL's conversational preference format, so consumers can
 apply their chat template. Plain prompts stay plain text.
 
 Aggregation of overlapping labels (several people labelled the same item):
@@ -24,7 +29,8 @@ fewer than two candidates gives no ranking or pair.
 Reviews of policy (PPO) samples: per sample the majority decision of its reviewers (approve /
 flag; an even split counts as neither). For each prompt every approved sample is written above every
 flagged one: as pairs (chosen = approved) and as two-response rankings, so reviewers' judgements
-reach the next round's reward model whichever format it trains on.
+reach the next round's reward model whichever format it trains on. As unpaired examples every sample
+with a majority decision is one: approved desirable, flagged undesirable (no flagged partner needed).
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ from alignloop.feedback.db import Candidate, Label, Prompt, Review, Round, User,
 from alignloop.feedback.tasks import NotFound, get_round
 from alignloop.runs import atomic_write_text
 
-FORMATS = ("rankings", "pairs", "ratings")
+FORMATS = ("rankings", "pairs", "ratings", "unpaired")
 
 
 def borda(rankings: list[list[int]], candidates: list[int]) -> list[int | list[int]]:
@@ -69,10 +75,18 @@ def prompt_field(prompt: Prompt) -> str | list[dict[str, str]]:
 
 def pair_record(prompt: Prompt, chosen: str, rejected: str, **extra: Any) -> dict[str, Any]:
     """A preference pair; for a chat prompt in TRL's conversational form (each response an assistant turn)."""
-    if prompt.messages is None:
-        return {"prompt": prompt.text, "chosen": chosen, "rejected": rejected, **extra}
-    return {"prompt": prompt.messages, "chosen": [{"role": "assistant", "content": chosen}],
-            "rejected": [{"role": "assistant", "content": rejected}], **extra}
+    return {"prompt": prompt_field(prompt), "chosen": response_field(prompt, chosen),
+            "rejected": response_field(prompt, rejected), **extra}
+
+
+def response_field(prompt: Prompt, text: str) -> str | list[dict[str, str]]:
+    """A response as written beside ``prompt_field``: one assistant message after a chat prompt."""
+    return text if prompt.messages is None else [{"role": "assistant", "content": text}]
+
+
+def unpaired_record(prompt: Prompt, completion: str, desirable: bool, **extra: Any) -> dict[str, Any]:
+    return {"prompt": prompt_field(prompt), "completion": response_field(prompt, completion), "label": desirable,
+            **extra}
 
 
 def _item_records(fmt: str, prompt: Prompt, labels: list[Label], names: dict[int, str],
@@ -89,6 +103,11 @@ def _item_records(fmt: str, prompt: Prompt, labels: list[Label], names: dict[int
         if fmt == "rankings" and len(keep) >= 2:
             out.append({"prompt": prompt_field(prompt), "responses": [text[c] for c in keep],
                         "ranking": borda(rankings, keep), **extra})
+        elif fmt == "unpaired" and len(keep) >= 2:
+            tiers = [g if isinstance(g, list) else [g] for g in borda(rankings, keep)]
+            if len(tiers) > 1:  # all candidates tied: nobody judged one better
+                out += [unpaired_record(prompt, text[keep[i]], True, **extra) for i in tiers[0]]
+                out += [unpaired_record(prompt, text[keep[i]], False, **extra) for i in tiers[-1]]
         elif fmt == "pairs" and len(keep) >= 2:
             for a, b in itertools.combinations(keep, 2):
                 a_wins = sum(r.index(a) < r.index(b) for r in rankings)
@@ -127,6 +146,10 @@ def _review_records(fmt: str, db: Session, rnd: Round) -> list[dict[str, Any]]:
     for cid, (yes, no) in votes.items():
         if yes != no:
             (approved if yes > no else flagged)[samples[cid].prompt.text].append(samples[cid])
+    if fmt == "unpaired":
+        return [unpaired_record(c.prompt, c.text, desirable, source="review") for desirable, by_text in ((True, approved),
+                                                                                         (False, flagged))
+                for text in sorted(by_text) for c in by_text[text]]
     out = []
     for text in sorted(approved.keys() & flagged.keys()):
         for good, bad in itertools.product(approved[text], flagged[text]):

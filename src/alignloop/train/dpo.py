@@ -30,7 +30,7 @@ from torch import nn
 
 from alignloop.config import DPOConfig, RMConfig
 from alignloop.data.batching import left_pad, right_pad
-from alignloop.data.formats import Prompt, RecordModel, parse_feedback, validate_record
+from alignloop.data.formats import UnpairedExample, parse_feedback, validate_record
 from alignloop.data.io import Record
 from alignloop.data.splits import load_splits
 from alignloop.data.tokenize import encode_prompt, end_of_turn_id, ensure_chat_template
@@ -53,14 +53,6 @@ PAIR_METRICS = ("reward_chosen", "reward_rejected", "reward_accuracy", "reward_m
 KTO_METRICS = ("kl", "reward_desirable", "reward_undesirable", "logp_desirable", "logp_undesirable",
                "desirable", "undesirable")
 REFERENCE_CHUNK = 256  # units per cached file of reference log-probs (a killed pass resumes at a chunk)
-
-
-class UnpairedExample(RecordModel):
-    """KTO's unpaired feedback: a response and whether it is desirable (TRL's ``label``)."""
-
-    prompt: Prompt
-    completion: str
-    label: bool
 
 
 # ---------------------------------------------------------------- records -> units

@@ -19,7 +19,7 @@ from alignloop.feedback.db import DEFAULT_CRITERIA, DEFAULT_LEASE_MINUTES
 Role = Literal["annotator", "reviewer", "admin"]
 ItemKind = Literal["candidate", "policy"]
 # The same names as feedback.export.FORMATS (a test keeps them equal).
-ExportFormat = Literal["rankings", "pairs", "ratings"]
+ExportFormat = Literal["rankings", "pairs", "ratings", "unpaired"]
 
 
 # A row id in a path: bounded, so that a huge number is a 422 instead of an overflow in the database driver.
