@@ -197,3 +197,25 @@ def test_report_command(run_dir, tmp_path, capsys):
     assert set(_parse(target).plots) == PLOTS
     assert main(["report", str(run_dir), "--gold", "no.such:fn"]) == 2
     assert "no.such:fn" in capsys.readouterr().err
+
+
+def test_a_dpo_round_shows_its_curves_and_implicit_reward_accuracy(run_dir):
+    """Round 2 as an online DPO round (collect -> label -> DPO -> eval): its loss, implicit-reward accuracy and
+    margin curves, train and validation; the summary names the algorithm and the DPO test accuracy."""
+    rnd = run_dir / "round-2"
+    shutil.rmtree(rnd / "rm")
+    shutil.rmtree(rnd / "ppo")
+    train = [{"step": s, "loss": 0.69 - s / 100, "reward_accuracy": 0.5 + s / 50, "reward_margin": s / 20}
+             for s in range(1, 11)]
+    val = [{"step": s, "eval_loss": 0.7 - s / 120, "eval_reward_accuracy": 0.5 + s / 60, "eval_reward_margin": s / 30}
+           for s in (0, 5, 10)]
+    _jsonl(rnd / "dpo" / "metrics.jsonl", train + val)
+    (rnd / "dpo" / "eval.json").write_text(json.dumps({"loss": "sigmoid", "test": {"reward_accuracy": 0.777}}))
+    page = _parse(build_report(run_dir))
+    lines = {p: v["lines"] for p, v in page.plots.items()}
+    assert lines["dpo-loss"] == 2 and lines["dpo-reward-accuracy"] == 2 and lines["dpo-reward-margin"] == 2
+    assert lines["rm-accuracy"] == 1 and lines["ppo-reward"] == 1  # only round 1 trained a reward model and PPO
+    summary = re.search(r'<table class="summary">.*?</table>', (run_dir / "report.html").read_text(), re.S).group()
+    rows = re.findall(r"<tr>(.*?)</tr>", summary)
+    assert "<td>round-1</td><td>PPO</td><td>0.810</td>" in rows[1]
+    assert "<td>round-2</td><td>DPO</td><td>0.777</td>" in rows[2]

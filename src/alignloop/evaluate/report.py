@@ -7,6 +7,8 @@ stages write, and says "no data" wherever a piece is missing:
     <run>/sft/metrics.jsonl                      loss, eval_loss
     <run>/round-N/rm/metrics.jsonl, eval.json    eval_accuracy; test/validation accuracy
     <run>/round-N/ppo/metrics.jsonl              score_mean, kl, entropy; samples.jsonl
+    <run>/round-N/dpo/metrics.jsonl, eval.json   a DPO round (instead of rm + ppo): loss, implicit-reward
+                                                 accuracy and margin; held-out and gold-ordered test pairs
     <run>/round-N/eval/eval.json, samples.jsonl  alignloop eval (with --benchmarks: lm-eval scores)
 
 Everything that came from a model or a person is escaped before it reaches the page.
@@ -40,6 +42,7 @@ class RoundInputs:
     rm: Path | None = None
     ppo: Path | None = None
     eval: Path | None = None
+    dpo: Path | None = None
 
 
 @dataclass
@@ -60,7 +63,7 @@ def discover(run_dir: str | Path) -> ReportInputs:
     rounds = []
     found = [p for p in root.glob("round-*") if p.is_dir()]
     for p in sorted(found, key=lambda p: (int(m.group()) if (m := re.search(r"\d+", p.name)) else 0, p.name)):
-        rounds.append(RoundInputs(p.name, _dir(p / "rm"), _dir(p / "ppo"), _dir(p / "eval")))
+        rounds.append(RoundInputs(p.name, _dir(p / "rm"), _dir(p / "ppo"), _dir(p / "eval"), _dir(p / "dpo")))
     return ReportInputs(root.name, _dir(root / "pretrain"), _dir(root / "sft"), rounds)
 
 
@@ -193,6 +196,25 @@ def win_rate_series(inputs: ReportInputs) -> tuple[list[Series], dict[float, str
     return [Series(j, p, errors=e) for j, (p, e) in by_judge.items()], names
 
 
+def dpo_plots(rounds: Sequence[RoundInputs]) -> list[tuple[str, str]]:
+    """A DPO round's curves (steps restart each round, as in its own metrics.jsonl): the objective, and how
+    often and by how much the implicit reward beta * log(pi / pi_ref) puts the chosen response first."""
+    if not rounds:
+        return []
+    metrics = {rnd.name: _metrics(rnd.dpo) for rnd in rounds}
+    loss = [Series(f"{name} {label}", series_of(recs, key), dashed=label == "validation")
+            for name, recs in metrics.items() for label, key in (("train", "loss"), ("validation", "eval_loss"))]
+    out = [("Direct preference optimisation", line_chart("dpo-loss", "DPO loss", loss, "step (per round)", "loss"))]
+    for key, title, ylabel, hline in (
+            ("reward_accuracy", "DPO implicit-reward accuracy (chosen above rejected)", "accuracy", 0.5),
+            ("reward_margin", "DPO implicit-reward margin, chosen minus rejected", "margin", 0.0)):
+        series = [Series(f"{name} {label}", series_of(recs, prefix + key), dashed=label == "validation")
+                  for name, recs in metrics.items() for label, prefix in (("train", ""), ("validation", "eval_"))]
+        out.append(("Direct preference optimisation", line_chart(f"dpo-{key.replace('_', '-')}", title, series,
+                                                                  "step (per round)", ylabel, hline=hline)))
+    return out
+
+
 def plots(inputs: ReportInputs, gold: GoldFn | None) -> list[tuple[str, str]]:
     """(section heading, SVG) for every plot of the report, in reading order."""
     out = []
@@ -206,16 +228,21 @@ def plots(inputs: ReportInputs, gold: GoldFn | None) -> list[tuple[str, str]]:
     out.append(("Supervised fine-tuning", line_chart(
         "sft-loss", "SFT loss", [Series("train", series_of(sft, "loss")),
                                  Series("validation", series_of(sft, "eval_loss"))], "step", "loss")))
-    rm_series = [Series(rnd.name, series_of(_metrics(rnd.rm), "eval_accuracy")) for rnd in inputs.rounds]
-    out.append(("Reward model", line_chart("rm-accuracy", "Reward-model validation accuracy", rm_series,
-                                           "step", "pairwise accuracy", hline=0.5)))
-    ppo = {rnd.name: _metrics(rnd.ppo) for rnd in inputs.rounds}
-    offsets = _round_offsets(inputs.rounds, ppo)
+    rm_series = [Series(rnd.name, series_of(_metrics(rnd.rm), "eval_accuracy")) for rnd in inputs.rounds if rnd.rm]
+    if rm_series or not any(rnd.dpo for rnd in inputs.rounds):
+        out.append(("Reward model", line_chart("rm-accuracy", "Reward-model validation accuracy", rm_series,
+                                               "step", "pairwise accuracy", hline=0.5)))
+    out += dpo_plots([rnd for rnd in inputs.rounds if rnd.dpo])
+    ppo_rounds = [rnd for rnd in inputs.rounds if not rnd.dpo]
+    ppo = {rnd.name: _metrics(rnd.ppo) for rnd in ppo_rounds}
+    offsets = _round_offsets(ppo_rounds, ppo)
     for key, title, ylabel in ((None, "PPO reward-model score", "score"), ("kl", "PPO KL to the reference", "KL"),
                                ("entropy", "PPO policy entropy", "entropy (nats / token)")):
-        series = [Series(name, series_of(recs, key or _ppo_score_key(recs), offset=offsets[name]))
-                  for name, recs in ppo.items()]
-        out.append(("PPO", line_chart(f"ppo-{key or 'reward'}", title, series, "PPO step (all rounds)", ylabel)))
+        if ppo_rounds or not inputs.rounds:
+            series = [Series(name, series_of(recs, key or _ppo_score_key(recs), offset=offsets[name]))
+                      for name, recs in ppo.items()]
+            out.append(("PPO", line_chart(f"ppo-{key or 'reward'}", title, series, "PPO step (all rounds)",
+                                          ylabel)))
     out.append(("Reward over-optimisation", line_chart(
         "gold-vs-rm", "Gold score and reward-model score as KL grows", overoptimisation_series(inputs, gold),
         "KL(policy || SFT model), nats per response", "reward-model score", y2label="gold score")))
@@ -234,13 +261,16 @@ def _cell(value: float | None, digits: int = 3) -> str:
 
 def summary_table(inputs: ReportInputs) -> str:
     esc = html.escape
-    head = ["round", "RM test acc.", "policy gold", "SFT gold", "policy RM score", "KL", "win rate (gold)",
-            "win rate (RM)", "length (tokens)", "unsafe"]
+    head = ["round", "algorithm", "pref. test acc. (RM / DPO)", "policy gold", "SFT gold", "policy RM score", "KL",
+            "win rate (gold)", "win rate (RM)", "length (tokens)", "unsafe"]
     rows = []
     for rnd in inputs.rounds:
         rm_eval = _json(rnd.rm / "eval.json" if rnd.rm else None)
         ev = _json(rnd.eval / "eval.json" if rnd.eval else None)
         acc = _get(rm_eval, "test", "accuracy") or _get(rm_eval, "validation", "accuracy")
+        if rnd.dpo:  # no reward model: the implicit reward's accuracy on the same kind of held-out pairs
+            dpo_eval = _json(rnd.dpo / "eval.json")
+            acc = _get(dpo_eval, "test", "reward_accuracy") or _get(dpo_eval, "validation", "reward_accuracy")
 
         def wr(judge: str, ev=ev) -> str:
             w = ev.get("win_rate", {}).get(judge)
@@ -249,7 +279,7 @@ def summary_table(inputs: ReportInputs) -> str:
             n = f" (n={w['n']})" if "n" in w else ""  # the prompts it was measured on
             return f"{w['win_rate']:.2f} [{w['ci_low']:.2f}, {w['ci_high']:.2f}]{n}"
 
-        cells = [esc(rnd.name), _cell(acc), _cell(_gold_total(ev, "policy")), _cell(_gold_total(ev, "baseline")),
+        cells = [esc(rnd.name), "DPO" if rnd.dpo else "PPO" if rnd.ppo else "–", _cell(acc), _cell(_gold_total(ev, "policy")), _cell(_gold_total(ev, "baseline")),
                  _cell(_get(ev, "models", "policy", "reward_model", "mean")),
                  _cell(_get(ev, "models", "policy", "kl", "mean")), wr("gold"), wr("reward_model"),
                  _cell(_get(ev, "models", "policy", "length_tokens", "mean"), 1),
