@@ -176,6 +176,18 @@ def layer_group(name: str) -> str:
     return name.rpartition(".")[0] or name
 
 
+def repack_lm_head(worker) -> None:
+    """Run on vLLM's worker after a push to a model with tied embeddings. vLLM (0.32, CPU) packs the LM
+    head's weights for its matmul kernel when the model loads; with tied embeddings no reload reaches
+    the head (its weights are the embedding's), so it would go on computing logits from the first
+    weights while the embedding moved on. Packing it again from the (shared) weights fixes that; where
+    nothing is packed (GPU), it does nothing."""
+    head = getattr(worker.get_model(), "lm_head", None)
+    method = getattr(head, "quant_method", None)
+    if method is not None:
+        method.process_weights_after_loading(head)
+
+
 class WeightSync:
     """Weights into a running in-process vLLM engine, without a restart: the one place that calls vLLM's
     weight-update API. Tensors go in buckets of about ``bucket_bytes`` (one ``reload_weights`` call each,
@@ -183,9 +195,10 @@ class WeightSync:
     them), then the prefix cache is dropped: blocks cached under the old weights would otherwise be
     reused for a repeated prompt prefix."""
 
-    def __init__(self, llm, bucket_bytes: int) -> None:
+    def __init__(self, llm, bucket_bytes: int, tied_embeddings: bool) -> None:
         self.llm = llm
         self.bucket_bytes = bucket_bytes
+        self.tied_embeddings = tied_embeddings
 
     def push(self, items: Iterable[tuple[str, torch.Tensor]]) -> int:
         """Send every (checkpoint name, tensor); returns the number of vLLM calls it took."""
@@ -201,6 +214,8 @@ class WeightSync:
         if bucket:
             self._send(bucket)
             calls += 1
+        if self.tied_embeddings:
+            self.llm.collective_rpc(repack_lm_head)
         self.llm.reset_prefix_cache()
         return calls
 
@@ -241,11 +256,11 @@ class VLLMSampler:
     temperature."""
 
     def __init__(self, llm, stop_ids: Sequence[int], pad_id: int, settings: VLLMSettings, can_sleep: bool,
-                 folder: tempfile.TemporaryDirectory) -> None:
+                 tied_embeddings: bool, folder: tempfile.TemporaryDirectory) -> None:
         self.llm = llm
         self.stop_ids = list(stop_ids)
         self.pad_id = pad_id
-        self.sync = WeightSync(llm, settings.sync_bucket_mb << 20)
+        self.sync = WeightSync(llm, settings.sync_bucket_mb << 20, tied_embeddings)
         self.can_sleep = can_sleep
         self.asleep = False
         self._folder = folder  # the engine's config folder lives as long as the engine
@@ -284,7 +299,8 @@ class VLLMSampler:
         random.setstate(python_rng)
         np.random.set_state(numpy_rng)
         weights.unlink()  # loaded; later weights come through load_weights
-        return cls(llm, stop_ids, pad_id, settings, can_sleep, folder)
+        return cls(llm, stop_ids, pad_id, settings, can_sleep, bool(inner.config.get_text_config().tie_word_embeddings),
+                   folder)
 
     def sleep(self) -> None:
         """Free the engine's GPU memory while the trainer runs (weights and KV cache: the next
