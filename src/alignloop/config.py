@@ -452,7 +452,8 @@ class VLLMSettings(Strict):
     # The KV cache in MiB instead of a share of memory. On CPU it is always a size (default 256 there):
     # vLLM's own CPU default reserves most of the RAM.
     kv_cache_mb: int | None = Field(None, gt=0)
-    # The longest prompt + response the engine holds; null = the model's context length.
+    # The longest prompt + response the engine holds; null = the model's context length (the KV cache
+    # must hold one such sequence: on CPU set this, or a larger kv_cache_mb, for long-context models).
     max_model_len: int | None = Field(None, gt=0)
     # GPU: the engine sleeps while PPO trains (its KV cache and weights freed, the weights pushed again
     # on waking). vLLM has no sleep mode on CPU, so there the engine keeps its memory.
