@@ -26,7 +26,7 @@ if importlib.util.find_spec("vllm") is None:
                 "its python)", allow_module_level=True)
 
 from alignloop.cli import main  # noqa: E402
-from alignloop.config import PPOConfig, SamplingConfig, VLLMSettings, build_config  # noqa: E402
+from alignloop.config import EvalConfig, PPOConfig, SamplingConfig, VLLMSettings, build_config  # noqa: E402
 from alignloop.errors import UserError  # noqa: E402
 from alignloop.generation.backends import make_sampler  # noqa: E402
 from alignloop.generation.rollout import Rollout, response_logprobs  # noqa: E402
@@ -179,6 +179,23 @@ def test_predict_with_the_vllm_backend_writes_the_transformers_predictions(toy, 
                      "--max-new-tokens", "10", "--backend", backend]) == 0
         rows[backend] = [json.loads(line)["generation"] for line in out.read_text().splitlines()]
     assert rows["vllm"] == rows["transformers"] and len(rows["vllm"]) == 3
+
+
+def test_eval_with_the_vllm_backend_against_itself_ties_with_zero_kl(toy, tmp_path):
+    """Policy and baseline each get an engine; the same seed draws the same responses from both, and the
+    KL estimate (vLLM's log-probs against a fresh forward of the same weights) is zero."""
+    from alignloop.evaluate.eval import run_eval
+
+    cfg = EvalConfig.model_validate({
+        "output_dir": str(tmp_path / "eval"), "policy": str(toy["policy"]), "baseline": str(toy["policy"]),
+        "prompts": str(toy["root"] / "eval.jsonl"), "max_prompts": 8, "batch_size": 4,
+        "generation": {"max_new_tokens": 8, "batch_size": 4, "backend": "vllm", "vllm": {"kv_cache_mb": 64}}})
+    out = run_eval(cfg)
+    ev = json.loads((out / "eval.json").read_text())
+    rows = read_metrics(out / "samples.jsonl")
+    assert len(rows) == 8
+    assert [r["responses"]["policy"]["text"] for r in rows] == [r["responses"]["baseline"]["text"] for r in rows]
+    assert abs(ev["models"]["policy"]["kl"]["mean"]) < 1e-4
 
 
 def ppo_config(toy, out: str, overrides: list[str]) -> PPOConfig:
