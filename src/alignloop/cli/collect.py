@@ -12,7 +12,8 @@ def run(args: argparse.Namespace) -> int:
     from alignloop.feedback.collect import collect  # torch and the database: only once the command runs
 
     sampling = sampling_from_flags(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                   max_new_tokens=args.max_new_tokens, seed=args.seed, batch_size=args.batch_size)
+                                   max_new_tokens=args.max_new_tokens, seed=args.seed, batch_size=args.batch_size,
+                                   backend=args.backend)
     n = collect(args.model, args.prompts, args.db, args.round, k=args.k, sampling=sampling, overlap=args.overlap,
                 model_label=args.model_label)
     print(f"collected {args.k} candidates for each of {n} prompts into round {args.round!r} ({args.db})")
@@ -43,5 +44,7 @@ def add_command(sub) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="prompts per generation call, each with its K "
                    "samples (default %(default)s)")
     p.add_argument("--overlap", type=int, default=1, help="people per item when the round is created here")
+    p.add_argument("--backend", choices=["transformers", "vllm"], default=defaults.backend,
+                   help="who samples: the model itself, or a vLLM engine (needs vllm; default %(default)s)")
     p.add_argument("--model-label", help="name stored with each candidate (default: --model)")
     p.set_defaults(func=run)

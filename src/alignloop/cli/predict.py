@@ -12,7 +12,7 @@ def run(args: argparse.Namespace) -> int:
     from alignloop.predict import predict  # torch: only once the command runs
 
     sampling = sampling_from_flags(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                   top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+                                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, backend=args.backend)
     out = predict(args.model, args.data, args.output, args.format, args.batch_size, sampling)
     print(f"predictions: {out}")
     return 0
@@ -45,4 +45,7 @@ def add_command(sub) -> None:
     p.add_argument("--top-k", type=int, default=defaults.top_k, help="causal LM: 0 = off (default)")
     p.add_argument("--top-p", type=float, default=defaults.top_p, help="causal LM: nucleus sampling mass")
     p.add_argument("--seed", type=int, default=0, help="causal LM: sampling seed")
+    p.add_argument("--backend", choices=["transformers", "vllm"], default=defaults.backend,
+                   help="causal LM: who samples, the model itself or a vLLM engine (needs vllm; default "
+                        "%(default)s)")
     p.set_defaults(func=run)

@@ -39,8 +39,9 @@ from alignloop.errors import UserError
 from alignloop.evaluate.benchmarks import lm_eval_version, run_benchmarks, task_manager
 from alignloop.evaluate.judge import human_win_rates
 from alignloop.evaluate.safety import SafetyCheck
+from alignloop.generation.backends import make_sampler
 from alignloop.generation.rollout import Rollout, response_logprobs
-from alignloop.generation.sampler import TransformersSampler, inference_device
+from alignloop.generation.sampler import inference_device
 from alignloop.models.load import load_pretrained
 from alignloop.models.reward import RewardModel
 from alignloop.rl.rewards import import_callable
@@ -111,7 +112,7 @@ def sample(model, tok, prompts: Sequence[Prompt], cfg: EvalConfig, name: str, pa
     same random stream: differences between models come from the models, not the dice."""
     g = cfg.generation
     stop_ids = stop_token_ids(tok, model.config, model.generation_config)
-    sampler = TransformersSampler(model, stop_ids, tok.pad_token_id)
+    sampler = make_sampler(model, stop_ids, tok.pad_token_id, g)
     ids = prompt_ids(tok, prompts, cfg.max_prompt_len)
     torch.manual_seed(cfg.seed)
     bs = g.batch_size or len(ids)

@@ -22,7 +22,8 @@ from alignloop.data.tokenize import render_prompt, stop_token_ids
 from alignloop.errors import UserError
 from alignloop.feedback import tasks
 from alignloop.feedback.db import DEFAULT_CRITERIA, open_db
-from alignloop.generation.sampler import TransformersSampler, inference_device
+from alignloop.generation.backends import make_sampler
+from alignloop.generation.sampler import inference_device
 from alignloop.models.load import load_pretrained
 
 
@@ -54,7 +55,7 @@ def generate_candidates(model, tok, prompts: list[str | list[dict]], k: int, sam
     each prompt's K samples in contiguous rows (the row layout of transformers' num_return_sequences)."""
     torch.manual_seed(candidate_seed(sampling))
     stop_ids = stop_token_ids(tok, model.config, model.generation_config)
-    sampler = TransformersSampler(model, stop_ids, tok.pad_token_id)
+    sampler = make_sampler(model, stop_ids, tok.pad_token_id, sampling)
     per_call = sampling.batch_size or len(prompts)
     out: list[list[str]] = []
     for start in tqdm(range(0, len(prompts), per_call), desc="collect", unit="batch"):
@@ -86,7 +87,8 @@ def collect(model_name: str, prompts_path: str, db_url: str, round_name: str, k:
     model, tok = load_for_sampling(model_name)
     responses = generate_candidates(model, tok, prompts, k, sampling)
     label = model_label or model_name
-    settings = {**sampling.model_dump(), "seed": candidate_seed(sampling), "k": k}
+    # what was sampled and how (the vLLM engine's sizing changes nothing there)
+    settings = {**sampling.model_dump(exclude={"vllm"}), "seed": candidate_seed(sampling), "k": k}
     items = [{"prompt": prompt_text(p), "messages": p if isinstance(p, list) else None,
               "responses": [{"text": r, "model": label, "generation": {**settings, "sample": j}}
                             for j, r in enumerate(rs)]}

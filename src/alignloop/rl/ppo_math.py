@@ -103,8 +103,9 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                clip: float = 0.2) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped surrogate, token-averaged: mean(max(-A r, -A clip(r, 1-eps, 1+eps))).
+                clip: float = 0.2, is_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate, token-averaged: mean(max(-A r, -A clip(r, 1-eps, 1+eps))), each token's term
+    times its ``is_weights`` (the rollout correction of :func:`truncated_is_weights`) when given.
 
     Also returns the clip fraction and the approximate KL (k3) between the old and new policy.
     """
@@ -112,11 +113,33 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     ratio = log_ratio.exp()
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - clip, 1 + clip)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    surrogate = torch.maximum(unclipped, clipped)
+    loss = masked_mean(surrogate if is_weights is None else surrogate * is_weights, mask)
     with torch.no_grad():
         stats = {"clip_frac": masked_mean((clipped > unclipped).float(), mask),
                  "approx_kl": masked_mean(kl_estimate(old_logp, logp, "k3"), mask)}
     return loss, stats
+
+
+def truncated_is_weights(trainer_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor,
+                         cap: float | None) -> tuple[torch.Tensor | None, dict[str, float]]:
+    """Truncated importance sampling for a rollout engine that is not the trainer (vLLM): the tokens were
+    drawn from the engine's p_rollout, the PPO ratio uses the trainer's p_old of the same weights, and
+    the two never agree exactly (kernels, precision). Each token's policy-loss term is weighted by
+    min(p_old / p_rollout, cap), with no gradient (Yao et al. 2025, "Your efficient RL framework secretly
+    brings you off-policy RL training"); ``cap`` None: no weights (None), only the statistics.
+
+    Returns (weights [B, T] or None, statistics over the masked tokens: mean |log p_old - log p_rollout|,
+    the largest ratio, the fraction of tokens whose ratio the cap truncated)."""
+    with torch.no_grad():
+        log_ratio = (trainer_logp - rollout_logp) * mask
+        ratio = log_ratio.exp()
+        tokens = mask.bool()
+        stats = {"rollout_logp_abs_diff": masked_mean(log_ratio.abs(), mask).item(),
+                 "rollout_is_ratio_max": ratio[tokens].max().item() if tokens.any() else 1.0,
+                 "rollout_is_clip_frac": 0.0 if cap is None else masked_mean((ratio > cap).float(), mask).item()}
+        weights = None if cap is None else ratio.clamp(max=cap) * mask
+    return weights, stats
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,

@@ -41,6 +41,7 @@ from alignloop.data.tokenize import (
     tokenize_sft,
 )
 from alignloop.errors import UserError
+from alignloop.generation.backends import make_sampler
 from alignloop.generation.rollout import (
     Rollout,
     logprobs_from_logits,
@@ -48,7 +49,7 @@ from alignloop.generation.rollout import (
     scatter_response,
     sequence_inputs,
 )
-from alignloop.generation.sampler import TransformersSampler
+from alignloop.generation.vllm import VLLMSampler
 from alignloop.models.forward import body_and_lm_head, causal_lm_loss_sum
 from alignloop.models.load import (
     count_parameters,
@@ -71,7 +72,8 @@ from alignloop.training.optim import build_optimizer, build_scheduler, optimizer
 from alignloop.training.resume import OUTPUT_KEYS, open_run, resume
 
 log = logging.getLogger(__name__)
-TIMING_KEYS = ("time_generation", "time_scoring", "time_reward", "time_training", "time_step", "samples_per_sec")
+TIMING_KEYS = ("time_generation", "time_scoring", "time_reward", "time_training", "time_step", "samples_per_sec",
+               "time_weight_sync")
 # Settings a resumed run may change: the loop reads them from the config at every step, ``resume`` puts the
 # learning rates (train.lr, ppo.critic_lr) into the restored optimizer and schedule, and run_ppo puts the KL
 # target and horizon (and a changed starting coefficient) into the restored KL controller.
@@ -279,7 +281,10 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
     eval_prompts = tokenize_prompts(eval_records, tok, cfg.data.max_prompt_len)
     ptx = ptx_batches(cfg.data.ptx, tok, p.ptx_batch_size, cfg.train.seed) if p.ptx_coef > 0 else None
     stop_ids = stop_token_ids(tok, policy.config, policy.generation_config)
-    sampler = TransformersSampler(policy, stop_ids, tok.pad_token_id)
+    sampler = make_sampler(policy, stop_ids, tok.pad_token_id, g)
+    # An engine with its own copy of the weights (vLLM) gets the policy's after every change, and its
+    # log-probs only weight the loss (truncated importance sampling): the trainer's are recomputed.
+    engine = sampler if isinstance(sampler, VLLMSampler) else None
     scoring_batch = g.batch_size or len(my_rows)  # no-grad reference / critic forwards, batched as generation
 
     groups = param_groups(policy.named_parameters(), tcfg.weight_decay)
@@ -332,6 +337,8 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
         if ema is not None:
             ema = ckpt.load_extra(latest, "ema")
         state = saved["loop"]
+        if engine is not None:
+            engine.load_weights(policy)
         log.info("resuming from %s (step %d of %d)", latest, state["step"], p.steps)
     else:
         with torch.no_grad(), acc.autocast():  # as the final evaluation in finish_run
@@ -378,6 +385,8 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
         # Every process holds the whole step's rollout from here on: the statistics, whitening and
         # minibatches below are those of the global batch, exactly as in one process.
         r = _to(concat_rollouts([c for part in gather_object([calls]) for c in part], tok.pad_token_id), device)
+        if engine is not None:
+            engine.sleep()
         old_logp = r.logprobs
         t1 = time.perf_counter()
 
@@ -388,12 +397,17 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
         my_score, my_source_means = reward([q.source for q in my_batch], my_responses, column_lists(my_batch))
         t_reward = time.perf_counter() - t1
         my_ref_logp = reference_logprobs(mine)
+        my_trainer_logp = None
+        if engine is not None:
+            with torch.no_grad(), acc.autocast():
+                my_trainer_logp = _micro(mine, scoring_batch, lambda m: _logprobs(policy, m, g.temperature))
         my_values = None
         if critic is not None:
             with torch.no_grad(), acc.autocast():
                 my_values = _micro(mine, scoring_batch, lambda m: _values(policy, critic, m))
         parts = gather_object([(my_responses, my_score.cpu(), my_source_means, my_ref_logp.cpu(),
-                                None if my_values is None else my_values.cpu())])
+                                None if my_values is None else my_values.cpu(),
+                                None if my_trainer_logp is None else my_trainer_logp.cpu())])
         responses = [text for part in parts for text in part[0]]
         score = torch.cat([part[1] for part in parts]).to(device)
         # equal shares, so the mean of the processes' means is the global mean
@@ -405,6 +419,10 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
 
         # ---- rewards and advantages
         mask = r.response_mask.float()
+        is_weights, engine_stats = None, {}
+        if engine is not None:
+            old_logp = torch.cat([part[5] for part in parts]).to(device)
+            is_weights, engine_stats = pm.truncated_is_weights(old_logp, r.logprobs, mask, p.rollout_is_cap)
         raw_score = score.clone()
         if p.missing_eos_penalty is not None:
             score = torch.where(r.ended, score, score - p.missing_eos_penalty)
@@ -454,7 +472,8 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
                                                        old_logp[idx], ref_logp[idx], advantages[idx],
                                                        None if returns is None else returns[idx],
                                                        None if old_values is None else old_values[idx],
-                                                       kl_ctl.coef, p, g.temperature)
+                                                       kl_ctl.coef, p, g.temperature,
+                                                       None if is_weights is None else is_weights[idx])
                         if ptx is not None:
                             ptx_batch = {k: v.to(device) if torch.is_tensor(v) else v
                                          for k, v in ptx(ptx_start + j).items()}
@@ -484,6 +503,10 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
                 for n, param in policy.named_parameters():
                     if n in ema:
                         ema[n].mul_(p.ema_decay).add_(param.detach().cpu(), alpha=1 - p.ema_decay)
+        if engine is not None:
+            t_sync = time.perf_counter()
+            engine.load_weights(policy)
+            engine_stats["time_weight_sync"] = time.perf_counter() - t_sync
         t3 = time.perf_counter()
 
         # ---- log, KL controller, samples, checkpoint
@@ -504,7 +527,7 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
                   "response_length": r.response_mask.sum(1).float().mean().item(),
                   "no_eos_frac": 1 - r.ended.float().mean().item(),
                   **{k: v / max(n_updates, 1) for k, v in sums.items()},
-                  "ppo_updates": n_updates, "update_stopped_early": stopped_early,
+                  "ppo_updates": n_updates, "update_stopped_early": stopped_early, **engine_stats,
                   "lr": scheduler.get_last_lr()[0]}
         if returns is not None:
             record["explained_variance"] = pm.explained_variance(old_values, returns, mask)
@@ -530,6 +553,8 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
     # ---- final model and evaluation
     if ema is not None:
         load_trainable_state(policy, {n: t.to(device) for n, t in ema.items()})
+        if engine is not None:
+            engine.load_weights(policy)
 
     def final_eval(_final_policy) -> dict:
         return {"algorithm": p.algorithm, "steps": state["step"], "held_out_prompts": len(eval_prompts),
@@ -643,15 +668,17 @@ def _values(policy: nn.Module, critic: ValueModel, r: Rollout) -> torch.Tensor:
 
 
 def micro_batch_loss(policy, critic, head_on_policy: bool, m: Rollout, mask, old_logp, ref_logp, advantages,
-                     returns, old_values, kl_coef, p, temperature) -> tuple[torch.Tensor, dict[str, float]]:
-    """One micro-batch's PPO loss: the clipped policy loss, minus the entropy bonus, plus GRPO's k3 KL
+                     returns, old_values, kl_coef, p, temperature,
+                     is_weights=None) -> tuple[torch.Tensor, dict[str, float]]:
+    """One micro-batch's PPO loss: the clipped policy loss (each token weighted by ``is_weights``, the
+    rollout engine's importance correction, when given), minus the entropy bonus, plus GRPO's k3 KL
     term and the critic's clipped value loss; with the logged statistics of each part. ``policy`` and
     ``critic`` are the prepared (on several processes DDP-wrapped) modules; ``head_on_policy``: the critic
     is a value head on the policy's hidden states."""
     logits, hidden = response_logits_and_hidden(policy, m, head_on_policy)
     ids = m.response_ids[m.response_mask.bool()]
     logp = scatter_response(logprobs_from_logits(logits, ids, temperature), m.response_mask)
-    loss, st = pm.policy_loss(logp, old_logp, advantages, mask, p.clip_range)
+    loss, st = pm.policy_loss(logp, old_logp, advantages, mask, p.clip_range, is_weights)
     entropy = pm.entropy_from_logits(logits.detach() if p.entropy_coef == 0 else logits, temperature).mean()
     stats = {"policy_loss": loss.item(), "clip_frac": st["clip_frac"].item(), "approx_kl": st["approx_kl"].item(),
              "entropy": entropy.item()}
