@@ -549,9 +549,9 @@ def run_dpo(cfg: DPOConfig, overwrite: bool = False) -> Path:
                 evaluation[name] = evaluate_units(final, items, cfg, live, pad_id, eval_bs, acc.device)
         return evaluation
 
-    def save(final) -> None:
+    def save(final, state_dict: dict | None) -> None:
         save_model(final, tok, run.model_dir, meta={"stage": "dpo", "loss": s.loss, "beta": s.beta,
                                                     "base_model": cfg.model.name_or_path,
-                                                    "adapter": cfg.model.adapter})
+                                                    "adapter": cfg.model.adapter}, state_dict=state_dict)
 
     return finish_run(acc, run, policy, final_eval, save, {"stage": "dpo", "loss": s.loss})

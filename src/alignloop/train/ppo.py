@@ -49,7 +49,7 @@ from alignloop.generation.rollout import (
     sequence_inputs,
 )
 from alignloop.generation.sampler import TransformersSampler
-from alignloop.models.forward import body_and_lm_head, causal_lm_loss_sum
+from alignloop.models.forward import body_and_lm_head, causal_lm_loss_sum, is_parallel_wrapped
 from alignloop.models.load import (
     count_parameters,
     load_pretrained,
@@ -535,10 +535,10 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
         return {"algorithm": p.algorithm, "steps": state["step"], "held_out_prompts": len(eval_prompts),
                 "reward_before": state["eval_reward_before"], "reward_after": held_out_reward(), "parameters": params}
 
-    def save(final_policy) -> None:
+    def save(final_policy, state_dict: dict | None) -> None:
         save_model(final_policy, tok, run.model_dir, meta={"stage": "ppo", "algorithm": p.algorithm,
                                                            "base_model": cfg.model.name_or_path,
-                                                           "adapter": cfg.model.adapter})
+                                                           "adapter": cfg.model.adapter}, state_dict=state_dict)
 
     return finish_run(acc, run, train_policy, final_eval, save, {"stage": "ppo"})
 
@@ -613,9 +613,9 @@ def response_logits_and_hidden(policy: nn.Module, r: Rollout,
     """Logits [N, V] at response tokens only, and (for a value head on the policy) the hidden states."""
     if not want_hidden:
         return response_logits(policy, r), None
-    if isinstance(policy, nn.parallel.DistributedDataParallel):
-        # DDP averages gradients only over its own forward, so the body must not run apart; the last
-        # hidden states are the body's output, as in the split path.
+    if is_parallel_wrapped(policy):
+        # DDP averages gradients (FSDP gathers parameters) only in its own forward, so the body must not run
+        # apart; the last hidden states are the body's output, as in the split path.
         x = sequence_inputs(r)
         out = policy(input_ids=x["input_ids"], attention_mask=x["attention_mask"], position_ids=x["position_ids"],
                      use_cache=False, output_hidden_states=True)
