@@ -15,6 +15,7 @@ import base64
 import json
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -135,7 +136,9 @@ class Checkpointer:
             content: dict[str, Any] = {"model": _trainable_parameters(model), "tensors": tensors}
             if optimizer is not None:
                 content["optimizer"] = get_optimizer_state_dict(model, optimizer)
-            dcp.save(content, checkpoint_id=folder / SHARDS, no_dist=not dist.is_initialized())
+            with warnings.catch_warnings():  # one process writes all of it: DCP warns that this is meant
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.save(content, checkpoint_id=folder / SHARDS, no_dist=not dist.is_initialized())
             return
         if not is_main_process():
             return
