@@ -14,6 +14,7 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -104,6 +105,17 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
     # Tied weights appear under each of their names here; the model's own save writes the first one only.
     names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
     return {k: v for k, v in gathered.items() if k in names}
+
+
+def mean_over_processes(values: torch.Tensor) -> torch.Tensor:
+    """The mean of ``values`` over the elements every process holds (an all-reduce of their sum and count,
+    in float64); ``values.mean()`` in one process."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return values.mean()
+    total = torch.stack([values.double().sum(), torch.tensor(values.numel(), dtype=torch.float64,
+                                                              device=values.device)])
+    dist.all_reduce(total)
+    return (total[0] / total[1]).to(values.dtype)
 
 
 def local_numel(t: torch.Tensor) -> int:
