@@ -107,6 +107,22 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
     return {k: v for k, v in gathered.items() if k in names}
 
 
+# Bytes per parameter of what training keeps between steps: float32 weights, float32 gradients, and AdamW's
+# two float32 moments. Mixed precision changes none of it (FSDP2 and autocast compute in bf16 from
+# float32 weights); activations and the one layer FSDP gathers at a time come on top.
+WEIGHT_BYTES, GRADIENT_BYTES, ADAMW_BYTES = 4, 4, 8
+
+
+def training_state_bytes(n_parameters: int, world: int, sharded: bool, cpu_offload: bool = False) -> dict[str, int]:
+    """Bytes of weights, gradients and AdamW states one of ``world`` processes holds, on its device and in CPU
+    memory: ddp holds everything on every device; fsdp a 1/world shard of each (rounded up per process);
+    fsdp with CPU offload keeps those shards in CPU memory instead."""
+    share = -(-n_parameters // world) if sharded else n_parameters
+    held = share * (WEIGHT_BYTES + GRADIENT_BYTES + ADAMW_BYTES)
+    on_cpu = sharded and cpu_offload
+    return {"device": 0 if on_cpu else held, "cpu": held if on_cpu else 0}
+
+
 def mean_over_processes(values: torch.Tensor) -> torch.Tensor:
     """The mean of ``values`` over the elements every process holds (an all-reduce of their sum and count,
     in float64); ``values.mean()`` in one process."""
