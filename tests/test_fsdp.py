@@ -12,16 +12,19 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from alignloop.config import TrainConfig
+from alignloop.errors import UserError
 from alignloop.runs import read_metrics
 from alignloop.training.checkpoint import Checkpointer
-from alignloop.training.distributed import training_state_bytes
+from alignloop.training.distributed import decoder_layer_classes, training_state_bytes, wrap_for_training
 from alignloop.training.optim import build_optimizer, param_groups
 from conftest import repeat_task, write_jsonl
 from test_ppo_ddp import COMPARED, cli, descendants, write_config
@@ -53,6 +56,15 @@ def test_training_state_bytes_per_process():
     assert training_state_bytes(1001, 2, sharded=True) == {"device": 501 * 16, "cpu": 0}  # rounded up
     assert training_state_bytes(1000, 8, sharded=True, cpu_offload=True) == {"device": 0, "cpu": 2_000}
     assert training_state_bytes(1000, 1, sharded=False, cpu_offload=True) == {"device": 16_000, "cpu": 0}
+
+
+def test_sharding_wraps_decoder_layers_and_refuses_adapters(tiny_model_factory):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_factory("llama"))
+    assert decoder_layer_classes(model) == {"LlamaDecoderLayer"}
+    two_processes = SimpleNamespace(num_processes=2, mixed_precision="no")
+    adapter = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(UserError, match="LoRA/QLoRA adapter with train.distributed=ddp"):
+        wrap_for_training(two_processes, adapter, TrainConfig(distributed="fsdp"))
 
 
 @pytest.fixture(scope="module")
