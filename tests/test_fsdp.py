@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from transformers import AutoModelForCausalLM
 from alignloop.config import TrainConfig
 from alignloop.errors import UserError
 from alignloop.runs import read_metrics
+from alignloop.train.ppo import TIMING_KEYS
 from alignloop.training.checkpoint import Checkpointer
 from alignloop.training.distributed import decoder_layer_classes, training_state_bytes, wrap_for_training
 from alignloop.training.optim import build_optimizer, param_groups
@@ -164,17 +166,28 @@ def test_a_two_process_sharded_checkpoint_loads_on_one_process(sft_world, sft_ru
     assert all(s["exp_avg_sq"].abs().sum() > 0 for s in states)
 
 
+@pytest.fixture(scope="module")
+def fsdp_ppo(request):
+    """run(variant, nproc) -> the folder of a finished fsdp PPO run of test_ppo_ddp's tiny world (run once)."""
+    world = request.getfixturevalue("ppo_world")
+    done: dict[tuple[str, int], Path] = {}
+
+    def run(variant: str, nproc: int) -> Path:
+        if (variant, nproc) not in done:
+            out = world[0] / f"fsdp-{variant}-{nproc}"
+            finish(cli(write_config(world, variant), out, "train.distributed=fsdp", "--nproc", str(nproc)))
+            done[variant, nproc] = out
+        return done[variant, nproc]
+
+    return run
+
+
 @pytest.mark.slow(seconds=55)
 @pytest.mark.parametrize("variant", ["ppo", "ppo-rm-critic"])
-def test_ppo_on_two_sharded_processes_matches_one_process(request, variant):
+def test_ppo_on_two_sharded_processes_matches_one_process(fsdp_ppo, variant):
     """The policy (and its value head, or a critic with its own transformer body) sharded over two processes:
     the rollouts are generated on gathered parameters, the statistics equal one process's."""
-    world = request.getfixturevalue("ppo_world")
-    root = world[0]
-    config = write_config(world, variant)
-    one, two = root / f"fsdp-{variant}-one", root / f"fsdp-{variant}-two"
-    finish(cli(config, one, "train.distributed=fsdp"))
-    finish(cli(config, two, "train.distributed=fsdp", "--nproc", "2"))
+    one, two = fsdp_ppo(variant, 1), fsdp_ppo(variant, 2)
     a, b = read_metrics(one / "metrics.jsonl"), read_metrics(two / "metrics.jsonl")
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]
     for ra, rb in zip(a, b, strict=True):
@@ -190,3 +203,24 @@ def test_ppo_on_two_sharded_processes_matches_one_process(request, variant):
     assert responses[0] == responses[1]
     wa, wb = weights(one), weights(two)
     assert wa.keys() == wb.keys() and max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
+
+
+@pytest.mark.slow(seconds=35)
+def test_ppo_resumes_exactly_from_its_sharded_checkpoint(fsdp_ppo, request, tmp_path):
+    """Policy, value head, optimizer, EMA and loop state from the DCP checkpoint of step 2 (the latest pointer
+    moved back stands in for a kill after step 2; the SFT test above kills for real): step 3 and the final
+    model are the uninterrupted run's, bit for bit."""
+    full = fsdp_ppo("ppo", 2)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full, resumed)
+    for done in ("FINISHED", "eval.json"):
+        (resumed / done).unlink()
+    shutil.rmtree(resumed / "model")
+    (resumed / "checkpoints" / "latest").write_text("step-0000002\n")
+    config = write_config(request.getfixturevalue("ppo_world"), "ppo")
+    finish(cli(config, resumed, "train.distributed=fsdp", "--nproc", "2"))
+    strip = [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in read_metrics(full / "metrics.jsonl")]
+    assert [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in read_metrics(resumed / "metrics.jsonl")] \
+        == strip
+    assert (full / "samples.jsonl").read_text() == (resumed / "samples.jsonl").read_text()
+    assert (full / "model" / "model.safetensors").read_bytes() == (resumed / "model" / "model.safetensors").read_bytes()
