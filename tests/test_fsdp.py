@@ -69,13 +69,15 @@ def test_sharding_wraps_decoder_layers_and_refuses_adapters(tiny_model_factory):
         wrap_for_training(two_processes, adapter, TrainConfig(distributed="fsdp"))
 
 
-@pytest.fixture(scope="module")
+# Session scope: the slowest-first order (conftest) interleaves other modules' tests between this module's,
+# which would end and rebuild module-scoped runs.
+@pytest.fixture(scope="session")
 def sft_world(tmp_path_factory, tiny_model_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("fsdp-sft")
     return {"model": tiny_model_factory("llama"), "data": write_jsonl(d / "sft.jsonl", repeat_task(400)), "dir": d}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def sft_runs(sft_world) -> dict[str, Path]:
     """One process accumulating two micro-batches, and two processes with one each: the same global batch."""
     m, data, d = sft_world["model"], sft_world["data"], sft_world["dir"]
@@ -205,7 +207,7 @@ def test_ppo_on_two_sharded_processes_matches_one_process(fsdp_ppo, variant):
     assert wa.keys() == wb.keys() and max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
 
 
-@pytest.mark.slow(seconds=35)
+@pytest.mark.slow(seconds=55)  # with the two-process run it shares, next to the tests that make it
 def test_ppo_resumes_exactly_from_its_sharded_checkpoint(fsdp_ppo, request, tmp_path):
     """Policy, value head, optimizer, EMA and loop state from the DCP checkpoint of step 2 (the latest pointer
     moved back stands in for a kill after step 2; the SFT test above kills for real): step 3 and the final
