@@ -77,7 +77,7 @@ def reshard(model: nn.Module) -> None:
 
 
 def is_sharded(model: nn.Module) -> bool:
-    return isinstance(model, FSDPModule) or bool(fsdp_modules(model))
+    return bool(fsdp_modules(model))
 
 
 @contextlib.contextmanager
