@@ -92,7 +92,16 @@ class DataConfig(Strict):
     clean: CleanConfig = CleanConfig()
 
 
-class TrainConfig(Strict):
+class DistributedSettings(Strict):
+    """How the trained models are spread over the processes of a multi-process run."""
+    # ddp: every process holds whole models and gradients are averaged; fsdp: FSDP2 shards parameters,
+    # gradients and optimizer states over the processes (per decoder layer), checkpoints are sharded (DCP).
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    # fsdp only: keep the sharded parameters, gradients and optimizer states in CPU memory between uses.
+    fsdp_cpu_offload: bool = False
+
+
+class TrainConfig(DistributedSettings):
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, gt=0)
     batch_size: int = Field(8, gt=0)
@@ -587,7 +596,7 @@ class PPOSettings(Strict):
     rollout_is_cap: float | None = Field(2.0, ge=1)
 
 
-class RLTrainSettings(Strict):
+class RLTrainSettings(DistributedSettings):
     lr: float = Field(1e-6, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     adam_betas: tuple[float, float] = (0.9, 0.95)
@@ -609,7 +618,8 @@ class RLTrainSettings(Strict):
         return TrainConfig(lr=self.lr, weight_decay=self.weight_decay, adam_betas=self.adam_betas,
                            adam_eps=self.adam_eps, schedule=self.schedule, warmup_steps=self.warmup_steps,
                            max_grad_norm=self.max_grad_norm, mixed_precision=self.mixed_precision,
-                           seed=self.seed, report_to=self.report_to, save_total_limit=self.save_total_limit)
+                           seed=self.seed, report_to=self.report_to, save_total_limit=self.save_total_limit,
+                           distributed=self.distributed, fsdp_cpu_offload=self.fsdp_cpu_offload)
 
 
 class PPOConfig(Strict):

@@ -47,7 +47,8 @@ def add_training_flags(p: argparse.ArgumentParser, model_flag: str = "--model") 
     p.add_argument("--output", help="run folder to write (resumed if it holds an unfinished run)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --output")
     p.add_argument("--nproc", type=int, default=1,
-                   help="train with N processes (DDP through torchrun; on CPU over gloo on loopback)")
+                   help="train with N processes through torchrun (train.distributed: ddp, or fsdp to shard the "
+                        "model; on CPU over gloo on loopback)")
     p.add_argument("overrides", nargs="*", metavar="key.path=value",
                    help="override any config field, e.g. train.lr=1e-5 model.adapter=lora")
 

@@ -3,7 +3,7 @@
 The output projection is a large share of a small model's compute (vocab x hidden per token)
 and its logits dominate activation memory. SFT needs it only at completion tokens and PPO only
 at response tokens, so we run the transformer body once and project just the selected
-positions. Wrapped models (DDP) and heads that post-process logits take the plain path.
+positions. Wrapped models (DDP, FSDP) and heads that post-process logits take the plain path.
 """
 
 from __future__ import annotations
@@ -11,15 +11,22 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 IGNORE = -100
+
+
+def is_parallel_wrapped(model: nn.Module) -> bool:
+    """DDP and FSDP modules: their own forward synchronises gradients (DDP) or gathers the sharded parameters
+    (FSDP), so their parts must not run apart."""
+    return isinstance(model, (nn.parallel.DistributedDataParallel, FSDPModule))
 
 
 def body_and_lm_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     """The transformer body and the vocabulary projection of a causal LM, to run apart; None where the
     plain forward must run (DDP-wrapped models, heads that post-process logits, unknown layouts)."""
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        return None  # its forward must run so gradients get synchronised
+    if is_parallel_wrapped(model):
+        return None
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(inner, "config", None)
     if config is None or getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):

@@ -305,14 +305,16 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     return {"total": total, "trainable": trainable}
 
 
-def save_model(model: nn.Module, tokenizer: Any, out_dir: str | Path, meta: dict | None = None) -> Path:
-    """save_pretrained into a temp folder, then swap it in: full weights, or only the adapter for LoRA."""
+def save_model(model: nn.Module, tokenizer: Any, out_dir: str | Path, meta: dict | None = None,
+               state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """save_pretrained into a temp folder, then swap it in: full weights, or only the adapter for LoRA.
+    ``state_dict``: the weights to write instead of the model's own (a sharded model's, gathered)."""
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
 
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     (tmp / META_FILE).write_text(json.dumps(meta or {}, indent=2, default=str))

@@ -177,10 +177,10 @@ def run_classification(cfg: SFTConfig, overwrite: bool = False,
         log.info("%s", json.dumps({k: evaluation[k]["accuracy"] for k in ("validation", "test") if k in evaluation}))
         return evaluation
 
-    def save(final_model) -> None:
+    def save(final_model, state_dict: dict | None) -> None:
         save_model(final_model, tokenizer, run.model_dir,
                    meta={"stage": "sft", "task": "classification", "base_model": cfg.model.name_or_path,
                          "adapter": cfg.model.adapter, "labels": names, "label_type": label_type,
-                         "max_seq_len": max_len})
+                         "max_seq_len": max_len}, state_dict=state_dict)
 
     return finish_run(acc, run, model, final_eval, save, {"stage": "sft", "task": "classification"})

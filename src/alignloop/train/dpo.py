@@ -42,6 +42,7 @@ from alignloop.train import dpo_losses as dl
 from alignloop.train.reward import Group, to_group
 from alignloop.train.reward_losses import group_mean_sum
 from alignloop.training.accelerator import make_accelerator
+from alignloop.training.distributed import mean_over_processes
 from alignloop.training.finish import finish_run
 from alignloop.training.fit import fit
 from alignloop.training.resume import SUPERVISED_MUTABLE, open_run
@@ -309,9 +310,9 @@ def objective(model: nn.Module, batch: dict, cfg: DPOConfig, reference: Referenc
         rows, desirable = batch["labelled"], batch["desirable"]
         ref = reference_logps("reference", batch_rollout(batch))
         kl_rollout = batch_rollout(batch, "kl_")
-        with torch.no_grad():
-            z0 = dl.kto_reference_point(sequence_logprobs(model, kl_rollout)[0], reference_logps("reference_kl",
-                                                                                                 kl_rollout))
+        with torch.no_grad():  # z0 over the global batch: every process's KL rows
+            z0 = dl.kto_reference_point(sequence_logprobs(model, kl_rollout)[0],
+                                        reference_logps("reference_kl", kl_rollout), mean_over_processes)
         logratio = (logp - ref)[rows]
         losses = dl.kto_loss(logratio, desirable, z0, s.beta, s.desirable_weight, s.undesirable_weight)
         reward = (s.beta * logratio).detach()
@@ -541,9 +542,9 @@ def run_dpo(cfg: DPOConfig, overwrite: bool = False) -> Path:
                 evaluation[name] = evaluate_units(final, items, cfg, live, pad_id, eval_bs, acc.device)
         return evaluation
 
-    def save(final) -> None:
+    def save(final, state_dict: dict | None) -> None:
         save_model(final, tok, run.model_dir, meta={"stage": "dpo", "loss": s.loss, "beta": s.beta,
                                                     "base_model": cfg.model.name_or_path,
-                                                    "adapter": cfg.model.adapter})
+                                                    "adapter": cfg.model.adapter}, state_dict=state_dict)
 
     return finish_run(acc, run, policy, final_eval, save, {"stage": "dpo", "loss": s.loss})

@@ -14,6 +14,8 @@ there trains the same objective.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -80,11 +82,13 @@ def orpo_loss(avg_c: torch.Tensor, avg_r: torch.Tensor, lam: float) -> torch.Ten
     return -avg_c - lam * F.logsigmoid(log_odds(avg_c) - log_odds(avg_r))
 
 
-def kto_reference_point(policy_kl: torch.Tensor, reference_kl: torch.Tensor) -> torch.Tensor:
+def kto_reference_point(policy_kl: torch.Tensor, reference_kl: torch.Tensor,
+                        mean: Callable[[torch.Tensor], torch.Tensor] = torch.mean) -> torch.Tensor:
     """KTO's reference point z0 (Ethayarajh et al. 2024): the batch's estimate of KL(pi || pi_ref),
     mean(log pi - log pi_ref) over *mismatched* (prompt, response) pairs, clamped at 0 and detached (no
-    gradient flows through it)."""
-    return (policy_kl - reference_kl).mean().clamp(min=0).detach()
+    gradient flows through it). ``mean`` averages the differences: on several processes the mean over every
+    process's pairs (the global batch, as TRL does)."""
+    return mean(policy_kl - reference_kl).clamp(min=0).detach()
 
 
 def kto_loss(logratio: torch.Tensor, desirable: torch.Tensor, z0: torch.Tensor, beta: float,

@@ -50,7 +50,7 @@ from alignloop.generation.rollout import (
     sequence_inputs,
 )
 from alignloop.generation.vllm import VLLMSampler
-from alignloop.models.forward import body_and_lm_head, causal_lm_loss_sum
+from alignloop.models.forward import body_and_lm_head, causal_lm_loss_sum, is_parallel_wrapped
 from alignloop.models.load import (
     count_parameters,
     load_pretrained,
@@ -65,6 +65,7 @@ from alignloop.runs import MetricsLog, RunDir
 from alignloop.training.accelerator import make_accelerator
 from alignloop.training.batch_order import epoch_batches
 from alignloop.training.checkpoint import Checkpointer, load_trainable_state, trainable_state
+from alignloop.training.distributed import full_parameters, wrap_for_training
 from alignloop.training.divergence import DivergenceCheck
 from alignloop.training.finish import finish_run
 from alignloop.training.logger import StepLogger
@@ -287,6 +288,13 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
     engine = sampler if isinstance(sampler, VLLMSampler) else None
     scoring_batch = g.batch_size or len(my_rows)  # no-grad reference / critic forwards, batched as generation
 
+    # The modules the losses call: DDP-wrapped on several processes, or sharded in place (then `policy` and
+    # `critic` are those sharded modules). Generation, the reference's disabled adapter, EMA and checkpoints
+    # use `policy`; `critic` keeps its attributes. Wrapped before the optimizer: sharding replaces parameters.
+    train_policy = wrap_for_training(acc, policy, tcfg)
+    train_critic = None if critic is None else wrap_for_training(acc, critic, tcfg)
+    # what checkpoints hold: every trained module, under one name each
+    trained = nn.ModuleDict({"policy": policy} if critic is None else {"policy": policy, "critic": critic})
     groups = param_groups(policy.named_parameters(), tcfg.weight_decay)
     if critic is not None:  # one optimizer, so one state file restores both
         groups += param_groups(critic.named_parameters(), tcfg.weight_decay, lr=p.critic_lr or tcfg.lr)
@@ -297,7 +305,7 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
     ema = {n: t.clone() for n, t in trainable_state(policy).items()} if p.ema_decay else None
 
     changed = open_run(run, cfg, overwrite, PPO_MUTABLE, acc.is_main_process)
-    ckpt = Checkpointer(run.checkpoints, cfg.train.save_total_limit)
+    ckpt = Checkpointer(run.checkpoints, cfg.train.save_total_limit, sharded=tcfg.distributed == "fsdp")
     divergence = DivergenceCheck(ckpt, "PPO", "lower train.lr or raise the KL coefficient")
     samples_log = MetricsLog(run.root / "samples.jsonl", enabled=acc.is_main_process)
     params = count_parameters(policy)
@@ -319,12 +327,13 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.train.seed + 1)
             policy.eval()
-            r = sampler.generate([q.ids for q in eval_prompts], g)
+            with full_parameters(policy):
+                r = sampler.generate([q.ids for q in eval_prompts], g)
             score, _ = reward([q.source for q in eval_prompts], decode(tok, r), column_lists(eval_prompts))
         return score.mean().item()
 
     state = {"step": 0, "epoch": 0, "position": 0, "negative_kl_streak": 0}
-    resumed = resume(ckpt, policy, optimizer, scheduler)
+    resumed = resume(ckpt, trained, optimizer, scheduler, None if ema is None else {"ema": ema})
     if resumed is not None:
         latest, saved = resumed
         kl_ctl.load_state_dict(saved["kl_controller"])
@@ -332,10 +341,6 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
         kl_ctl.target, kl_ctl.horizon = p.kl_target, p.kl_horizon
         if "ppo.kl_coef" in changed:
             kl_ctl.coef = p.kl_coef
-        if critic is not None:
-            load_trainable_state(critic, ckpt.load_extra(latest, "critic"))
-        if ema is not None:
-            ema = ckpt.load_extra(latest, "ema")
         state = saved["loop"]
         if engine is not None:
             engine.load_weights(policy)
@@ -344,25 +349,14 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
         with torch.no_grad(), acc.autocast():  # as the final evaluation in finish_run
             state["eval_reward_before"] = held_out_reward()
     samples_log.truncate_after(state["step"])
-    # The accelerator places the modules, puts mixed precision on their forward and (on several processes)
-    # wraps them for DDP; generation, the reference's disabled adapter, EMA and checkpoints use `policy`.
-    # `critic` stays the plain module (its attributes, checkpoints); `train_critic` is what the loss calls.
-    if critic is None:
-        train_policy, optimizer = acc.prepare(policy, optimizer)
-        train_critic = None
-    else:
-        train_policy, train_critic, optimizer = acc.prepare(policy, critic, optimizer)
+    optimizer = acc.prepare(optimizer)
     logger = StepLogger(acc, run, p.steps, state["step"] if resumed else None, p.algorithm,
                         cfg.model_dump(mode="json"))
 
     def checkpoint() -> None:
-        extra = {"critic": trainable_state(critic)} if critic is not None else {}
-        if ema is not None:
-            extra["ema"] = ema
-        if acc.is_main_process:
-            ckpt.save(state["step"], policy, optimizer, {"scheduler": scheduler.state_dict(), "loop": state,
-                                                          "kl_controller": kl_ctl.state_dict()}, extra)
-        acc.wait_for_everyone()
+        ckpt.save(state["step"], trained, optimizer, {"scheduler": scheduler.state_dict(), "loop": state,
+                                                       "kl_controller": kl_ctl.state_dict()},
+                  None if ema is None else {"ema": ema})
 
     t_prev = time.perf_counter()
     while state["step"] < p.steps:
@@ -376,12 +370,13 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
         t0 = time.perf_counter()
         policy.eval()
         calls = []
-        for start in range(my_rows.start, my_rows.stop, rows_per_call):
-            with torch.random.fork_rng(devices=[]) if seeded_calls else contextlib.nullcontext(), acc.autocast():
-                if seeded_calls:
-                    torch.manual_seed(rollout_seed(cfg.train.seed, state["step"], start))
-                rows = batch[start: min(start + rows_per_call, my_rows.stop)]
-                calls.append(sampler.generate([q.ids for q in rows], g, keep_logprobs=True))
+        with full_parameters(policy):  # each process generates its own rows, for as long as they take
+            for start in range(my_rows.start, my_rows.stop, rows_per_call):
+                with torch.random.fork_rng(devices=[]) if seeded_calls else contextlib.nullcontext(), acc.autocast():
+                    if seeded_calls:
+                        torch.manual_seed(rollout_seed(cfg.train.seed, state["step"], start))
+                    rows = batch[start: min(start + rows_per_call, my_rows.stop)]
+                    calls.append(sampler.generate([q.ids for q in rows], g, keep_logprobs=True))
         # Every process holds the whole step's rollout from here on: the statistics, whitening and
         # minibatches below are those of the global batch, exactly as in one process.
         r = _to(concat_rollouts([c for part in gather_object([calls]) for c in part], tok.pad_token_id), device)
@@ -560,10 +555,10 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
         return {"algorithm": p.algorithm, "steps": state["step"], "held_out_prompts": len(eval_prompts),
                 "reward_before": state["eval_reward_before"], "reward_after": held_out_reward(), "parameters": params}
 
-    def save(final_policy) -> None:
+    def save(final_policy, state_dict: dict | None) -> None:
         save_model(final_policy, tok, run.model_dir, meta={"stage": "ppo", "algorithm": p.algorithm,
                                                            "base_model": cfg.model.name_or_path,
-                                                           "adapter": cfg.model.adapter})
+                                                           "adapter": cfg.model.adapter}, state_dict=state_dict)
 
     return finish_run(acc, run, train_policy, final_eval, save, {"stage": "ppo"})
 
@@ -638,9 +633,9 @@ def response_logits_and_hidden(policy: nn.Module, r: Rollout,
     """Logits [N, V] at response tokens only, and (for a value head on the policy) the hidden states."""
     if not want_hidden:
         return response_logits(policy, r), None
-    if isinstance(policy, nn.parallel.DistributedDataParallel):
-        # DDP averages gradients only over its own forward, so the body must not run apart; the last
-        # hidden states are the body's output, as in the split path.
+    if is_parallel_wrapped(policy):
+        # DDP averages gradients (FSDP gathers parameters) only in its own forward, so the body must not run
+        # apart; the last hidden states are the body's output, as in the split path.
         x = sequence_inputs(r)
         out = policy(input_ids=x["input_ids"], attention_mask=x["attention_mask"], position_ids=x["position_ids"],
                      use_cache=False, output_hidden_states=True)

@@ -547,7 +547,7 @@ def run_rm(cfg: RMConfig, overwrite: bool = False) -> Path:
             evaluation["annotator_agreement"] = agreement
         return evaluation
 
-    def save(final) -> None:
+    def save(final, state_dict: dict | None) -> None:
         # LoRA runs are saved merged: model/ is always a plain sequence-classification model.
         to_save = final.merge_and_unload() if isinstance(final, PeftModel) else final
         save_model(to_save, tokenizer, run.model_dir, meta={
@@ -560,6 +560,6 @@ def run_rm(cfg: RMConfig, overwrite: bool = False) -> Path:
             "format": "format_for_reward: chat prompts through the chat template with the response as the "
                       "assistant turn; plain prompts as prompt + response + EOS",
             "max_seq_len": max_len,
-        })
+        }, state_dict=state_dict)
 
     return finish_run(acc, run, model, final_eval, save, {"stage": "rm"})

@@ -125,9 +125,9 @@ def run_sft(cfg: SFTConfig, overwrite: bool = False,
             evaluation["test"] = lm_eval(final_model, test_ex, pad_id, eval_bs, acc.device)
         return evaluation
 
-    def save(final_model) -> None:
+    def save(final_model, state_dict: dict | None) -> None:
         save_model(final_model, tokenizer, run.model_dir,
                    meta={"stage": "sft", "task": cfg.task, "base_model": cfg.model.name_or_path,
-                         "adapter": cfg.model.adapter})
+                         "adapter": cfg.model.adapter}, state_dict=state_dict)
 
     return finish_run(acc, run, model, final_eval, save, {"stage": "sft"})

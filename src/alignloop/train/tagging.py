@@ -216,9 +216,9 @@ def run_tagging(cfg: SFTConfig, overwrite: bool = False,
                     write_jsonl(run.root / f"predictions.{split}.jsonl", rows)
         return evaluation
 
-    def save(final_model) -> None:
+    def save(final_model, state_dict: dict | None) -> None:
         save_model(final_model, tokenizer, run.model_dir,
                    meta={"stage": "sft", "task": "tagging", "base_model": cfg.model.name_or_path,
-                         "adapter": cfg.model.adapter, "labels": names, "max_seq_len": max_len})
+                         "adapter": cfg.model.adapter, "labels": names, "max_seq_len": max_len}, state_dict=state_dict)
 
     return finish_run(acc, run, model, final_eval, save, {"stage": "sft", "task": "tagging"})

@@ -30,6 +30,7 @@ from alignloop.runs import RunDir
 from alignloop.training.accelerator import make_accelerator
 from alignloop.training.batch_order import epoch_batches
 from alignloop.training.checkpoint import Checkpointer
+from alignloop.training.distributed import wrap_for_training
 from alignloop.training.divergence import DivergenceCheck
 from alignloop.training.logger import StepLogger
 from alignloop.training.optim import build_optimizer, build_scheduler, optimizer_step, param_groups
@@ -108,22 +109,24 @@ def fit(
     eval_every = cfg.eval_steps or steps_per_epoch
     save_every = cfg.save_steps or eval_every
 
+    # Wrapped (DDP, or sharded in place) before the optimizer is built: sharding replaces the parameters.
+    model = wrap_for_training(acc, model, cfg)
     optimizer = build_optimizer(param_groups(model.named_parameters(), cfg.weight_decay), cfg)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     run.root.mkdir(parents=True, exist_ok=True)
-    ckpt = Checkpointer(run.checkpoints, cfg.save_total_limit)
+    ckpt = Checkpointer(run.checkpoints, cfg.save_total_limit, sharded=cfg.distributed == "fsdp")
     divergence = DivergenceCheck(ckpt, "training", "lower train.lr or check the data")
 
     state = TrainState()
     window = _new_window()
-    resumed = resume(ckpt, model, optimizer, scheduler)
+    resumed = resume(ckpt, acc.unwrap_model(model), optimizer, scheduler)
     if resumed is not None:
         latest, saved = resumed
         state = TrainState(**saved["train_state"])
         window.update(state.extra.get("window", {}))
         if main:
             log.info("resuming from %s (step %d of %d)", latest, state.step, total_steps)
-    model, optimizer = acc.prepare(model, optimizer)
+    optimizer = acc.prepare(optimizer)
     logger = StepLogger(acc, run, total_steps, state.step if resumed else None, description, tracker_config)
 
     greater = metric_greater_is_better(cfg)
@@ -138,12 +141,9 @@ def fit(
         return result
 
     def checkpoint() -> None:
-        acc.wait_for_everyone()
         state.extra["window"] = {k: window[k] for k in ("loss", "units", "extras")}
-        if main:
-            ckpt.save(state.step, acc.unwrap_model(model), optimizer,
-                      {"scheduler": scheduler.state_dict(), "train_state": asdict(state)})
-        acc.wait_for_everyone()
+        ckpt.save(state.step, acc.unwrap_model(model), optimizer,
+                  {"scheduler": scheduler.state_dict(), "train_state": asdict(state)})
 
     def after_eval(result: dict[str, float]) -> None:
         nonlocal last_eval, start_value
@@ -163,8 +163,7 @@ def fit(
         better = state.best_metric is None or (value > state.best_metric if greater else value < state.best_metric)
         if better:
             state.best_metric, state.best_step, state.evals_without_improvement = value, state.step, 0
-            if main:
-                ckpt.save_best(acc.unwrap_model(model), {"step": state.step, cfg.metric: value})
+            ckpt.save_best(acc.unwrap_model(model), {"step": state.step, cfg.metric: value})
         else:
             state.evals_without_improvement += 1
             if cfg.early_stopping_patience and state.evals_without_improvement >= cfg.early_stopping_patience:

@@ -94,15 +94,17 @@ def open_run(run: RunDir, cfg: BaseModel, overwrite: bool, mutable: Collection[s
 
 
 def resume(ckpt: Checkpointer, model: nn.Module, optimizer: torch.optim.Optimizer,
-           scheduler: torch.optim.lr_scheduler.LambdaLR) -> tuple[Path, dict] | None:
-    """Load the latest checkpoint (trainable weights, optimizer, schedule, RNG states) into the freshly built
-    model, optimizer and schedule; None when there is none. The peak learning rates stay those the current
-    config gave the fresh optimizer, so a changed ``lr`` (or a critic's) takes effect from the next step."""
+           scheduler: torch.optim.lr_scheduler.LambdaLR,
+           tensors: dict[str, dict[str, torch.Tensor]] | None = None) -> tuple[Path, dict] | None:
+    """Load the latest checkpoint (trainable weights, optimizer, schedule, RNG states, the named ``tensors``
+    in place) into the freshly built model, optimizer and schedule; None when there is none. The peak
+    learning rates stay those the current config gave the fresh optimizer, so a changed ``lr`` (or a
+    critic's) takes effect from the next step."""
     latest = ckpt.latest()
     if latest is None:
         return None
     configured = list(scheduler.base_lrs)
-    saved = ckpt.load(latest, model, optimizer)
+    saved = ckpt.load(latest, model, optimizer, tensors)
     scheduler.load_state_dict(saved["scheduler"])
     if list(scheduler.base_lrs) != configured:
         set_base_lrs(optimizer, scheduler, configured)
