@@ -4,9 +4,16 @@ Greedy decoding equals model.generate token for token on Llama, Qwen2 and GPT-2 
 prompts of different lengths, rows that stop mid-batch and leave it, KV cache); sampled log-probs equal a
 fresh forward; the first sampled token's frequencies match the distribution transformers' own logits
 warpers define (temperature, top-k, top-p) by a chi-square test that a wrong filter fails; without
-stop_on_eos every row runs to max_new_tokens; the filter and the draw against hand-computed values."""
+stop_on_eos every row runs to max_new_tokens; the filter and the draw against hand-computed values;
+bench/generate.py prints both throughputs."""
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -193,3 +200,20 @@ def test_sample_tokens_is_greedy_below_the_temperature_floor_and_per_row():
     g = torch.Generator().manual_seed(0)
     drawn = torch.stack([sample_tokens(logits, SamplingConfig(top_k=1), g) for _ in range(20)])
     assert bool((drawn == torch.tensor([1, 0])).all())
+
+
+# ---------------------------------------------------------------- the benchmark
+
+
+def test_bench_prints_both_throughputs(peer_bench_fixtures):
+    bench = Path(__file__).resolve().parents[1] / "bench" / "generate.py"
+    out = subprocess.run([sys.executable, str(bench), "--model", "tiny", "--fixtures", str(peer_bench_fixtures),
+                          "--batch-size", "4", "--new-tokens", "5", "--repeats", "1"],
+                         capture_output=True, text=True, timeout=300, env=dict(os.environ, BENCH_OUT=""))
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("BENCH_JSON ")]
+    assert len(lines) == 1
+    res = json.loads(lines[0].removeprefix("BENCH_JSON "))
+    assert res["batch_size"] == 4 and res["new_tokens_per_seq"] == 5 and res["peak_rss_mb"] > 0
+    assert res["alignloop"]["new_tokens_per_sec"] > 0 and res["model_generate"]["new_tokens_per_sec"] > 0
+    assert res["speedup"] > 0
