@@ -8,11 +8,12 @@ samples every active row with batched tensor ops (one uniform number per row, in
 cumulative distribution), gathers the sampled token's log-prob from the same logits, and drops rows
 that hit a stop id from the batch and from the KV cache, so later steps compute only live rows.
 
-Measured and left out (CPU, peer tiny/25m Llama, batch 32): a preallocated StaticCache saves the
-DynamicCache's per-step concatenation but attends over the whole preallocated length and cannot drop
-rows through transformers' API (a few % on tiny); torch.compile of the decode step over it took ~2 min
-to compile for ~10 % more. What is left is the matmuls (the LM head included), so fp32 decoding of a
-25m model is bound by them.
+The KV cache is preallocated for the whole generation (PreallocatedLayer): DynamicCache concatenates
+the whole cache anew every step (13-18 % of a step in a profile of the peer tiny/25m Llama at batch 32
+on CPU; preallocating made whole calls ~6 % faster), and transformers' StaticCache attends over its
+whole buffer and cannot drop rows. Measured and left out:
+torch.compile of the decode step over a StaticCache took ~2 min to compile for ~10 % on the tiny model.
+What is left is the matmuls (the LM head included), so fp32 decoding of a 25m model is bound by them.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from alignloop.config import SamplingConfig
 from alignloop.generation.rollout import logprobs_from_logits
@@ -68,6 +70,48 @@ def sample_tokens(logits: torch.Tensor, s: SamplingConfig, generator: torch.Gene
     return draw(filtered_probs(logits, s), generator)
 
 
+class PreallocatedLayer(DynamicLayer):
+    """A full-attention layer's cache in a buffer sized for the whole generation: each step writes its
+    one column instead of concatenating the whole cache anew (DynamicLayer), and attention reads the
+    filled prefix only (transformers' StaticLayer attends over the whole buffer and cannot drop rows)."""
+
+    def __init__(self, max_length: int) -> None:
+        super().__init__()
+        self.max_length = max_length
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, heads, _, _ = key_states.shape
+        self.device = key_states.device
+        self.key_buffer = key_states.new_empty((batch, heads, self.max_length, key_states.shape[-1]))
+        self.value_buffer = value_states.new_empty((batch, heads, self.max_length, value_states.shape[-1]))
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs,
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        self.key_buffer[:, :, self.length: end] = key_states
+        self.value_buffer[:, :, self.length: end] = value_states
+        self.length = end
+        self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
+            self.keys, self.values = self.key_buffer[:, :, :self.length], self.value_buffer[:, :, :self.length]
+
+
+def preallocated_cache(model: nn.Module, max_length: int) -> DynamicCache:
+    """The model's DynamicCache with every plain full-attention layer preallocated for ``max_length``
+    positions (sliding-window and other layer kinds keep transformers' own)."""
+    cache = DynamicCache(config=model.config)
+    cache.layers = [PreallocatedLayer(max_length) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
+
+
 def decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, s: SamplingConfig,
            stop_ids: Sequence[int], pad_id: int, keep_logprobs: bool = False,
            ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -82,7 +126,7 @@ def decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
     stops = torch.tensor(list(stop_ids) if s.stop_on_eos else [], dtype=torch.long, device=device)
     rows = torch.arange(batch, device=device)  # the original row of each row still in the batch
     positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    cache = DynamicCache(config=model.config)
+    cache = preallocated_cache(model, input_ids.shape[1] + s.max_new_tokens)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, cache=cache,
                    use_cache=True, logits_to_keep=1).logits[:, -1]
     mask, positions = attention_mask, positions[:, -1:]
