@@ -589,7 +589,8 @@ def test_completions_logprobs_of_generated_tokens(server, client):
     for i, (text, logprob) in enumerate(zip(lp.tokens, lp.token_logprobs, strict=True)):
         token = identify(srv, context, text, logprob)
         lsm = log_softmax_after(srv, context)[-1]
-        assert lp.top_logprobs[i][text] == pytest.approx(float(lsm[token]), abs=1e-4)  # the chosen one
+        if not readable_alike("", text):  # a token with no text of its own shares its key with others
+            assert lp.top_logprobs[i][text] == pytest.approx(float(lsm[token]), abs=1e-4)  # the chosen one
         assert_legacy_top(tok, lp.top_logprobs[i], context, lsm, 2)
         assert lp.text_offset[i] == len("".join(lp.tokens[:i]))
         context.append(token)
