@@ -9,6 +9,7 @@ bench/generate.py prints both throughputs."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
 from scipy.stats import chi2
 from transformers import AutoModelForCausalLM, GenerationConfig, LogitsProcessorList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
@@ -26,6 +28,7 @@ from alignloop.data.batching import left_pad
 from alignloop.generation.decode import draw, filtered_probs, sample_tokens
 from alignloop.generation.rollout import response_logprobs
 from alignloop.generation.sampler import TransformersSampler
+from alignloop.models.forward import cached_forward_kwargs
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
@@ -163,6 +166,23 @@ def test_first_sampled_token_follows_the_warped_distribution(tiny_model_factory)
 
 
 # ---------------------------------------------------------------- pure helpers, hand-computed
+
+
+def test_the_cache_reaches_the_model_under_the_name_its_forward_takes(tiny_model_factory):
+    """transformers 5.20 renamed past_key_values to cache; under the wrong name **kwargs swallows the cache
+    and every step decodes without its history (seen on transformers 5.19: greedy output off model.generate)."""
+    class OldForward(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None, **kwargs):
+            return None
+
+    cache = object()
+    assert cached_forward_kwargs(OldForward(), cache) == {"past_key_values": cache, "use_cache": True}
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_factory("llama"))
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    lora = get_peft_model(model, LoraConfig(r=2, target_modules="all-linear"))  # PEFT's own forward takes **kwargs
+    for m in (model, lora):
+        assert cached_forward_kwargs(m, cache) == {name: cache, "use_cache": True, "logits_to_keep": 1}
+    assert "logits_to_keep" not in cached_forward_kwargs(model, cache, last_position_only=False)
 
 
 def test_filtered_probs_temperature_top_k_then_renormalised_top_p():

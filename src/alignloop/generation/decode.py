@@ -27,6 +27,7 @@ from transformers.cache_utils import DynamicLayer
 
 from alignloop.config import SamplingConfig
 from alignloop.generation.rollout import logprobs_from_logits
+from alignloop.models.forward import cached_forward_kwargs
 
 # Temperatures below this sample greedily: logits / T would overflow into inf and nan (as in vLLM).
 GREEDY_BELOW_TEMPERATURE = 1e-5
@@ -127,8 +128,8 @@ def decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
     rows = torch.arange(batch, device=device)  # the original row of each row still in the batch
     positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
     cache = preallocated_cache(model, input_ids.shape[1] + s.max_new_tokens)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, cache=cache,
-                   use_cache=True, logits_to_keep=1).logits[:, -1]
+    cached = cached_forward_kwargs(model, cache)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, **cached).logits[:, -1]
     mask, positions = attention_mask, positions[:, -1:]
     for step in range(s.max_new_tokens):
         token = sample_tokens(logits, s)
@@ -146,6 +147,5 @@ def decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
             cache.batch_select_indices(keep)
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], 1)
         positions = positions + 1
-        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions, cache=cache,
-                       use_cache=True, logits_to_keep=1).logits[:, -1]
+        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions, **cached).logits[:, -1]
     return tokens, logprobs

@@ -20,7 +20,6 @@ new requests form the next batch once the running one is done.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import threading
 import time
@@ -44,6 +43,7 @@ from alignloop.generation.streaming import (
     TokenLogprob,
     context_length_of,
 )
+from alignloop.models.forward import cached_forward_kwargs
 from alignloop.serve.metrics import ServeMetrics
 
 log = logging.getLogger(__name__)
@@ -105,10 +105,6 @@ class TransformersEngine:
         self.device = next(model.parameters()).device
         self.stop_ids = set(stop_token_ids(tokenizer, model.config, model.generation_config))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        accepted = inspect.signature(model.forward).parameters
-        self._keep_last = "logits_to_keep" in accepted
-        # transformers 5.2x renames past_key_values to cache; take whichever this model's forward accepts.
-        self._cache_arg = "cache" if "cache" in accepted else "past_key_values"
         self._waiting: deque[_Row] = deque()
         self._running = 0
         self._cond = threading.Condition()
@@ -220,9 +216,8 @@ class TransformersEngine:
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache,
                  every_position: bool = False) -> torch.Tensor:
         """Next-token logits [B, V] after the last position, or [B, T, V] after every position."""
-        extra = {"logits_to_keep": 0 if every_position else 1} if self._keep_last else {}
-        extra[self._cache_arg] = cache
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
+        cached = cached_forward_kwargs(self.model, cache, last_position_only=not every_position)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **cached)
         return out.logits.float() if every_position else out.logits[:, -1].float()
 
     def _prefill(self, rows: list[_Row]) -> _Batch | None:
