@@ -67,7 +67,7 @@ def main() -> None:
                                          "output_dir": str(work / "run")}, overrides)
 
     timer = FitTimer(stage, lambda b: {"pairs": int(len(b["chosen"])), "tokens": b["tokens"],
-                                      "padded_tokens": int(b["prompt_ids"].numel() + b["response_ids"].numel())}, common)
+                                      "padded_tokens": int(b["input_ids"].numel())}, common)
     t0 = time.perf_counter()
     stage.run_dpo(cfg, overwrite=True)
     total = time.perf_counter() - t0
