@@ -47,16 +47,41 @@ def same_fixtures(folder: Path, fixtures: Path) -> bool:
     return all(m.is_file() for m in manifests) and manifests[0].read_bytes() == manifests[1].read_bytes()
 
 
+def high_water_rss_mb(pid: int) -> float:
+    """VmHWM of a running process (0 once it has exited): the peak RSS of its own address space."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0.0
+    return next((int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmHWM:")), 0.0)
+
+
 def run_peer(python: Path, folder: Path, script: str, args: list[str]) -> dict:
     """The object of the last ``BENCH_JSON`` line that ``python folder/script args`` prints (run in ``folder``,
-    with BENCH_OUT unset: our line carries the peer's). Exits with the end of its output when it fails."""
+    with BENCH_OUT unset: our line carries the peer's). Exits with the end of its output when it fails.
+
+    Its ``peak_rss_mb`` is replaced by the peak we watch it reach: the peer reports its ``ru_maxrss``, which
+    Linux carries over fork and exec, so a child of ours starts from our own peak and would report it. The
+    high-water mark of the peer's address space (VmHWM, fresh at exec) is read every 50 ms until it exits."""
     cmd = [str(python), str(folder / script), *args]
     env = {k: v for k, v in os.environ.items() if k != "BENCH_OUT"}
-    out = subprocess.run(cmd, cwd=folder, capture_output=True, text=True, env=env)
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("BENCH_JSON ")]
-    if out.returncode != 0 or not lines:
-        sys.exit(f"the peer run failed (exit {out.returncode}): {' '.join(cmd)}\n{(out.stdout + out.stderr)[-3000:]}")
-    return json.loads(lines[-1].removeprefix("BENCH_JSON "))
+    peak = 0.0
+    with subprocess.Popen(cmd, cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=env) as proc:
+        while True:
+            peak = max(peak, high_water_rss_mb(proc.pid))
+            try:
+                stdout, stderr = proc.communicate(timeout=0.05)  # output is kept across timeouts
+                break
+            except subprocess.TimeoutExpired:
+                continue
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("BENCH_JSON ")]
+    if proc.returncode != 0 or not lines:
+        sys.exit(f"the peer run failed (exit {proc.returncode}): {' '.join(cmd)}\n{(stdout + stderr)[-3000:]}")
+    result = json.loads(lines[-1].removeprefix("BENCH_JSON "))
+    result["peak_rss_mb_reported"] = result.get("peak_rss_mb")
+    result["peak_rss_mb"] = round(peak, 1)
+    return result
 
 
 def measure(a: argparse.Namespace, fixtures: Path, script: str, args: list[str]) -> dict | None:

@@ -37,9 +37,24 @@ def test_run_peer_reads_its_json_line_in_its_folder_without_bench_out(tmp_path, 
     folder = fake_peer_folder(tmp_path, "trl_reward.py", tmp_path)
     monkeypatch.setenv("BENCH_OUT", str(tmp_path / "out.jsonl"))
     res = peer.run_peer(Path(sys.executable), folder, "trl_reward.py", ["--model", "tiny"])
-    assert res["argv"] == ["--model", "tiny"] and res["pairs_per_sec"] == 4.0
+    assert res["argv"] == ["--model", "tiny"] and res["pairs_per_sec"] == 4.0 and res["peak_rss_mb_reported"] == 800.0
     assert Path(res["cwd"]).resolve() == folder.resolve()
     assert res["bench_out"] is None  # our line carries the peer's: the peer must not append its own
+
+
+def test_the_peers_peak_rss_is_its_own_not_the_one_it_inherits_from_us(tmp_path):
+    """Linux carries ru_maxrss over fork and exec: a child of a big process reports the parent's peak. The
+    peer's peak is measured on its own address space instead."""
+    hog = bytearray(300 * 2**20)  # our peak: at least 300 MB
+    hog[:: 4096] = b"x" * len(hog[:: 4096])  # touch every page
+    body = FAKE_PEER.replace("import json, os, sys", "import json, os, sys, resource, time\nnow = bytearray(60 * 2**20)"
+                             "\nnow[::4096] = b'x' * len(now[::4096])\ntime.sleep(0.3)").replace(
+        '"peak_rss_mb": 800.0', '"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024')
+    folder = fake_peer_folder(tmp_path, "trl_reward.py", tmp_path, body)
+    res = peer.run_peer(Path(sys.executable), folder, "trl_reward.py", [])
+    del hog
+    assert res["peak_rss_mb_reported"] >= 300  # what the peer itself sees: our peak
+    assert 60 <= res["peak_rss_mb"] < 200  # its own 60 MB and the interpreter, not ours
 
 
 def test_a_failing_peer_exits_with_its_output(tmp_path):
@@ -90,4 +105,5 @@ def test_reward_bench_runs_the_peer_on_its_settings_and_prints_one_line(peer_ben
     assert res["peer"]["argv"] == ["--model", "tiny", "--n-pairs", "48", "--batch-size", "8", "--warmup-steps", "3",
                                    "--max-steps", "5"]
     assert res["ratio"]["pairs_per_sec"] == pytest.approx(res["pairs_per_sec"] / 4.0, abs=2e-3)
-    assert res["ratio"]["peak_rss_mb"] == pytest.approx(res["peak_rss_mb"] / 800.0, abs=2e-3)
+    assert 0 < res["peer"]["peak_rss_mb"] < res["peak_rss_mb"]  # a 20-line script against a training run
+    assert res["ratio"]["peak_rss_mb"] == pytest.approx(res["peak_rss_mb"] / res["peer"]["peak_rss_mb"], rel=2e-3)
