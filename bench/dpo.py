@@ -3,6 +3,7 @@ peak memory, printed as one ``BENCH_JSON {...}`` line.
 
     python bench/dpo.py --model tiny --fixtures /tmp/peer-bench/fixtures                  # live reference
     python bench/dpo.py --model tiny --fixtures /tmp/peer-bench/fixtures --precompute-ref  # one cached pass
+    python bench/dpo.py --model tiny --fixtures /tmp/peer-bench/fixtures --peer-python ../peer-venv/bin/python
 
 Same workload as the peer's trl_dpo.py: synth.preference_pairs(256) with explicit prompts, the fixture
 causal LM as policy and a frozen copy of it as reference, batch 8 pairs (chosen and rejected in one

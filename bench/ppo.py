@@ -3,6 +3,7 @@ training split and peak memory, printed as one ``BENCH_JSON {...}`` line.
 
     python bench/ppo.py --model tiny --fixtures /tmp/peer-bench/fixtures                  # PPO
     python bench/ppo.py --model tiny --fixtures /tmp/peer-bench/fixtures --algorithm rloo  # or grpo
+    python bench/ppo.py --model tiny --fixtures /tmp/peer-bench/fixtures --peer-python ../peer-venv-ppo/bin/python
 
 The workload is the peer's (trl_ppo_legacy.py for PPO, trl_rl.py for RLOO/GRPO; see its README.md):
 synth.rl_prompts(64); rollouts of 32 samples with exactly 64 new tokens each (T=1, top-k off, top-p 1,

@@ -2,6 +2,7 @@
 
     python bench/reward.py --model tiny --fixtures /tmp/peer-bench/fixtures
     python bench/reward.py --model 25m --fixtures /tmp/peer-bench/fixtures --max-steps 16
+    python bench/reward.py --model tiny --fixtures /tmp/peer-bench/fixtures --peer-python ../peer-venv/bin/python
 
 Same workload as the peer's trl_reward.py: synth.preference_pairs(256), the fixture causal LM as a
 sequence classifier with one new seeded score head, batch 8 pairs (16 sequences in one forward),

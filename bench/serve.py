@@ -2,6 +2,7 @@
 
     python bench/serve.py --model tiny --fixtures /tmp/peer-bench/fixtures
     python bench/serve.py --model 25m --fixtures /tmp/peer-bench/fixtures --requests 32 --new-tokens 64
+    python bench/serve.py --model tiny --fixtures /tmp/peer-bench/fixtures --peer-python ../peer-venv/bin/python
 
 Workload (the generate workload of the peer's hf_generate.py, sent as HTTP requests): the first
 ``--requests`` of synth.rl_prompts(64), all sent at once by ``--requests`` concurrent clients to

@@ -4,6 +4,7 @@
     python bench/sft.py --model tiny --fixtures /tmp/peer-bench/fixtures --variant packing
     python bench/sft.py --model tiny --fixtures /tmp/peer-bench/fixtures --bf16            # autocast
     python bench/sft.py --model 25m  --fixtures /tmp/peer-bench/fixtures --max-steps 32
+    python bench/sft.py --model tiny --fixtures /tmp/peer-bench/fixtures --peer-python ../peer-venv/bin/python
 
 Same workload as the peer's trl_sft.py / torch_floor_sft.py: synth.sft_examples(512)
 prompt/completion records, loss on the completion only, batch 8, one epoch (64 steps), AdamW
