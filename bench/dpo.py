@@ -3,6 +3,7 @@ peak memory, printed as one ``BENCH_JSON {...}`` line.
 
     python bench/dpo.py --model tiny --fixtures /tmp/peer-bench/fixtures                  # live reference
     python bench/dpo.py --model tiny --fixtures /tmp/peer-bench/fixtures --precompute-ref  # one cached pass
+    python bench/dpo.py --model tiny --fixtures /tmp/peer-bench/fixtures --peer-python ../peer-venv/bin/python
 
 Same workload as the peer's trl_dpo.py: synth.preference_pairs(256) with explicit prompts, the fixture
 causal LM as policy and a frozen copy of it as reference, batch 8 pairs (chosen and rejected in one
@@ -18,35 +19,33 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from fit_timing import FitTimer  # bench/ itself is on sys.path when a script here runs
-
-PEER = Path(os.environ.get("ALIGNLOOP_PEER_BENCH", Path(__file__).resolve().parents[2] / "shared" / "peer-bench"))
+import peer  # noqa: I001  (bench/ itself is on sys.path when a script here runs)
+from fit_timing import FitTimer
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", choices=("tiny", "25m"), default="tiny")
-    ap.add_argument("--fixtures", type=Path, default=PEER / "fixtures", help="the peer's make_fixtures.py output")
+    ap.add_argument("--fixtures", type=Path, default=peer.PEER_BENCH / "fixtures", help="the peer's make_fixtures.py output")
     ap.add_argument("--n-pairs", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-steps", type=int, default=None, help="default: one full epoch")
     ap.add_argument("--warmup-steps", type=int, default=3)
     ap.add_argument("--precompute-ref", action="store_true", help="dpo.reference=precompute")
+    peer.add_arguments(ap)
     a = ap.parse_args()
 
     fixtures = a.fixtures.resolve()
     model_dir = fixtures / {"tiny": "llama-tiny", "25m": "llama-25m"}[a.model]
     if not (model_dir / "config.json").exists():
         sys.exit(f"missing fixture {model_dir}: run make_fixtures.py in the peer-bench folder first")
-    # the peer folder that wrote the fixtures (a working copy), else the shared one
-    sys.path.insert(0, str(fixtures.parent if (fixtures.parent / "synth.py").exists() else PEER))
+    sys.path.insert(0, str(peer.peer_folder(fixtures)))
     import common  # noqa: I001  (pins threads and offline env before torch loads)
     import synth
 
@@ -69,14 +68,14 @@ def main() -> None:
                                          "output_dir": str(work / "run")}, overrides)
 
     timer = FitTimer(stage, lambda b: {"pairs": int(len(b["chosen"])), "tokens": b["tokens"],
-                                      "padded_tokens": int(b["prompt_ids"].numel() + b["response_ids"].numel())}, common)
+                                      "padded_tokens": int(b["input_ids"].numel())}, common)
     t0 = time.perf_counter()
     stage.run_dpo(cfg, overwrite=True)
     total = time.perf_counter() - t0
     shutil.rmtree(work)
 
     window = timer.steady_state(a.warmup_steps, common)
-    common.emit({
+    ours = {
         "bench": "alignloop_dpo",
         "model": a.model,
         "params": int(timer.params),
@@ -92,7 +91,11 @@ def main() -> None:
         "train_wall_seconds": round(timer.fit_end - timer.fit_start, 2),
         "total_wall_seconds": round(total, 2),
         **window,
-    })
+    }
+    theirs = peer.measure(a, fixtures, "trl_dpo.py", ["--model", a.model, "--n-pairs", str(a.n_pairs),
+                          "--batch-size", str(a.batch_size), *peer.window_args(a),
+                          *(["--precompute-ref"] if a.precompute_ref else [])])
+    common.emit(peer.compare(ours, theirs, "pairs_per_sec", common.peak_rss_mb()))
 
 
 if __name__ == "__main__":

@@ -64,4 +64,6 @@ class FitTimer:
             "padded_tokens": padded,
             "padding_fraction": round(1 - tokens / padded, 4) if padded else 0.0,
             "other_procs_cores": round(common.other_load(self.snaps[warmup], self.snaps[-1]), 3),
+            # this process's CPU time: on a busy machine a steadier A/B figure than the wall-clock rate
+            "cpu_sec_per_step": round((self.snaps[-1][2] - self.snaps[warmup][2]) / (steps - 1 - warmup), 4),
         }

@@ -3,6 +3,7 @@ training split and peak memory, printed as one ``BENCH_JSON {...}`` line.
 
     python bench/ppo.py --model tiny --fixtures /tmp/peer-bench/fixtures                  # PPO
     python bench/ppo.py --model tiny --fixtures /tmp/peer-bench/fixtures --algorithm rloo  # or grpo
+    python bench/ppo.py --model tiny --fixtures /tmp/peer-bench/fixtures --peer-python ../peer-venv-ppo/bin/python
 
 The workload is the peer's (trl_ppo_legacy.py for PPO, trl_rl.py for RLOO/GRPO; see its README.md):
 synth.rl_prompts(64); rollouts of 32 samples with exactly 64 new tokens each (T=1, top-k off, top-p 1,
@@ -20,12 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
 
-PEER = Path(os.environ.get("ALIGNLOOP_PEER_BENCH", Path(__file__).resolve().parents[2] / "shared" / "peer-bench"))
+import peer  # bench/ itself is on sys.path when a script here runs
 
 
 def synthetic_reward(prompts, responses, topic, **_):
@@ -54,17 +54,16 @@ def save_seq_cls(src: Path, out: Path, seed: int, stage: str | None) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", choices=("tiny", "25m"), default="tiny")
-    ap.add_argument("--fixtures", type=Path, default=PEER / "fixtures", help="the peer's make_fixtures.py output")
+    ap.add_argument("--fixtures", type=Path, default=peer.PEER_BENCH / "fixtures", help="the peer's make_fixtures.py output")
     ap.add_argument("--algorithm", choices=("ppo", "rloo", "grpo"), default="ppo")
     ap.add_argument("--total-samples", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--ppo-epochs", type=int, default=1)
     ap.add_argument("--kl-coef", type=float, default=0.05)
+    peer.add_arguments(ap)
     a = ap.parse_args()
 
-    # the peer folder that wrote the fixtures (a working copy), else the shared one
-    peer = a.fixtures.resolve().parent
-    sys.path.insert(0, str(peer if (peer / "synth.py").exists() else PEER))
+    sys.path.insert(0, str(peer.peer_folder(a.fixtures)))
     import common  # noqa: E402  (pins threads and offline env before torch loads)
     import synth  # noqa: E402
 
@@ -107,7 +106,7 @@ def main() -> None:
     score = sum(r["time_scoring"] for r in timed)
     reward = sum(r["time_reward"] for r in timed)
     samples = rollout * len(timed)
-    common.emit({
+    ours = {
         "bench": f"alignloop_{a.algorithm}",
         "model": a.model,
         "params": json.loads((work / "run" / "eval.json").read_text())["parameters"]["total"],
@@ -132,7 +131,15 @@ def main() -> None:
         "generate_new_tokens_per_sec": round(samples * a.new_tokens / gen, 1) if gen else None,
         "mean_score_first": rows[0]["score_mean"],
         "mean_score_last": rows[-1]["score_mean"],
-    })
+    }
+    common_args = ["--model", a.model, "--new-tokens", str(a.new_tokens)]
+    if ppo:  # TRL 1.12's PPOTrainer: 32 prompts a rollout (micro-batch 8 x 4), one optimizer step per PPO epoch
+        theirs = peer.measure(a, a.fixtures, "trl_ppo_legacy.py", [*common_args, "--ppo-epochs", str(a.ppo_epochs),
+                              "--total-samples", str(a.total_samples), "--kl-coef", str(a.kl_coef)])
+    else:  # 8 prompts x 4 samples a rollout, each prompt once: total samples / 4 prompts
+        theirs = peer.measure(a, a.fixtures, "trl_rl.py", [*common_args, "--trainer", a.algorithm, "--reward", "fn",
+                              "--n-prompts", str(a.total_samples // 4), "--beta", str(a.kl_coef)])
+    common.emit(peer.compare(ours, theirs, "samples_per_sec", common.peak_rss_mb()))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python bench/reward.py --model tiny --fixtures /tmp/peer-bench/fixtures
     python bench/reward.py --model 25m --fixtures /tmp/peer-bench/fixtures --max-steps 16
+    python bench/reward.py --model tiny --fixtures /tmp/peer-bench/fixtures --peer-python ../peer-venv/bin/python
 
 Same workload as the peer's trl_reward.py: synth.preference_pairs(256), the fixture causal LM as a
 sequence classifier with one new seeded score head, batch 8 pairs (16 sequences in one forward),
@@ -23,7 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from fit_timing import FitTimer  # bench/ itself is on sys.path when a script here runs
+import peer  # noqa: I001  (bench/ itself is on sys.path when a script here runs)
+from fit_timing import FitTimer
 
 
 def main() -> None:
@@ -35,13 +37,14 @@ def main() -> None:
     ap.add_argument("--max-steps", type=int, default=None, help="default: one full epoch")
     ap.add_argument("--warmup-steps", type=int, default=3)
     ap.add_argument("--no-group-by-length", action="store_true", help="batches in plain shuffled order")
+    peer.add_arguments(ap)
     a = ap.parse_args()
 
     fixtures = Path(a.fixtures).resolve()
     model_dir = fixtures / {"tiny": "llama-tiny", "25m": "llama-25m"}[a.model]
     if not (model_dir / "config.json").exists():
         sys.exit(f"missing fixture {model_dir}: run make_fixtures.py in the peer-bench folder first")
-    sys.path.insert(0, str(fixtures.parent))
+    sys.path.insert(0, str(peer.peer_folder(fixtures)))
     import common  # noqa: I001  (sets thread and offline environment variables before torch loads)
     import synth
 
@@ -71,7 +74,7 @@ def main() -> None:
     shutil.rmtree(work)
 
     window = timer.steady_state(a.warmup_steps, common)
-    common.emit({
+    ours = {
         "bench": "alignloop_reward",
         "model": a.model,
         "params": int(timer.params),
@@ -84,7 +87,10 @@ def main() -> None:
         "train_wall_seconds": round(timer.fit_end - timer.fit_start, 2),
         "total_wall_seconds": round(total, 2),
         **window,
-    })
+    }
+    theirs = peer.measure(a, fixtures, "trl_reward.py", ["--model", a.model, "--n-pairs", str(a.n_pairs),
+                          "--batch-size", str(a.batch_size), *peer.window_args(a)])
+    common.emit(peer.compare(ours, theirs, "pairs_per_sec", common.peak_rss_mb()))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python bench/serve.py --model tiny --fixtures /tmp/peer-bench/fixtures
     python bench/serve.py --model 25m --fixtures /tmp/peer-bench/fixtures --requests 32 --new-tokens 64
+    python bench/serve.py --model tiny --fixtures /tmp/peer-bench/fixtures --peer-python ../peer-venv/bin/python
 
 Workload (the generate workload of the peer's hf_generate.py, sent as HTTP requests): the first
 ``--requests`` of synth.rl_prompts(64), all sent at once by ``--requests`` concurrent clients to
@@ -21,6 +22,8 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
+import peer  # bench/ itself is on sys.path when a script here runs
 
 
 def run_mode(model_dir: Path, prompts: list[str], max_batch: int, new_tokens: int, common) -> dict:
@@ -86,13 +89,14 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=32, help="concurrent requests (all sent at once)")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--max-batch", type=int, default=32, help="batch limit of the batched mode")
+    peer.add_arguments(ap)
     a = ap.parse_args()
 
     fixtures = Path(a.fixtures).resolve()
     model_dir = fixtures / {"tiny": "llama-tiny", "25m": "llama-25m"}[a.model]
     if not (model_dir / "config.json").exists():
         sys.exit(f"missing fixture {model_dir}: run make_fixtures.py in the peer-bench folder first")
-    sys.path.insert(0, str(fixtures.parent))
+    sys.path.insert(0, str(peer.peer_folder(fixtures)))
     import common  # noqa: I001  (sets thread and offline environment variables before torch loads)
     import synth
 
@@ -101,7 +105,7 @@ def main() -> None:
     prompts = [synth.rl_prompts(64)[i % 64]["prompt"] for i in range(a.requests)]
     batched = run_mode(model_dir, prompts, a.max_batch, a.new_tokens, common)
     single = run_mode(model_dir, prompts, 1, a.new_tokens, common)
-    common.emit({
+    ours = {
         "bench": "serve",
         "model": a.model,
         "params": batched.pop("params"),
@@ -113,7 +117,11 @@ def main() -> None:
         "batched": batched,
         "one_at_a_time": {k: v for k, v in single.items() if k != "params"},
         "speedup_tokens_per_sec": round(batched["tokens_per_sec"] / single["tokens_per_sec"], 2),
-    })
+    }
+    # The peer: plain model.generate on the same prompts as one batch, no server in between.
+    theirs = peer.measure(a, fixtures, "hf_generate.py", ["--model", a.model, "--batch-sizes", str(a.requests),
+                                                          "--new-tokens", str(a.new_tokens)])
+    common.emit(peer.compare(ours, theirs, "batched.tokens_per_sec", common.peak_rss_mb(), "new_tokens_per_sec"))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
     python bench/sft.py --model tiny --fixtures /tmp/peer-bench/fixtures --variant packing
     python bench/sft.py --model tiny --fixtures /tmp/peer-bench/fixtures --bf16            # autocast
     python bench/sft.py --model 25m  --fixtures /tmp/peer-bench/fixtures --max-steps 32
+    python bench/sft.py --model tiny --fixtures /tmp/peer-bench/fixtures --peer-python ../peer-venv/bin/python
 
 Same workload as the peer's trl_sft.py / torch_floor_sft.py: synth.sft_examples(512)
 prompt/completion records, loss on the completion only, batch 8, one epoch (64 steps), AdamW
@@ -28,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import peer  # bench/ itself is on sys.path when a script here runs
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -41,13 +44,17 @@ def main() -> None:
     ap.add_argument("--warmup-steps", type=int, default=3)
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (mixed precision) instead of fp32")
     ap.add_argument("--no-group-by-length", action="store_true", help="batches in plain shuffled order")
+    ap.add_argument("--peer-variant", choices=["padded", "padding_free", "packing"], default=None,
+                    help="the peer's SFT variant (default: packing for --variant packing, else padding_free, "
+                         "TRL's fastest on padded data)")
+    peer.add_arguments(ap)
     a = ap.parse_args()
 
     fixtures = Path(a.fixtures).resolve()
     model_dir = fixtures / {"tiny": "llama-tiny", "25m": "llama-25m"}[a.model]
     if not (model_dir / "config.json").exists():
         sys.exit(f"missing fixture {model_dir}: run make_fixtures.py in the peer-bench folder first")
-    sys.path.insert(0, str(fixtures.parent))
+    sys.path.insert(0, str(peer.peer_folder(fixtures)))
     import common  # noqa: I001  (sets thread and offline environment variables before torch loads)
     import synth
 
@@ -141,7 +148,11 @@ def main() -> None:
         "other_procs_cores": round(common.other_load(snaps[first - 1], snaps[-1]), 3),
     }
     shutil.rmtree(work, ignore_errors=True)
-    common.emit(res)
+    peer_variant = a.peer_variant or ("packing" if packing else "padding_free")
+    theirs = peer.measure(a, fixtures, "trl_sft.py", ["--model", a.model, "--variant", peer_variant,
+                          "--n-examples", str(a.n_examples), "--batch-size", str(a.batch_size),
+                          "--pack-length", str(a.pack_length), *peer.window_args(a)])
+    common.emit(peer.compare(res, theirs, "tokens_per_sec", common.peak_rss_mb()))
 
 
 if __name__ == "__main__":

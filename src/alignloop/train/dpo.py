@@ -29,13 +29,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from alignloop.config import DPOConfig, RMConfig
-from alignloop.data.batching import left_pad, right_pad
+from alignloop.data.batching import right_pad
 from alignloop.data.formats import UnpairedExample, parse_feedback, validate_record
 from alignloop.data.io import Record
 from alignloop.data.splits import load_splits
 from alignloop.data.tokenize import encode_prompt, end_of_turn_id, ensure_chat_template
 from alignloop.errors import UserError
-from alignloop.generation.rollout import Rollout, response_logprobs
+from alignloop.generation.rollout import logprobs_from_logits, scatter_response
+from alignloop.models.forward import selected_next_token_logits
 from alignloop.models.load import count_parameters, load_pretrained, prepare_for_training, save_model
 from alignloop.runs import RunDir, atomic_write_json, read_metrics
 from alignloop.train import dpo_losses as dl
@@ -221,19 +222,31 @@ def encode_units(units: list[Unit], tokenizer, cfg: DPOConfig, stats: Counter, k
 # ---------------------------------------------------------------- sequence log-probabilities
 
 
-def prompt_response_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> Rollout:
-    """Rows of prompt + response as the generation layer lays them out: prompts left-padded, responses
-    right-padded, so each row computes what it computes alone."""
-    prompt_ids, prompt_mask = left_pad(prompts, pad_id)
-    response_ids, response_mask = right_pad(responses, pad_id)
-    return Rollout(prompt_ids, prompt_mask, response_ids, response_mask,
-                   ended=torch.zeros(len(prompts), dtype=torch.bool))
+Rows = dict[str, torch.Tensor]
 
 
-def sequence_logprobs(model: nn.Module, r: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+def prompt_response_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> Rows:
+    """Rows of prompt + response, right-padded as a whole so that a row is padded only to the longest row, not
+    to the longest prompt plus the longest response: ``input_ids`` / ``attention_mask`` [B, W], ``select``
+    [B, W-1] (the positions whose next token is a response token) and ``response_mask`` [B, R] (the response
+    tokens, row-major in the order ``select`` picks them). A right-padded causal row computes what it computes
+    alone (positions start at 0 in every row)."""
+    input_ids, attention_mask = right_pad([p + r for p, r in zip(prompts, responses, strict=True)], pad_id)
+    _, response_mask = right_pad(responses, pad_id)
+    select = torch.zeros(input_ids.shape[0], input_ids.shape[1] - 1, dtype=torch.bool)
+    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        select[i, len(p) - 1 : len(p) - 1 + len(r)] = True
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "select": select,
+            "response_mask": response_mask}
+
+
+def sequence_logprobs(model: nn.Module, rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
     """(log pi(response | prompt) summed over response tokens [B], response token counts [B]): the LM head
     runs at response positions only, so prompt and padding never count."""
-    return response_logprobs(model, r, 1.0).sum(1), r.response_mask.sum(1).to(torch.float32)
+    select, response_mask = rows["select"], rows["response_mask"]
+    logits = selected_next_token_logits(model, rows["input_ids"], select, rows["attention_mask"])
+    logp = logprobs_from_logits(logits, rows["input_ids"][:, 1:][select])
+    return scatter_response(logp, response_mask).sum(1), response_mask.sum(1).to(torch.float32)
 
 
 def collate(items: list[Encoded], pad_id: int) -> dict:
@@ -260,18 +273,15 @@ def collate(items: list[Encoded], pad_id: int) -> dict:
         if e.reference is not None:
             reference.extend(e.reference)
             reference_kl.extend(e.reference_kl or [])
-    r = prompt_response_batch(prompts, responses, pad_id)
+    rows = prompt_response_batch(prompts, responses, pad_id)
     long = torch.long
-    batch = {"prompt_ids": r.prompt_ids, "prompt_mask": r.prompt_mask, "response_ids": r.response_ids,
-             "response_mask": r.response_mask, "chosen": torch.tensor(chosen, dtype=long),
+    batch = {**rows, "chosen": torch.tensor(chosen, dtype=long),
              "rejected": torch.tensor(rejected, dtype=long), "pair_unit": torch.tensor(pair_unit, dtype=long),
              "labelled": torch.tensor(labelled, dtype=long), "desirable": torch.tensor(desirable, dtype=torch.bool),
              "n_units": len(items), "loss_units": len(items) if chosen else len(labelled),
-             "tokens": int(r.prompt_mask.sum() + r.response_mask.sum())}
+             "tokens": int(rows["attention_mask"].sum())}
     if kl_prompts:
-        k = prompt_response_batch(kl_prompts, kl_responses, pad_id)
-        batch.update(kl_prompt_ids=k.prompt_ids, kl_prompt_mask=k.prompt_mask, kl_response_ids=k.response_ids,
-                     kl_response_mask=k.response_mask)
+        batch.update({f"kl_{k}": v for k, v in prompt_response_batch(kl_prompts, kl_responses, pad_id).items()})
     if reference:
         batch["reference"] = torch.tensor(reference, dtype=torch.float32)
     if reference_kl:
@@ -279,40 +289,42 @@ def collate(items: list[Encoded], pad_id: int) -> dict:
     return batch
 
 
-def batch_rollout(batch: dict, prefix: str = "") -> Rollout:
-    ids = batch[f"{prefix}prompt_ids"]
-    return Rollout(ids, batch[f"{prefix}prompt_mask"], batch[f"{prefix}response_ids"],
-                   batch[f"{prefix}response_mask"], ended=torch.zeros(ids.shape[0], dtype=torch.bool))
+ROW_KEYS = ("input_ids", "attention_mask", "select", "response_mask")
+
+
+def batch_rows(batch: dict, prefix: str = "") -> Rows:
+    """The batch's responses (``prefix`` "kl_": KTO's mismatched ones) as prompt_response_batch lays them out."""
+    return {k: batch[prefix + k] for k in ROW_KEYS}
 
 
 # ---------------------------------------------------------------- the objective
 
 
-ReferenceFn = Callable[[nn.Module, Rollout], torch.Tensor]
+ReferenceFn = Callable[[nn.Module, Rows], torch.Tensor]
 
 
 def objective(model: nn.Module, batch: dict, cfg: DPOConfig, reference: ReferenceFn | None
               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(loss summed over the batch's units, metric sums over units) for the configured loss.
 
-    ``reference(model, rollout)`` gives live reference log-probs; without it they come from the batch
+    ``reference(model, rows)`` gives live reference log-probs; without it they come from the batch
     (precomputed) or, for SimPO / ORPO, are not needed."""
     s = cfg.dpo
-    logp, ntok = sequence_logprobs(model, batch_rollout(batch))
+    logp, ntok = sequence_logprobs(model, batch_rows(batch))
 
-    def reference_logps(key: str, r: Rollout) -> torch.Tensor:
+    def reference_logps(key: str, rows: Rows) -> torch.Tensor:
         if key in batch:
             return batch[key].to(logp)
         with torch.no_grad():
-            return reference(model, r).to(logp)
+            return reference(model, rows).to(logp)
 
     if s.loss == "kto":
         rows, desirable = batch["labelled"], batch["desirable"]
-        ref = reference_logps("reference", batch_rollout(batch))
-        kl_rollout = batch_rollout(batch, "kl_")
+        ref = reference_logps("reference", batch_rows(batch))
+        kl_rows = batch_rows(batch, "kl_")
         with torch.no_grad():  # z0 over the global batch: every process's KL rows
-            z0 = dl.kto_reference_point(sequence_logprobs(model, kl_rollout)[0],
-                                        reference_logps("reference_kl", kl_rollout), mean_over_processes)
+            z0 = dl.kto_reference_point(sequence_logprobs(model, kl_rows)[0], reference_logps("reference_kl", kl_rows),
+                                        mean_over_processes)
         logratio = (logp - ref)[rows]
         losses = dl.kto_loss(logratio, desirable, z0, s.beta, s.desirable_weight, s.undesirable_weight)
         reward = (s.beta * logratio).detach()
@@ -327,7 +339,7 @@ def objective(model: nn.Module, batch: dict, cfg: DPOConfig, reference: Referenc
         ref_c = ref_j = None
         rewards = (s.beta * logp / ntok).detach()  # SimPO's reward: beta times the per-token mean log-prob
     else:
-        ref = reference_logps("reference", batch_rollout(batch))
+        ref = reference_logps("reference", batch_rows(batch))
         ref_c, ref_j = ref[c], ref[j]
         rewards = dl.implicit_reward(logp, ref, s.beta).detach()
     losses = dl.pair_loss(s.loss, logp[c], logp[j], ref_c, ref_j, ntok[c], ntok[j], s.beta, s.label_smoothing,
@@ -458,9 +470,8 @@ def _cached_key(path: Path) -> str | None:
         return (f.metadata() or {}).get("fingerprint")
 
 
-def _to(r: Rollout, device: torch.device) -> Rollout:
-    return Rollout(*(t.to(device) for t in (r.prompt_ids, r.prompt_mask, r.response_ids, r.response_mask,
-                                            r.ended)))
+def _to(rows: Rows, device: torch.device) -> Rows:
+    return {k: v.to(device) for k, v in rows.items()}
 
 
 # ---------------------------------------------------------------- the stage
@@ -500,11 +511,11 @@ def run_dpo(cfg: DPOConfig, overwrite: bool = False) -> Path:
              f"{params['total']:,}", f"{params['trainable']:,}", len(train), s.loss,
              "no" if s.loss in dl.REFERENCE_FREE else s.reference)
 
-    def reference_logps(model: nn.Module, r: Rollout) -> torch.Tensor:
+    def reference_logps(model: nn.Module, rows: Rows) -> torch.Tensor:
         if ref is not None:
-            return sequence_logprobs(ref, r)[0]
+            return sequence_logprobs(ref, rows)[0]
         with acc.unwrap_model(model).disable_adapter():
-            return sequence_logprobs(model, r)[0]
+            return sequence_logprobs(model, rows)[0]
 
     eval_bs = cfg.train.eval_batch_size or cfg.train.batch_size
     live: ReferenceFn | None = None

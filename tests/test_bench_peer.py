@@ -1,0 +1,109 @@
+"""bench/peer.py: a bench script with ``--peer-python`` runs the peer's script for its stage after ours and puts
+the peer's figures and the ratios into its one BENCH_JSON line (a fake peer script here: no TRL in the suite)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+import peer  # noqa: E402  (bench/ is a folder of scripts, not a package)
+
+# A peer script that prints what it was asked (arguments, folder, whether BENCH_OUT reached it) with fixed figures.
+FAKE_PEER = """
+import json, os, sys
+print("loading ...")
+print("BENCH_JSON " + json.dumps({"bench": "fake", "pairs_per_sec": 4.0, "peak_rss_mb": 800.0,
+                                  "argv": sys.argv[1:], "cwd": os.getcwd(), "bench_out": os.environ.get("BENCH_OUT")}))
+"""
+
+
+def fake_peer_folder(root: Path, script: str, fixtures: Path, body: str = FAKE_PEER) -> Path:
+    folder = root / "peer-bench"
+    folder.mkdir()
+    (folder / script).write_text(body)
+    (folder / "fixtures").symlink_to(fixtures, target_is_directory=True)
+    return folder
+
+
+def test_run_peer_reads_its_json_line_in_its_folder_without_bench_out(tmp_path, monkeypatch):
+    folder = fake_peer_folder(tmp_path, "trl_reward.py", tmp_path)
+    monkeypatch.setenv("BENCH_OUT", str(tmp_path / "out.jsonl"))
+    res = peer.run_peer(Path(sys.executable), folder, "trl_reward.py", ["--model", "tiny"])
+    assert res["argv"] == ["--model", "tiny"] and res["pairs_per_sec"] == 4.0 and res["peak_rss_mb_reported"] == 800.0
+    assert Path(res["cwd"]).resolve() == folder.resolve()
+    assert res["bench_out"] is None  # our line carries the peer's: the peer must not append its own
+
+
+def test_the_peers_peak_rss_is_its_own_not_the_one_it_inherits_from_us(tmp_path):
+    """Linux carries ru_maxrss over fork and exec: a child of a big process reports the parent's peak. The
+    peer's peak is measured on its own address space instead."""
+    hog = bytearray(300 * 2**20)  # our peak: at least 300 MB
+    hog[:: 4096] = b"x" * len(hog[:: 4096])  # touch every page
+    body = FAKE_PEER.replace("import json, os, sys", "import json, os, sys, resource, time\nnow = bytearray(60 * 2**20)"
+                             "\nnow[::4096] = b'x' * len(now[::4096])\ntime.sleep(0.3)").replace(
+        '"peak_rss_mb": 800.0', '"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024')
+    folder = fake_peer_folder(tmp_path, "trl_reward.py", tmp_path, body)
+    res = peer.run_peer(Path(sys.executable), folder, "trl_reward.py", [])
+    del hog
+    assert res["peak_rss_mb_reported"] >= 300  # what the peer itself sees: our peak
+    assert 60 <= res["peak_rss_mb"] < 200  # its own 60 MB and the interpreter, not ours
+
+
+def test_a_failing_peer_exits_with_its_output(tmp_path):
+    folder = fake_peer_folder(tmp_path, "trl_dpo.py", tmp_path, "import sys\nprint('no trl here')\nsys.exit(3)\n")
+    with pytest.raises(SystemExit, match=r"(?s)exit 3.*no trl here"):
+        peer.run_peer(Path(sys.executable), folder, "trl_dpo.py", [])
+
+
+def test_compare_gives_ours_over_peer_for_throughput_and_peak_rss():
+    ours = {"bench": "ours", "pairs_per_sec": 6.0}
+    theirs = {"bench": "peer", "pairs_per_sec": 4.0, "peak_rss_mb": 800.0}
+    out = peer.compare(ours, theirs, "pairs_per_sec", 720.0)
+    assert out["ratio"] == {"pairs_per_sec": 1.5, "peak_rss_mb": 0.9}
+    assert out["peer"] == theirs and out["pairs_per_sec"] == 6.0
+    assert peer.compare(ours, None, "pairs_per_sec", 720.0) == ours
+    # a nested key of ours, named differently in the peer's line (serve against model.generate)
+    nested = peer.compare({"batched": {"tokens_per_sec": 300.0}}, {"new_tokens_per_sec": 120.0, "peak_rss_mb": 500.0},
+                          "batched.tokens_per_sec", 600.0, "new_tokens_per_sec")
+    assert nested["ratio"] == {"batched.tokens_per_sec": 2.5, "peak_rss_mb": 1.2}
+
+
+def test_the_peer_must_read_the_same_fixtures(tmp_path):
+    ours, other = tmp_path / "ours", tmp_path / "other"
+    for folder, text in ((ours, '{"a": 1}'), (other, '{"a": 2}')):
+        folder.mkdir()
+        (folder / "manifest.json").write_text(text)
+    folder = fake_peer_folder(tmp_path, "trl_reward.py", other)
+    args = Namespace(peer_python=Path(sys.executable), peer_dir=folder)
+    with pytest.raises(SystemExit, match="not the same fixtures"):
+        peer.measure(args, ours, "trl_reward.py", [])
+    (other / "manifest.json").write_text('{"a": 1}')  # a copy made by the same make_fixtures.py: the same
+    assert peer.measure(args, ours, "trl_reward.py", [])["pairs_per_sec"] == 4.0
+    assert peer.measure(Namespace(peer_python=None, peer_dir=None), ours, "trl_reward.py", []) is None
+
+
+def test_reward_bench_runs_the_peer_on_its_settings_and_prints_one_line(peer_bench_fixtures, tmp_path):
+    folder = fake_peer_folder(tmp_path, "trl_reward.py", peer_bench_fixtures)
+    out_file = tmp_path / "bench.jsonl"
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "reward.py"), "--model", "tiny", "--fixtures",
+                          str(peer_bench_fixtures), "--n-pairs", "48", "--max-steps", "5", "--peer-python",
+                          sys.executable, "--peer-dir", str(folder)],
+                         capture_output=True, text=True, timeout=300, env=dict(os.environ, BENCH_OUT=str(out_file)))
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("BENCH_JSON ")]
+    assert len(lines) == 1 and len(out_file.read_text().splitlines()) == 1
+    res = json.loads(lines[0].removeprefix("BENCH_JSON "))
+    assert res["bench"] == "alignloop_reward" and res["peer"]["bench"] == "fake"
+    assert res["peer"]["argv"] == ["--model", "tiny", "--n-pairs", "48", "--batch-size", "8", "--warmup-steps", "3",
+                                   "--max-steps", "5"]
+    assert res["ratio"]["pairs_per_sec"] == pytest.approx(res["pairs_per_sec"] / 4.0, abs=2e-3)
+    assert 0 < res["peer"]["peak_rss_mb"] < res["peak_rss_mb"]  # a 20-line script against a training run
+    assert res["ratio"]["peak_rss_mb"] == pytest.approx(res["peak_rss_mb"] / res["peer"]["peak_rss_mb"], rel=2e-3)
