@@ -55,6 +55,7 @@ class DemoSize:
     # learn whether an answer names what the prompt asked (0.60-0.66 against gold); MiniLM does (0.81-0.87).
     reward_model: str | None = "all-minilm-l6-v2"
     overlap: int = 1  # simulated annotators per ranking
+    rm_freeze_layers: int = 2  # of the pretrained reward-model encoder, besides its embeddings
     # SFT's and PPO's autocast ("auto": bf16 on GPUs, fp32 on CPU); PPO's rollouts run under it too.
     mixed_precision: str = "auto"
 
@@ -81,7 +82,8 @@ def pipeline_config(root: Path, data: dict[str, Path], base_model: Path, size: D
     precision = {"mixed_precision": size.mixed_precision} if size.mixed_precision != "auto" else {}
     lora = {"adapter": "lora", "lora": {"r": 8, "alpha": 16}} if real else {}
     if size.reward_model:
-        rm_model = {"model": {"name_or_path": size.reward_model, "freeze_embeddings": True, "freeze_layers": 2}}
+        rm_model = {"model": {"name_or_path": size.reward_model, "freeze_embeddings": True,
+                              "freeze_layers": size.rm_freeze_layers}}
         rm_lr = 3e-4
     else:  # the runner starts the reward model from the SFT policy
         rm_model, rm_lr = {}, 1e-3
@@ -256,6 +258,9 @@ def run_demo(output: str | Path, size: DemoSize = FULL, seed: int = 0, model_nam
 # bf16 autocast on CPU (AMX): LoRA training 1.6x, PPO's rollouts 1.4x the fp32 tokens/s.
 # Its reward model is MiniLM, as in the tiny demo: a LoRA reward model on SmolLM2 from 24 prompts a round stayed
 # at chance (0.48 / 0.46 against gold) and PPO against it drove gold down (0.505 -> 0.356, win rate 0.19).
+# Retraining round 2's reward model of a 64-prompt run (seed 1) on the same feedback: MiniLM with all six
+# layers trained reached 0.81 against gold where two frozen gave 0.74 (round 1: 0.81 vs 0.79).
 REAL = replace(FULL, sft_records=400, rl_prompts=400, eval_prompts=96, gold_test_prompts=32, sft_steps=16,
-               sft_batch=8, prompts_per_round=64, overlap=3, rm_epochs=3.0, ppo_steps=6, round2_ppo_steps=None,
-               rollout_size=32, max_new_tokens=64, ppo_lr=2e-4, ppo_epochs=1, mixed_precision="bf16")
+               sft_batch=8, prompts_per_round=96, overlap=3, rm_epochs=3.0, rm_freeze_layers=0, ppo_steps=6,
+               round2_ppo_steps=None, rollout_size=32, max_new_tokens=64, ppo_lr=2e-4, ppo_epochs=1,
+               mixed_precision="bf16")
