@@ -171,12 +171,17 @@ def test_kto_raises_desirable_over_undesirable_margin_on_unpaired_data(tiny_mode
 
 def test_lora_reference_is_the_base_with_the_adapter_off(tiny_model, repeat_prefs, tmp_path):
     train, held_out = repeat_prefs
-    out = run_dpo(dpo_config(tiny_model, train, held_out, tmp_path / "run", "model.adapter=lora",
-                             "model.lora.r=4", "train.lr=1e-2", "train.max_steps=12"))
-    ev = json.loads((out / "eval.json").read_text())
+    runs = []
+    for global_seed in (0, 1):  # the adapter's random init comes from train.seed, not from what ran before
+        torch.manual_seed(global_seed)
+        out = run_dpo(dpo_config(tiny_model, train, held_out, tmp_path / f"run{global_seed}", "model.adapter=lora",
+                                 "model.lora.r=4", "train.lr=1e-2", "train.max_steps=12"))
+        runs.append(json.loads((out / "eval.json").read_text()))
+    ev = runs[0]
     # At step 0 the policy is the reference: every implicit reward is exactly 0.
     assert ev["validation_before"]["reward_chosen"] == ev["validation_before"]["reward_rejected"] == 0.0
     assert ev["validation"]["reward_accuracy"] > 0.6
+    assert runs[1]["validation"] == ev["validation"]
 
 
 # ---------------------------------------------------------------- bad input

@@ -497,6 +497,7 @@ def run_dpo(cfg: DPOConfig, overwrite: bool = False) -> Path:
 
     acc = make_accelerator(cfg.train, run)
     open_run(run, cfg, overwrite, SUPERVISED_MUTABLE, acc.is_main_process)
+    torch.manual_seed(cfg.train.seed)  # before the model is built: a LoRA adapter is initialised randomly
     policy, ref, tok = load_policy_and_reference(cfg, acc.device)
     pad_id = tok.pad_token_id
     stats: Counter = Counter()
