@@ -9,11 +9,9 @@ cumulative distribution), gathers the sampled token's log-prob from the same log
 that hit a stop id from the batch and from the KV cache, so later steps compute only live rows.
 
 The KV cache is preallocated for the whole generation (PreallocatedLayer): DynamicCache concatenates
-the whole cache anew every step (13-18 % of a step in a profile of the peer tiny/25m Llama at batch 32
-on CPU; preallocating made whole calls ~6 % faster), and transformers' StaticCache attends over its
-whole buffer and cannot drop rows. Measured and left out:
-torch.compile of the decode step over a StaticCache took ~2 min to compile for ~10 % on the tiny model.
-What is left is the matmuls (the LM head included), so fp32 decoding of a 25m model is bound by them.
+the whole cache anew every step, and transformers' StaticCache attends over its whole buffer and cannot
+drop rows. What was measured, including what did not pay (torch.compile of the decode step), is in
+bench/README.md.
 """
 
 from __future__ import annotations
