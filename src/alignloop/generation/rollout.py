@@ -54,6 +54,25 @@ def mask_after_eos(tokens: torch.Tensor, stop_ids: Sequence[int]) -> tuple[torch
     return (before == 0).long(), is_eos.any(1)
 
 
+def assemble_rollout(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, pieces: Sequence[torch.Tensor],
+                     logprob_pieces: Sequence[torch.Tensor] | None, pad_id: int, stop_ids: Sequence[int]) -> Rollout:
+    """Responses generated in consecutive pieces of rows ([n_k, width_k] each, right-padded with pad_id; with
+    their log-probs) as one Rollout over all rows: padded to the widest piece, cut after the first stop id."""
+    width = max(p.shape[1] for p in pieces)
+    response_ids = torch.full((prompt_ids.shape[0], width), pad_id, dtype=torch.long)
+    logprobs = None if logprob_pieces is None else torch.zeros((prompt_ids.shape[0], width))
+    row = 0
+    for k, piece in enumerate(pieces):
+        response_ids[row: row + piece.shape[0], : piece.shape[1]] = piece
+        if logprobs is not None:
+            logprobs[row: row + piece.shape[0], : piece.shape[1]] = logprob_pieces[k]
+        row += piece.shape[0]
+    response_mask, ended = mask_after_eos(response_ids, stop_ids)
+    if logprobs is not None:
+        logprobs = logprobs * response_mask
+    return Rollout(prompt_ids, prompt_mask, response_ids, response_mask, ended, logprobs)
+
+
 def sequence_inputs(r: Rollout) -> dict[str, torch.Tensor]:
     """Model inputs for prompt + response, and ``select`` [B, L-1]: positions whose next token is a
     response token (so logits/values come out in the row-major order of ``response_mask``)."""

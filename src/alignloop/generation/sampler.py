@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from alignloop.config import SamplingConfig
 from alignloop.data.batching import left_pad
 from alignloop.generation.decode import decode, sample_tokens
-from alignloop.generation.rollout import Rollout, mask_after_eos
+from alignloop.generation.rollout import Rollout, assemble_rollout
 
 
 class Sampler(Protocol):
@@ -65,19 +65,8 @@ class TransformersSampler:
             chunks.append(new.cpu())
             if logp is not None:
                 logps.append(logp.cpu())
-        width = max(c.shape[1] for c in chunks)
-        response_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        logprobs = torch.zeros((len(rows), width)) if keep_logprobs else None
-        row = 0
-        for k, c in enumerate(chunks):
-            response_ids[row: row + c.shape[0], : c.shape[1]] = c
-            if logprobs is not None:
-                logprobs[row: row + c.shape[0], : c.shape[1]] = logps[k]
-            row += c.shape[0]
-        response_mask, ended = mask_after_eos(response_ids, self.stop_ids)
-        if logprobs is not None:
-            logprobs = logprobs * response_mask
-        return Rollout(prompt_ids, prompt_mask, response_ids, response_mask, ended, logprobs)
+        return assemble_rollout(prompt_ids, prompt_mask, chunks, logps if keep_logprobs else None, self.pad_id,
+                                self.stop_ids)
 
 
 def sample_next_token(logits: torch.Tensor, s: SamplingConfig, generator: torch.Generator | None) -> int:

@@ -43,7 +43,7 @@ from alignloop.config import ModelConfig, SamplingConfig, VLLMSettings
 from alignloop.data.batching import left_pad
 from alignloop.data.tokenize import ensure_chat_template, stop_token_ids
 from alignloop.errors import UserError
-from alignloop.generation.rollout import Rollout, mask_after_eos
+from alignloop.generation.rollout import Rollout, assemble_rollout
 from alignloop.generation.streaming import (
     Delta,
     EngineCounters,
@@ -335,20 +335,13 @@ class VLLMSampler:
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in rows], params, use_tqdm=desc is not None)
         choices = [out.outputs[0] for out in outputs]
         prompt_ids, prompt_mask = left_pad(rows, self.pad_id)
-        width = max(len(c.token_ids) for c in choices)
-        response_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        logprobs = torch.zeros((len(rows), width)) if keep_logprobs else None
-        for i, c in enumerate(choices):
-            response_ids[i, : len(c.token_ids)] = torch.tensor(c.token_ids, dtype=torch.long)
-            if logprobs is not None:
-                logprobs[i, : len(c.token_ids)] = torch.tensor(
-                    [position[token].logprob for token, position in zip(c.token_ids, c.logprobs, strict=True)])
+        tokens = [torch.tensor([c.token_ids], dtype=torch.long) for c in choices]
+        logprobs = [torch.tensor([[position[token].logprob for token, position in zip(c.token_ids, c.logprobs,
+                                                                                        strict=True)]])
+                    for c in choices] if keep_logprobs else None
         # vLLM stops after the first stop id; with stop_on_eos off the mask cuts there (as in the transformers
         # backend, the tokens sampled after it stay in response_ids, outside the mask).
-        response_mask, ended = mask_after_eos(response_ids, self.stop_ids)
-        if logprobs is not None:
-            logprobs = logprobs * response_mask
-        return Rollout(prompt_ids, prompt_mask, response_ids, response_mask, ended, logprobs)
+        return assemble_rollout(prompt_ids, prompt_mask, tokens, logprobs, self.pad_id, self.stop_ids)
 
 
 # ---------------------------------------------------------------- serve's engine

@@ -112,30 +112,38 @@ class Checkpointer:
              tensors: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
         """Write a complete folder under a temp name, rename it, then move the pointer."""
         final = self.root / f"step-{step:07d}"
-        tmp = self.root / f".step-{step:07d}.tmp"
-        main = is_main_process()
-        if main:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-        barrier()
+        tmp = self._fresh_folder(f".step-{step:07d}.tmp")
         self._write_tensors(tmp, model, optimizer, tensors or {})
-        if main:
+        if is_main_process():
             atomic_write_json(tmp / "state.json", {**state, "step": step, "rng": capture_rng()})
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
+            _replace(final, tmp)
             atomic_write_text(self.root / LATEST, final.name + "\n")
             self._prune()
         barrier()
         return final
 
+    def _fresh_folder(self, name: str) -> Path:
+        """An empty temporary folder under the root (made by the main process), once every process may write."""
+        tmp = self.root / name
+        if is_main_process():
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        barrier()
+        return tmp
+
+    def _shard_content(self, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                       tensors: dict[str, dict[str, torch.Tensor]]) -> dict[str, Any]:
+        """What DCP saves and loads in place: trainable parameters, extra tensors, the optimizer's state."""
+        content: dict[str, Any] = {"model": _trainable_parameters(model), "tensors": tensors}
+        if optimizer is not None:
+            content["optimizer"] = get_optimizer_state_dict(model, optimizer)
+        return content
+
     def _write_tensors(self, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
                        tensors: dict[str, dict[str, torch.Tensor]]) -> None:
         if self.sharded:
-            content: dict[str, Any] = {"model": _trainable_parameters(model), "tensors": tensors}
-            if optimizer is not None:
-                content["optimizer"] = get_optimizer_state_dict(model, optimizer)
+            content = self._shard_content(model, optimizer, tensors)
             with warnings.catch_warnings():  # one process writes all of it: DCP warns that this is meant
                 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
                 dcp.save(content, checkpoint_id=folder / SHARDS, no_dist=not dist.is_initialized())
@@ -163,9 +171,7 @@ class Checkpointer:
     def _read_tensors(self, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
                       tensors: dict[str, dict[str, torch.Tensor]]) -> None:
         if self.sharded:
-            content: dict[str, Any] = {"model": _trainable_parameters(model), "tensors": tensors}
-            if optimizer is not None:
-                content["optimizer"] = get_optimizer_state_dict(model, optimizer)
+            content = self._shard_content(model, optimizer, tensors)
             with torch.no_grad():  # DCP loads into the given tensors in place, the parameters included
                 dcp.load(content, checkpoint_id=folder / SHARDS, no_dist=not dist.is_initialized())
             if optimizer is not None:
@@ -182,20 +188,11 @@ class Checkpointer:
             optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu"))
 
     def save_best(self, model: nn.Module, info: dict) -> None:
-        tmp = self.root / ".best.tmp"
-        main = is_main_process()
-        if main:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-        barrier()
+        tmp = self._fresh_folder(".best.tmp")
         self._write_tensors(tmp, model, None, {})
-        if main:
+        if is_main_process():
             atomic_write_json(tmp / "best.json", info)
-            best = self.root / "best"
-            if best.exists():
-                shutil.rmtree(best)
-            tmp.rename(best)
+            _replace(self.root / "best", tmp)
         barrier()
 
     def load_best(self, model: nn.Module) -> dict | None:
@@ -210,3 +207,10 @@ def _trainable_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     """The trainable parameters themselves (shards on a sharded model), for DCP to save or to load into."""
     reshard(model)
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _replace(final: Path, complete: Path) -> None:
+    """``complete`` (a fully written folder) renamed to ``final``, replacing what was there."""
+    if final.exists():
+        shutil.rmtree(final)
+    complete.rename(final)
