@@ -8,6 +8,7 @@ positions. Wrapped models (DDP, FSDP) and heads that post-process logits take th
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -24,13 +25,19 @@ def is_parallel_wrapped(model: nn.Module) -> bool:
     return isinstance(model, (nn.parallel.DistributedDataParallel, FSDPModule))
 
 
+@functools.cache
+def forward_parameters(model_class: type) -> frozenset[str]:
+    """The keyword names a model class's forward takes (read once per class: serve asks at every decode step)."""
+    return frozenset(inspect.signature(model_class.forward).parameters)
+
+
 def cached_forward_kwargs(model: nn.Module, cache: object, last_position_only: bool = True) -> dict[str, object]:
     """Keyword arguments for a forward pass that reads and extends the KV cache ``cache``, and (where the model
     takes it) projects only the last position to the vocabulary. transformers 5.20 renamed the forward's
     ``past_key_values`` to ``cache``; an unknown keyword is swallowed by ``**kwargs`` without a word, and the
     model then decodes without its history. A PEFT wrapper forwards to its base model's signature."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    accepted = inspect.signature(inner.forward).parameters
+    accepted = forward_parameters(type(inner))
     out: dict[str, object] = {"cache" if "cache" in accepted else "past_key_values": cache, "use_cache": True}
     if last_position_only and "logits_to_keep" in accepted:
         out["logits_to_keep"] = 1
