@@ -86,7 +86,9 @@ def test_fields_match_the_samples(world):
         assert m["safety"]["rate"] == pytest.approx(sum(caught) / 12)
     kls = [r["responses"]["policy"]["kl"] for r in rows]
     assert ev["models"]["policy"]["kl"]["mean"] == pytest.approx(sum(kls) / 12)
-    assert ev["models"]["policy"]["kl"]["mean"] > 0  # two different random models
+    # two different random models: not zero (their true KL is small, so the k1 estimate on 12 samples
+    # falls on either side of it with the draws)
+    assert abs(ev["models"]["policy"]["kl"]["mean"]) > 1e-3
     wr = ev["win_rate"]["gold"]
     totals = [(r["responses"]["policy"]["gold"]["total"], r["responses"]["baseline"]["gold"]["total"]) for r in rows]
     assert wr["wins"] == sum(a > b for a, b in totals) and wr["losses"] == sum(a < b for a, b in totals)

@@ -30,6 +30,7 @@ from alignloop.feedback import collect as collect_module
 from alignloop.feedback.collect import collect, generate_candidates
 from alignloop.feedback.db import Candidate, open_db
 from alignloop.generation import backends as backends_module
+from alignloop.generation.calls import call_ranges, rollout_seed
 from alignloop.generation.rollout import Rollout
 from alignloop.generation.sampler import TransformersSampler, inference_device, sample_next_token
 from alignloop.models.load import load_pretrained
@@ -79,7 +80,8 @@ def reference(folder: Path, prompts: list, sampling: SamplingConfig, seed: int, 
 def eval_texts(folder: Path, sampling: SamplingConfig, seed: int) -> list[str]:
     model, tok = load_model(str(folder), torch.device("cpu"), None)
     cfg = EvalConfig(policy=str(folder), prompts="unused.jsonl", generation=sampling, seed=seed)
-    return sample(model, tok, [Prompt(p, "") for p in CHATS], cfg, "policy", str(folder)).texts
+    calls = call_ranges(len(CHATS), sampling.batch_size)
+    return sample(model, tok, [Prompt(p, "") for p in CHATS], calls, cfg, "policy", str(folder)).texts
 
 
 def predict_texts(folder: Path, tmp_path: Path, sampling: SamplingConfig) -> list[str]:
@@ -143,10 +145,13 @@ def test_collect_eval_predict_and_pipeline_draw_the_same_tokens(models, tmp_path
     seeded = SAMPLING.model_copy(update={"seed": SEED})
     one_each = reference(models["clean"], CHATS, SAMPLING, SEED)
     assert len(set(one_each)) == len(CHATS)  # the prompts really get different samples
-    assert eval_texts(models["clean"], SAMPLING, SEED) == one_each
     assert predict_texts(models["clean"], tmp_path, seeded) == one_each
+    # eval and collect seed each generation call by its first prompt (the same on any number of processes):
+    # one call here, from prompt 0
+    call_seed = rollout_seed(SEED, 0, 0)
+    assert eval_texts(models["clean"], SAMPLING, SEED) == reference(models["clean"], CHATS, SAMPLING, call_seed)
     # collect: the K samples of a prompt in adjacent rows (as num_return_sequences laid them out before)
-    two_each = reference(models["clean"], CHATS, SAMPLING, SEED, repeat=2)
+    two_each = reference(models["clean"], CHATS, SAMPLING, call_seed, repeat=2)
     assert collect_texts(models["clean"], tmp_path, seeded) == [t.strip() for t in two_each]
     assert pipeline_candidates(models["clean"], seeded) == [t.strip() for t in two_each]
 

@@ -1,7 +1,7 @@
 """`alignloop ppo --nproc 2` (torchrun over gloo on loopback) gives what one process gives with the same
 global batch, for PPO, GRPO and RLOO; and a SIGKILL + resume on two processes ends where an uninterrupted
 two-process run does. The pieces the split relies on (row seeds, process shares, joined rollouts) are
-tested as functions."""
+tested as functions (the row seeds in test_collect_eval_ranks)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,6 @@ from alignloop.train.ppo import (
     check_process_split,
     concat_rollouts,
     response_logits_and_hidden,
-    rollout_seed,
 )
 
 TESTS = Path(__file__).resolve().parent
@@ -180,14 +179,6 @@ def test_sigkill_then_resume_on_two_processes_matches_uninterrupted_run(setup):
     assert (full / "samples.jsonl").read_text() == (killed / "samples.jsonl").read_text()
     weights = [(run / "model" / "model.safetensors").read_bytes() for run in (full, killed)]
     assert weights[0] == weights[1]
-
-
-def test_rollout_seed_is_a_function_of_the_row():
-    assert rollout_seed(0, 0, 0) == 0
-    assert rollout_seed(0, 0, 4) == 4
-    assert rollout_seed(0, 2, 4) == 2 * 1_000_003 + 4
-    assert rollout_seed(1, 0, 0) == 1_000_003 ** 2
-    assert len({rollout_seed(s, t, r) for s in range(3) for t in range(3) for r in range(0, 64, 4)}) == 3 * 3 * 16
 
 
 def test_process_split_needs_whole_shares():

@@ -24,6 +24,7 @@ from alignloop.data.io import Record
 from alignloop.data.tokenize import DEFAULT_CHAT_TEMPLATE, end_of_turn_id, stop_token_ids
 from alignloop.evaluate.eval import Prompt, load_model, sample
 from alignloop.feedback.collect import generate_candidates
+from alignloop.generation.calls import call_ranges
 from alignloop.generation.rollout import mask_after_eos
 from alignloop.models.export import complete_generation_config
 from alignloop.models.load import load_pretrained
@@ -188,7 +189,8 @@ def test_predict_eval_and_collect_stop_at_the_end_of_turn(chatml_folder, tmp_pat
     sampled = SamplingConfig(max_new_tokens=10, temperature=1.0)
     model, tok = load_model(str(chatml_folder), torch.device("cpu"), None)
     cfg = EvalConfig(policy=str(chatml_folder), prompts="unused.jsonl", generation=sampled)
-    gen = sample(model, tok, [Prompt(p, "") for p in CHATS], cfg, "policy", str(chatml_folder))
+    gen = sample(model, tok, [Prompt(p, "") for p in CHATS], call_ranges(len(CHATS), sampled.batch_size), cfg, "policy",
+                 str(chatml_folder))
     assert gen.texts == [ANSWER, ANSWER]
     assert gen.ended == [True, True] and gen.tokens == [2, 2]  # " twice" and <|im_end|>
 

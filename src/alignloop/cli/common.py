@@ -46,11 +46,15 @@ def add_training_flags(p: argparse.ArgumentParser, model_flag: str = "--model") 
     p.add_argument("--test-data", help="test data, evaluated once at the end into eval.json")
     p.add_argument("--output", help="run folder to write (resumed if it holds an unfinished run)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --output")
-    p.add_argument("--nproc", type=int, default=1,
-                   help="train with N processes through torchrun (train.distributed: ddp, or fsdp to shard the "
-                        "model; on CPU over gloo on loopback)")
+    add_nproc_flag(p, "train with N processes through torchrun (train.distributed: ddp, or fsdp to shard the "
+                      "model; on CPU over gloo on loopback)")
     p.add_argument("overrides", nargs="*", metavar="key.path=value",
                    help="override any config field, e.g. train.lr=1e-5 model.adapter=lora")
+
+
+def add_nproc_flag(p: argparse.ArgumentParser, help: str) -> None:
+    """``--nproc N``: the command relaunches itself under torchrun (see run_training_command)."""
+    p.add_argument("--nproc", type=int, default=1, help=help)
 
 
 def add_db_flag(p: argparse.ArgumentParser) -> None:
@@ -84,8 +88,8 @@ def launch_distributed(nproc: int) -> int:
 
 
 def run_training_command(args: argparse.Namespace, run: Callable[[], object]) -> int:
-    """Run a training stage here, or relaunch the command under torchrun when ``--nproc`` asks for more
-    processes (the relaunched ranks carry LOCAL_RANK and run the stage themselves)."""
+    """Run a stage (training, collect, eval) here, or relaunch the command under torchrun when ``--nproc``
+    asks for more processes (the relaunched ranks carry LOCAL_RANK and run the stage themselves)."""
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         return launch_distributed(args.nproc)
     out = run()

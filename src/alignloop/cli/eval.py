@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
-from alignloop.cli.common import examples_epilog
+from alignloop.cli.common import add_nproc_flag, examples_epilog, run_training_command
 from alignloop.config import EvalConfig, build_config
 
 EVAL_HELP = """\
@@ -15,6 +16,8 @@ tokens, win rates of the policy over the baseline with 95% Wilson intervals, res
 distinct-1/2 diversity, the share of responses caught by the safety check, the loss on SFT test
 records, and blind side-by-side human win rates from the feedback database.
 Writes eval.json and samples.jsonl (every prompt with each model's response and scores).
+Each generation call (generation.batch_size prompts) is seeded by the seed and its first prompt, so
+--nproc N gives what one process gives (the test loss and benchmarks run in the first process).
 
 --benchmarks also scores both models on standard benchmarks through lm-evaluation-harness
 (pip install 'alignloop[benchmarks]'), run on the loaded models in this process and offline: task
@@ -37,12 +40,17 @@ def run(args: argparse.Namespace) -> int:
         flags["safety.blocklist"] = [w.strip() for w in args.blocklist.split(",") if w.strip()]
     cfg = build_config(EvalConfig, args.config, flags, args.overrides)
 
-    from alignloop.evaluate.eval import headline, run_eval  # torch: only once the config is valid
+    def evaluate() -> Path:
+        # torch: only once the config is valid
+        from alignloop.evaluate.eval import headline, run_eval
+        from alignloop.generation.calls import processes
 
-    out = run_eval(cfg, overwrite=args.overwrite)
-    print(headline(json.loads((out / "eval.json").read_text())))
-    print(f"finished: {out}")
-    return 0
+        out = run_eval(cfg, overwrite=args.overwrite)
+        if processes().is_main_process:
+            print(headline(json.loads((out / "eval.json").read_text())))
+        return out
+
+    return run_training_command(args, evaluate)
 
 
 def add_command(sub) -> None:
@@ -57,6 +65,7 @@ def add_command(sub) -> None:
             "alignloop eval --policy runs/demo/round-1/ppo/model --baseline runs/demo/sft/model "
             "--prompts runs/demo/data/eval_prompts.jsonl --benchmarks demo_world_choice,demo_world_count "
             "--benchmark-tasks examples/benchmarks --benchmark-limit 100 --output runs/demo/round-1/eval",
+            "alignloop eval -c examples/eval.yaml --nproc 2   # two processes, each its share of the prompts",
         ),
     )
     p.add_argument("-c", "--config", help="YAML config file (fields of EvalConfig)")
@@ -79,6 +88,8 @@ def add_command(sub) -> None:
     p.add_argument("--feedback-round", help="only this round's side-by-side votes")
     p.add_argument("--output", help="run folder to write (default runs/eval)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished evaluation in --output")
+    add_nproc_flag(p, "evaluate with N processes through torchrun: each samples and scores its share of the "
+                      "generation calls, the first gathers them and writes the same files as one process")
     p.add_argument("overrides", nargs="*", metavar="key.path=value",
                    help="override any config field, e.g. generation.temperature=0.7 seed=1")
     p.set_defaults(func=run)

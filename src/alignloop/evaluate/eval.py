@@ -1,14 +1,16 @@
 """The evaluation stage, top to bottom.
 
 read prompts -> for the policy, then the baseline: load, sample one response per prompt (left padding,
-KV cache, seeded, the same random stream for both), its test-set loss and its benchmark scores
+KV cache, each generation call seeded by its first prompt, the same seeds for both), its test-set loss and its benchmark scores
 (lm-evaluation-harness on the loaded model) -> KL(policy || reference)
 on the policy's own sampled tokens -> score every response (reward model, gold function, safety
 check) -> per-prompt win rates of policy over baseline -> length and diversity -> human win rates
 from the feedback database -> eval.json + samples.jsonl -> FINISHED.
 
 One model is in memory at a time, so evaluating a 7B policy against its SFT model needs the memory
-of one 7B model, not three.
+of one 7B model, not three. Under torchrun each process samples, KL-scores and scores its share of the
+generation calls (alignloop.generation.calls); the main process gathers them in prompt order and computes
+the statistics over all of them, so N processes write what one writes.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from accelerate.utils import gather_object
 
 from alignloop.config import EvalConfig, ModelConfig, dump_config
 from alignloop.data.formats import parse_rl_prompt, parse_sft
@@ -40,6 +42,7 @@ from alignloop.evaluate.benchmarks import lm_eval_version, run_benchmarks, task_
 from alignloop.evaluate.judge import human_win_rates
 from alignloop.evaluate.safety import SafetyCheck
 from alignloop.generation.backends import make_sampler
+from alignloop.generation.calls import generate_calls, my_calls, processes
 from alignloop.generation.rollout import Rollout, response_logprobs
 from alignloop.generation.sampler import inference_device
 from alignloop.models.load import load_pretrained
@@ -107,19 +110,18 @@ def prompt_ids(tok, prompts: Sequence[Prompt], max_len: int) -> list[list[int]]:
     return [encode_prompt(tok, p.source, max_len) for p in prompts]
 
 
-def sample(model, tok, prompts: Sequence[Prompt], cfg: EvalConfig, name: str, path: str) -> Generations:
-    """One sampled response per prompt. The generator is reseeded so that every model draws from the
-    same random stream: differences between models come from the models, not the dice."""
+def sample(model, tok, prompts: Sequence[Prompt], calls: Sequence[range], cfg: EvalConfig, name: str,
+           path: str) -> Generations:
+    """One sampled response to each prompt of ``calls`` (this process's share of the generation calls over
+    ``prompts``). Each call is seeded by ``cfg.seed`` and its first prompt, so that every model draws from
+    the same random streams: differences between models come from the models, not the dice."""
     g = cfg.generation
     stop_ids = stop_token_ids(tok, model.config, model.generation_config)
     sampler = make_sampler(model, stop_ids, tok.pad_token_id, g)
     ids = prompt_ids(tok, prompts, cfg.max_prompt_len)
-    torch.manual_seed(cfg.seed)
-    bs = g.batch_size or len(ids)
     out = Generations(name, path, [], [], [])
-    for i in tqdm(range(0, len(ids), bs), desc=f"generate ({name})", leave=False):
-        r = sampler.generate(ids[i : i + bs], g, keep_logprobs=True)
-        out.rollouts.append(r)
+    out.rollouts = generate_calls(sampler, ids, g, calls, cfg.seed, f"generate ({name})", keep_logprobs=True)
+    for r in out.rollouts:
         out.texts += [tok.decode(row[m.bool()], skip_special_tokens=True)
                       for row, m in zip(r.response_ids, r.response_mask, strict=True)]
         out.tokens += r.response_mask.sum(1).tolist()
@@ -154,6 +156,16 @@ def test_loss(model, tok, path: str, max_seq_len: int, batch_size: int) -> dict:
 
 
 # ---------------------------------------------------------------- scores and statistics
+
+
+def by_call(calls: Sequence[range], score: Callable[[slice], list]) -> list:
+    """``score`` of each call's part of this process's items (its calls' items, in order), concatenated:
+    a scorer that batches (and sorts by length) then sees the same batches whatever the process count."""
+    out, start = [], 0
+    for call in calls:
+        out += score(slice(start, start + len(call)))
+        start += len(call)
+    return out
 
 
 def gold_function(spec: str) -> Callable[[str, str], float | dict]:
@@ -205,8 +217,15 @@ def run_eval(cfg: EvalConfig, overwrite: bool = False) -> Path:
     gold_fn = gold_function(cfg.gold) if cfg.gold else None
     safety = SafetyCheck(cfg.safety, cfg.batch_size)
     benchmark_index = task_manager(cfg.benchmarks, cfg.benchmark_tasks) if cfg.benchmarks else None
-    run.prepare(overwrite)
-    dump_config(cfg, run.root / "config.yaml")
+    # Under torchrun each process samples and scores its share of the generation calls; the main process
+    # gathers the per-prompt results in prompt order, computes every statistic once and writes the run.
+    state = processes()
+    main = state.is_main_process
+    if main:
+        run.prepare(overwrite)
+        dump_config(cfg, run.root / "config.yaml")
+    calls = my_calls(len(prompts), cfg.generation.batch_size)
+    mine = [prompts[i] for call in calls for i in call]
     device = inference_device()
     reference_path = cfg.reference or cfg.baseline
 
@@ -214,10 +233,11 @@ def run_eval(cfg: EvalConfig, overwrite: bool = False) -> Path:
     model, tok = load_model(cfg.policy, device, cfg.chat_template)
     for p in prompts:
         p.text = render_prompt(tok, p.source)
-    runs = [sample(model, tok, prompts, cfg, "policy", cfg.policy)]
-    if cfg.test_data:
+    runs = [sample(model, tok, prompts, calls, cfg, "policy", cfg.policy)]
+    # the test loss and the benchmarks are not per prompt: the main process computes them
+    if cfg.test_data and main:
         runs[0].test = test_loss(model, tok, cfg.test_data, cfg.max_seq_len, cfg.batch_size)
-    if benchmark_index is not None:
+    if benchmark_index is not None and main:
         runs[0].benchmarks = run_benchmarks(model, tok, cfg.benchmarks, benchmark_index, cfg.benchmark_limit,
                                             cfg.batch_size)
     vocab = len(tok)
@@ -234,25 +254,36 @@ def run_eval(cfg: EvalConfig, overwrite: bool = False) -> Path:
                                 f"policy ({vocab}); KL needs the same tokenizer")
             kl = sequence_kl(runs[0], model, cfg.generation.temperature, cfg.batch_size)
         if path == cfg.baseline:
-            runs.append(sample(model, tok, prompts, cfg, "baseline", path))
-            if cfg.test_data:
+            runs.append(sample(model, tok, prompts, calls, cfg, "baseline", path))
+            if cfg.test_data and main:
                 runs[1].test = test_loss(model, tok, cfg.test_data, cfg.max_seq_len, cfg.batch_size)
-            if benchmark_index is not None:
+            if benchmark_index is not None and main:
                 runs[1].benchmarks = run_benchmarks(model, tok, cfg.benchmarks, benchmark_index, cfg.benchmark_limit,
                                                     cfg.batch_size)
         del model
         release_memory()
 
-    # ---- scores
-    sources = [p.source for p in prompts]
+    # ---- scores of this process's responses, a batched scorer one call's responses at a time
+    sources = [p.source for p in mine]
     rewards: dict[str, list[float]] = {}
     if cfg.reward_model:
         rm = RewardModel.load(cfg.reward_model, device)
-        rewards = {g.name: rm.score(sources, g.texts, batch_size=cfg.batch_size) for g in runs}
+        rewards = {g.name: by_call(calls, lambda part, g=g: rm.score(sources[part], g.texts[part],
+                                                                     batch_size=cfg.batch_size))
+                   for g in runs}
         del rm
         release_memory()
-    golds = {g.name: gold_scores(gold_fn, prompts, g.texts) for g in runs} if gold_fn else {}
-    flags = {g.name: safety(g.texts) for g in runs} if safety.enabled else {}
+    golds = {g.name: gold_scores(gold_fn, mine, g.texts) for g in runs} if gold_fn else {}
+    flags = {g.name: by_call(calls, lambda part, g=g: safety(g.texts[part])) for g in runs} if safety.enabled else {}
+
+    # ---- every process's per-prompt results, in prompt order; the main process writes the run
+    for g in runs:
+        g.texts, g.tokens, g.ended = gather_object(g.texts), gather_object(g.tokens), gather_object(g.ended)
+    kl = None if kl is None else gather_object(kl)
+    rewards, golds, flags = ({name: gather_object(v) for name, v in d.items()} for d in (rewards, golds, flags))
+    if not main:
+        state.wait_for_everyone()  # until the main process has written the run
+        return run.root
 
     # ---- eval.json
     models: dict[str, dict] = {}
@@ -311,6 +342,7 @@ def run_eval(cfg: EvalConfig, overwrite: bool = False) -> Path:
     atomic_write_json(run.root / "eval.json", evaluation)
     run.mark_finished({"stage": "eval"})
     log.info("eval: %s", headline(evaluation))
+    state.wait_for_everyone()
     return run.root
 
 

@@ -12,8 +12,7 @@ import itertools
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-from tqdm.auto import tqdm
+from accelerate.utils import gather_object
 
 from alignloop.config import ModelConfig, SamplingConfig
 from alignloop.data.formats import chat_as_lines
@@ -23,6 +22,7 @@ from alignloop.errors import UserError
 from alignloop.feedback import tasks
 from alignloop.feedback.db import DEFAULT_CRITERIA, open_db
 from alignloop.generation.backends import make_sampler
+from alignloop.generation.calls import generate_calls, my_calls, processes
 from alignloop.generation.sampler import inference_device
 from alignloop.models.load import load_pretrained
 
@@ -50,23 +50,22 @@ def prompt_text(prompt: str | list[dict]) -> str:
 
 
 def generate_candidates(model, tok, prompts: list[str | list[dict]], k: int, sampling: SamplingConfig) -> list[list[str]]:
-    """K sampled responses per prompt, drawn by the one sampler after seeding torch once with
-    ``sampling.seed``: batches of ``sampling.batch_size`` prompts, each padded to its own longest prompt,
-    each prompt's K samples in contiguous rows (the row layout of transformers' num_return_sequences)."""
-    torch.manual_seed(candidate_seed(sampling))
+    """K sampled responses per prompt, every process's in prompt order: calls of ``sampling.batch_size``
+    prompts, each padded to its own longest prompt and seeded by ``sampling.seed`` and its first prompt
+    (alignloop.generation.calls), each prompt's K samples in contiguous rows (the row layout of
+    transformers' num_return_sequences). Under torchrun each process samples its share of the calls."""
     stop_ids = stop_token_ids(tok, model.config, model.generation_config)
     sampler = make_sampler(model, stop_ids, tok.pad_token_id, sampling)
-    per_call = sampling.batch_size or len(prompts)
-    out: list[list[str]] = []
-    for start in tqdm(range(0, len(prompts), per_call), desc="collect", unit="batch"):
-        # A raw text prompt gets the tokenizer's special tokens only when there is no chat template.
-        ids = [tok(render_prompt(tok, p), add_special_tokens=tok.chat_template is None)["input_ids"]
-               for p in prompts[start:start + per_call]]
-        r = sampler.generate(ids, sampling, repeat=k)
+    # A raw text prompt gets the tokenizer's special tokens only when there is no chat template.
+    ids = [tok(render_prompt(tok, p), add_special_tokens=tok.chat_template is None)["input_ids"] for p in prompts]
+    calls = my_calls(len(prompts), sampling.batch_size)
+    mine: list[list[str]] = []
+    for call, r in zip(calls, generate_calls(sampler, ids, sampling, calls, candidate_seed(sampling), "collect",
+                                             repeat=k), strict=True):
         texts = [tok.decode(row[m.bool()], skip_special_tokens=True).strip()
                  for row, m in zip(r.response_ids, r.response_mask, strict=True)]
-        out += [texts[i * k:(i + 1) * k] for i in range(len(ids))]
-    return out
+        mine += [texts[i * k:(i + 1) * k] for i in range(len(call))]
+    return gather_object(mine)
 
 
 def candidate_seed(sampling: SamplingConfig) -> int:
@@ -77,15 +76,20 @@ def collect(model_name: str, prompts_path: str, db_url: str, round_name: str, k:
             sampling: SamplingConfig = SamplingConfig(batch_size=16), overlap: int = 1,
             model_label: str | None = None) -> int:
     """Generate and store; creates the round (default criteria) if it does not exist. Returns #prompts.
-    The model samples on the GPU when there is one."""
+    The model samples on the GPU when there is one; under torchrun each process samples its share of the
+    prompts and the main process writes them all, in order."""
     if k < 2:
         raise UserError("--k: at least 2 candidates per prompt are needed to rank them")
     if not 0 < sampling.temperature <= 10:
         raise UserError("--temperature must be in (0, 10]: the K candidates of a prompt are sampled")
     prompts = read_prompts(prompts_path)
-    Sessions = open_db(db_url)
+    # Under torchrun every process samples its share and the main process alone writes the round.
+    main = processes().is_main_process
+    Sessions = open_db(db_url) if main else None
     model, tok = load_for_sampling(model_name)
     responses = generate_candidates(model, tok, prompts, k, sampling)
+    if not main:
+        return len(prompts)
     label = model_label or model_name
     # what was sampled and how (the vLLM engine's sizing changes nothing there)
     settings = {**sampling.model_dump(exclude={"vllm"}), "seed": candidate_seed(sampling), "k": k}

@@ -42,6 +42,7 @@ from alignloop.data.tokenize import (
 )
 from alignloop.errors import UserError
 from alignloop.generation.backends import make_sampler
+from alignloop.generation.calls import rollout_seed, seeded
 from alignloop.generation.rollout import (
     Rollout,
     logprobs_from_logits,
@@ -324,8 +325,7 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
         and after training) and without touching the training RNG stream."""
         if not eval_prompts:
             return None
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.train.seed + 1)
+        with seeded(cfg.train.seed + 1):
             policy.eval()
             with full_parameters(policy):
                 r = sampler.generate([q.ids for q in eval_prompts], g)
@@ -372,9 +372,8 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
         calls = []
         with full_parameters(policy):  # each process generates its own rows, for as long as they take
             for start in range(my_rows.start, my_rows.stop, rows_per_call):
-                with torch.random.fork_rng(devices=[]) if seeded_calls else contextlib.nullcontext(), acc.autocast():
-                    if seeded_calls:
-                        torch.manual_seed(rollout_seed(cfg.train.seed, state["step"], start))
+                with seeded(rollout_seed(cfg.train.seed, state["step"], start)) if seeded_calls \
+                        else contextlib.nullcontext(), acc.autocast():
                     rows = batch[start: min(start + rows_per_call, my_rows.stop)]
                     calls.append(sampler.generate([q.ids for q in rows], g, keep_logprobs=True))
         # Every process holds the whole step's rollout from here on: the statistics, whitening and
@@ -568,12 +567,6 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
 
 def decode(tok, r: Rollout) -> list[str]:
     return [tok.decode(ids[m.bool()], skip_special_tokens=True) for ids, m in zip(r.response_ids, r.response_mask, strict=True)]
-
-
-def rollout_seed(seed: int, step: int, first_row: int) -> int:
-    """The torch seed of the generation call that samples a step's rows from ``first_row`` on: a function
-    of the row, not of the process that samples it, so N processes draw what one process draws."""
-    return (seed * 1_000_003 + step) * 1_000_003 + first_row
 
 
 def check_process_split(prompts_per_step: int, micro_per_minibatch: int, world: int) -> int:
