@@ -1,7 +1,8 @@
-"""`alignloop collect --nproc 2` and `alignloop eval --nproc 2` (torchrun over gloo on loopback) write what one
-process writes: the same candidate rows in the same order, the same eval.json and samples.jsonl, with an odd
-number of generation calls so the two processes get unequal shares. The pieces the split relies on (call
-ranges, process shares, call seeds, the forked RNG) are tested as functions against hand-computed values."""
+"""`alignloop collect --nproc 2` and `alignloop eval --nproc 2` (torchrun over gloo on loopback) write what
+one process writes: the same candidate rows in the same order, the same eval.json and samples.jsonl, with
+an odd number of generation calls so the two processes get unequal shares. The pieces the split relies on
+(call ranges, process shares, call seeds, the forked RNG) are tested as functions against hand-computed
+values."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from alignloop.generation.calls import call_ranges, process_share, rollout_seed,
 from alignloop.models.load import load_tokenizer, save_model
 from alignloop.models.tiny import build_tiny_model
 
-# 9 prompts, 2 per generation call: 5 calls, 3 (6 prompts) for the first process and 2 (3 prompts) for the second
+# 9 prompts, 2 per generation call: 5 calls, 3 (6 prompts) for the first process, 2 (3 prompts) for the second
 N_PROMPTS, PER_CALL = 9, 2
 
 
@@ -61,12 +62,13 @@ def candidate_rows(db: str) -> list[tuple]:
         return [tuple(r) for r in rows]
 
 
-@pytest.mark.slow(seconds=40)
+@pytest.mark.slow(seconds=35)
 def test_collect_on_two_processes_writes_what_one_process_writes(world, tmp_path):
     rows = {}
     for nproc in (1, 2):
         db = f"sqlite:///{tmp_path / f'fb-{nproc}.db'}"
-        printed = cli("collect", "--model", world["policy"], "--prompts", world["prompts"], "--round", "r1", "--k", 2,
+        printed = cli(
+            "collect", "--model", world["policy"], "--prompts", world["prompts"], "--round", "r1", "--k", 2,
             "--batch-size", PER_CALL, "--max-new-tokens", 8, "--seed", 5, "--db", db, "--model-label", "tiny",
             "--nproc", nproc)
         rows[nproc] = candidate_rows(db)
@@ -80,15 +82,17 @@ def test_collect_on_two_processes_writes_what_one_process_writes(world, tmp_path
     assert rows[2] == rows[1]
 
 
-@pytest.mark.slow(seconds=50)
+@pytest.mark.slow(seconds=45)
 def test_eval_on_two_processes_writes_what_one_process_writes(world, tmp_path):
     outs, printed = {}, {}
     for nproc in (1, 2):
         outs[nproc] = tmp_path / f"eval-{nproc}"
-        printed[nproc] = cli("eval", "--policy", world["policy"], "--baseline", world["baseline"], "--reward-model", world["rm"],
-            "--prompts", world["prompts"], "--gold", "alignloop.data.synthetic:gold_breakdown", "--test-data",
-            world["test"], "--blocklist", "cat,before,about,kind,away", "--output", outs[nproc], "--nproc", nproc,
-            "generation.max_new_tokens=10", f"generation.batch_size={PER_CALL}", "batch_size=4")
+        printed[nproc] = cli(
+            "eval", "--policy", world["policy"], "--baseline", world["baseline"], "--reward-model",
+            world["rm"], "--prompts", world["prompts"], "--gold", "alignloop.data.synthetic:gold_breakdown",
+            "--test-data", world["test"], "--blocklist", "cat,before,about,kind,away", "--output", outs[nproc],
+            "--nproc", nproc, "generation.max_new_tokens=10", f"generation.batch_size={PER_CALL}",
+            "batch_size=4")
     one, two = ({"eval": json.loads((out / "eval.json").read_text()),
                  "samples": [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]}
                 for out in (outs[1], outs[2]))
@@ -98,7 +102,8 @@ def test_eval_on_two_processes_writes_what_one_process_writes(world, tmp_path):
     assert {"text", "tokens", "reward_model", "gold", "flagged", "kl"} <= set(policy[0])
     assert len({p["text"] for p in policy}) > 1 and any(p["flagged"] for p in policy)
     assert one["eval"]["models"]["policy"]["test"]["tokens"] > 0
-    assert one["eval"]["win_rate"]["reward_model"]["wins"] + one["eval"]["win_rate"]["reward_model"]["losses"] > 0
+    reward_wr = one["eval"]["win_rate"]["reward_model"]
+    assert reward_wr["wins"] + reward_wr["losses"] > 0
     assert two["samples"] == samples
     assert two["eval"] == one["eval"]
     assert (outs[2] / "FINISHED").is_file()
@@ -131,7 +136,8 @@ def test_rollout_seed_is_a_function_of_the_row():
     assert rollout_seed(0, 0, 4) == 4
     assert rollout_seed(0, 2, 4) == 2 * 1_000_003 + 4
     assert rollout_seed(1, 0, 0) == 1_000_003 ** 2
-    assert len({rollout_seed(s, t, r) for s in range(3) for t in range(3) for r in range(0, 64, 4)}) == 3 * 3 * 16
+    seeds = {rollout_seed(s, t, r) for s in range(3) for t in range(3) for r in range(0, 64, 4)}
+    assert len(seeds) == 3 * 3 * 16
 
 
 def test_seeded_draws_from_its_seed_and_leaves_the_outer_stream_alone():

@@ -149,7 +149,8 @@ def test_collect_eval_predict_and_pipeline_draw_the_same_tokens(models, tmp_path
     # eval and collect seed each generation call by its first prompt (the same on any number of processes):
     # one call here, from prompt 0
     call_seed = rollout_seed(SEED, 0, 0)
-    assert eval_texts(models["clean"], SAMPLING, SEED) == reference(models["clean"], CHATS, SAMPLING, call_seed)
+    assert eval_texts(models["clean"], SAMPLING, SEED) == reference(models["clean"], CHATS, SAMPLING,
+                                                                      call_seed)
     # collect: the K samples of a prompt in adjacent rows (as num_return_sequences laid them out before)
     two_each = reference(models["clean"], CHATS, SAMPLING, call_seed, repeat=2)
     assert collect_texts(models["clean"], tmp_path, seeded) == [t.strip() for t in two_each]

@@ -189,8 +189,8 @@ def test_predict_eval_and_collect_stop_at_the_end_of_turn(chatml_folder, tmp_pat
     sampled = SamplingConfig(max_new_tokens=10, temperature=1.0)
     model, tok = load_model(str(chatml_folder), torch.device("cpu"), None)
     cfg = EvalConfig(policy=str(chatml_folder), prompts="unused.jsonl", generation=sampled)
-    gen = sample(model, tok, [Prompt(p, "") for p in CHATS], call_ranges(len(CHATS), sampled.batch_size), cfg, "policy",
-                 str(chatml_folder))
+    calls = call_ranges(len(CHATS), sampled.batch_size)
+    gen = sample(model, tok, [Prompt(p, "") for p in CHATS], calls, cfg, "policy", str(chatml_folder))
     assert gen.texts == [ANSWER, ANSWER]
     assert gen.ended == [True, True] and gen.tokens == [2, 2]  # " twice" and <|im_end|>
 

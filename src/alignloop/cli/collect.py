@@ -21,7 +21,8 @@ def run(args: argparse.Namespace) -> int:
         n = collect(args.model, args.prompts, args.db, args.round, k=args.k, sampling=sampling,
                     overlap=args.overlap, model_label=args.model_label)
         if processes().is_main_process:
-            print(f"collected {args.k} candidates for each of {n} prompts into round {args.round!r} ({args.db})")
+            print(f"collected {args.k} candidates for each of {n} prompts into round {args.round!r} "
+                  f"({args.db})")
 
     return run_training_command(args, collect_round)
 
@@ -37,8 +38,8 @@ def add_command(sub) -> None:
         epilog=examples_epilog("alignloop collect --model runs/sft/model --prompts prompts.jsonl --k 4 --round r1",
                                "alignloop collect --model smollm2-135m-instruct --prompts prompts.jsonl --round r1 "
                                "--db postgresql://feedback@db/feedback --temperature 0.8",
-                               "alignloop collect --model runs/sft/model --prompts prompts.jsonl --round r1 --nproc 2"
-                               "   # two processes, each sampling its share"))
+                               "alignloop collect --model runs/sft/model --prompts prompts.jsonl --round r1 "
+                               "--nproc 2   # two processes, each sampling its share"))
     p.add_argument("--model", required=True, help="model folder, hub id, .gguf or short name")
     p.add_argument("--prompts", required=True, help="JSONL/CSV/parquet with 'prompt' or 'messages' per record")
     p.add_argument("--round", required=True, help="round to add to (created with default criteria if new)")

@@ -1,8 +1,8 @@
 """The evaluation stage, top to bottom.
 
 read prompts -> for the policy, then the baseline: load, sample one response per prompt (left padding,
-KV cache, each generation call seeded by its first prompt, the same seeds for both), its test-set loss and its benchmark scores
-(lm-evaluation-harness on the loaded model) -> KL(policy || reference)
+KV cache, each generation call seeded by its first prompt, the same seeds for both), its test-set loss
+and its benchmark scores (lm-evaluation-harness on the loaded model) -> KL(policy || reference)
 on the policy's own sampled tokens -> score every response (reward model, gold function, safety
 check) -> per-prompt win rates of policy over baseline -> length and diversity -> human win rates
 from the feedback database -> eval.json + samples.jsonl -> FINISHED.
@@ -274,13 +274,15 @@ def run_eval(cfg: EvalConfig, overwrite: bool = False) -> Path:
         del rm
         release_memory()
     golds = {g.name: gold_scores(gold_fn, mine, g.texts) for g in runs} if gold_fn else {}
-    flags = {g.name: by_call(calls, lambda part, g=g: safety(g.texts[part])) for g in runs} if safety.enabled else {}
+    flags = {g.name: by_call(calls, lambda part, g=g: safety(g.texts[part])) for g in runs} \
+        if safety.enabled else {}
 
     # ---- every process's per-prompt results, in prompt order; the main process writes the run
     for g in runs:
         g.texts, g.tokens, g.ended = gather_object(g.texts), gather_object(g.tokens), gather_object(g.ended)
     kl = None if kl is None else gather_object(kl)
-    rewards, golds, flags = ({name: gather_object(v) for name, v in d.items()} for d in (rewards, golds, flags))
+    rewards, golds, flags = ({name: gather_object(values) for name, values in scores.items()}
+                             for scores in (rewards, golds, flags))
     if not main:
         state.wait_for_everyone()  # until the main process has written the run
         return run.root

@@ -54,14 +54,15 @@ def generate_candidates(model, tok, prompts: list[str | list[dict]], k: int, sam
     prompts, each padded to its own longest prompt and seeded by ``sampling.seed`` and its first prompt
     (alignloop.generation.calls), each prompt's K samples in contiguous rows (the row layout of
     transformers' num_return_sequences). Under torchrun each process samples its share of the calls."""
+    calls = my_calls(len(prompts), sampling.batch_size)  # first: a vLLM engine must see the processes
     stop_ids = stop_token_ids(tok, model.config, model.generation_config)
     sampler = make_sampler(model, stop_ids, tok.pad_token_id, sampling)
     # A raw text prompt gets the tokenizer's special tokens only when there is no chat template.
-    ids = [tok(render_prompt(tok, p), add_special_tokens=tok.chat_template is None)["input_ids"] for p in prompts]
-    calls = my_calls(len(prompts), sampling.batch_size)
+    ids = [tok(render_prompt(tok, p), add_special_tokens=tok.chat_template is None)["input_ids"]
+           for p in prompts]
     mine: list[list[str]] = []
-    for call, r in zip(calls, generate_calls(sampler, ids, sampling, calls, candidate_seed(sampling), "collect",
-                                             repeat=k), strict=True):
+    rollouts = generate_calls(sampler, ids, sampling, calls, candidate_seed(sampling), "collect", repeat=k)
+    for call, r in zip(calls, rollouts, strict=True):
         texts = [tok.decode(row[m.bool()], skip_special_tokens=True).strip()
                  for row, m in zip(r.response_ids, r.response_mask, strict=True)]
         mine += [texts[i * k:(i + 1) * k] for i in range(len(call))]

@@ -1,10 +1,10 @@
 """A stage's generation calls and the processes that make them.
 
-Prompts are cut into calls of ``generation.batch_size`` prompts (one call for all of them when it is null), each
-call is seeded by its first prompt (``rollout_seed``) inside a forked RNG, and the processes of a torchrun
-launch take contiguous runs of whole calls. So every call holds the same prompts, padded the same way, and
-draws from the same seed whatever the number of processes: N processes sample exactly what one samples,
-and gathering their results in process order gives the prompts' order back.
+Prompts are cut into calls of ``generation.batch_size`` prompts (one call for all of them when it is
+null), each call is seeded by its first prompt (``rollout_seed``) inside a forked RNG, and the processes
+of a torchrun launch take contiguous runs of whole calls. So every call holds the same prompts, padded
+the same way, and draws from the same seed whatever the number of processes: N processes sample exactly
+what one samples, and gathering their results in process order gives the prompts' order back.
 """
 
 from __future__ import annotations
