@@ -91,8 +91,8 @@ def test_eval_on_two_processes_writes_what_one_process_writes(world, tmp_path):
             "eval", "--policy", world["policy"], "--baseline", world["baseline"], "--reward-model",
             world["rm"], "--prompts", world["prompts"], "--gold", "alignloop.data.synthetic:gold_breakdown",
             "--test-data", world["test"], "--blocklist", "cat,before,about,kind,away",
-            "--output", outs[nproc], "--nproc", nproc, "generation.max_new_tokens=10", f"generation.batch_size={PER_CALL}",
-            "batch_size=4")
+            "--output", outs[nproc], "--nproc", nproc, "generation.max_new_tokens=10",
+            f"generation.batch_size={PER_CALL}", "batch_size=4")
     one, two = ({"eval": json.loads((out / "eval.json").read_text()),
                  "samples": [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]}
                 for out in (outs[1], outs[2]))
