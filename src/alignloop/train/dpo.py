@@ -274,8 +274,9 @@ def prompt_response_batch(prompts: list[list[int]], responses: list[list[list[in
 
 
 def sequence_logprobs(model: nn.Module, rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log pi(response | prompt) summed over response tokens [B], response token counts [B]): the LM head
-    runs at response positions only, so prompt and padding never count."""
+    """(log pi(response | prompt) summed over response tokens [n], response token counts [n]) of the rows'
+    n responses, in prompt_response_batch's order: the LM head runs at response positions only, so prompt and
+    padding never count."""
     select, response_mask = rows["select"], rows["response_mask"]
     logits = selected_next_token_logits(model, rows["input_ids"], select, rows["attention_mask"],
                                         rows["position_ids"])
