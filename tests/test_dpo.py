@@ -25,6 +25,7 @@ from alignloop.train.dpo import (
     prompt_response_batch,
     run_dpo,
     sequence_logprobs,
+    shares_prompt,
 )
 from conftest import WORDS, repeat_task, write_jsonl
 
@@ -57,22 +58,37 @@ def dpo_config(model: Path, train: Path, held_out: Path, out: Path, *overrides: 
 def test_padded_batch_gives_each_sequence_its_own_logprob_and_counts_only_response_tokens(tiny_model):
     model, tok = load_pretrained(ModelConfig(name_or_path=str(tiny_model), dropout=0.0))
     model.eval()
+    assert shares_prompt(model)  # SDPA attention: the default
     rng = random.Random(0)
     prompts = [[rng.randrange(3, 300) for _ in range(n)] for n in (3, 9, 1, 6)]
-    responses = [[rng.randrange(3, 300) for _ in range(n)] for n in (5, 2, 7, 1)]
+    # a pair, a single response, a ranking of three, a pair: a prompt's responses share its row
+    lengths = ((5, 2), (7,), (1, 4, 3), (2, 2))
+    responses = [[[rng.randrange(3, 300) for _ in range(n)] for n in ns] for ns in lengths]
+    shared = prompt_response_batch(prompts, responses, tok.pad_token_id)
+    # one row per prompt: the prompt but its last token once, then per response its last token + the response
+    row_lengths = [len(p) - 1 + sum(n + 1 for n in ns) for p, ns in zip(prompts, lengths, strict=True)]
+    assert row_lengths == [11, 16, 11, 11]
+    assert shared["input_ids"].shape == (4, 16) and shared["attention_mask"].shape == (4, 1, 16, 16)
+    assert shared["tokens"] == sum(row_lengths)
     with torch.no_grad():
-        batched, tokens = sequence_logprobs(model, prompt_response_batch(prompts, responses, tok.pad_token_id))
-        # Another pad id changes nothing: padding never counts.
+        batched, tokens = sequence_logprobs(model, shared)
+        # A row per response (as for attention without a custom mask) and another pad id change nothing.
+        rowed, _ = sequence_logprobs(model, prompt_response_batch(prompts, responses, tok.pad_token_id, False))
         other_pad, _ = sequence_logprobs(model, prompt_response_batch(prompts, responses, 7))
-        for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
-            alone, n = sequence_logprobs(model, prompt_response_batch([p], [r], tok.pad_token_id))
-            # By hand: one unpadded sequence, log-softmax of the positions that predict response tokens.
-            logits = model(input_ids=torch.tensor([p + r])).logits[0].float()
-            logp = torch.log_softmax(logits, -1)
-            by_hand = sum(logp[len(p) - 1 + t, tok_id].item() for t, tok_id in enumerate(r))
-            assert alone.item() == pytest.approx(by_hand, abs=1e-4)
-            assert batched[i].item() == pytest.approx(by_hand, abs=1e-4)
-            assert n.item() == tokens[i].item() == len(r)
+        i = 0
+        for p, answers in zip(prompts, responses, strict=True):
+            for r in answers:
+                alone, n = sequence_logprobs(model, prompt_response_batch([p], [[r]], tok.pad_token_id))
+                # By hand: one unpadded sequence, log-softmax of the positions that predict response tokens.
+                logits = model(input_ids=torch.tensor([p + r])).logits[0].float()
+                logp = torch.log_softmax(logits, -1)
+                by_hand = sum(logp[len(p) - 1 + t, tok_id].item() for t, tok_id in enumerate(r))
+                assert alone.item() == pytest.approx(by_hand, abs=1e-4)
+                assert batched[i].item() == pytest.approx(by_hand, abs=1e-4)
+                assert n.item() == tokens[i].item() == len(r)
+                i += 1
+    assert i == len(batched)
+    assert torch.allclose(batched, rowed, atol=1e-5)
     assert torch.allclose(batched, other_pad, atol=1e-5)
 
 

@@ -225,40 +225,72 @@ def encode_units(units: list[Unit], tokenizer, cfg: DPOConfig, stats: Counter, k
 Rows = dict[str, torch.Tensor]
 
 
-def prompt_response_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> Rows:
-    """Rows of prompt + response, right-padded as a whole so that a row is padded only to the longest row, not
-    to the longest prompt plus the longest response: ``input_ids`` / ``attention_mask`` [B, W], ``select``
-    [B, W-1] (the positions whose next token is a response token) and ``response_mask`` [B, R] (the response
-    tokens, row-major in the order ``select`` picks them). A right-padded causal row computes what it computes
-    alone (positions start at 0 in every row)."""
-    input_ids, attention_mask = right_pad([p + r for p, r in zip(prompts, responses, strict=True)], pad_id)
-    _, response_mask = right_pad(responses, pad_id)
-    select = torch.zeros(input_ids.shape[0], input_ids.shape[1] - 1, dtype=torch.bool)
-    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
-        select[i, len(p) - 1 : len(p) - 1 + len(r)] = True
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "select": select,
-            "response_mask": response_mask}
+def shares_prompt(model: nn.Module) -> bool:
+    """Whether a prompt's responses can share one row: SDPA attention takes the custom boolean mask as it is
+    (eager attention adds the mask to its scores and needs an additive one; flash attention takes none)."""
+    return getattr(model.config, "_attn_implementation", None) == "sdpa"
+
+
+def prompt_response_batch(prompts: list[list[int]], responses: list[list[list[int]]], pad_id: int,
+                          share_prompt: bool = True) -> Rows:
+    """Rows holding every response of every prompt (``responses[i]`` answer ``prompts[i]``), right-padded.
+
+    With ``share_prompt`` a prompt's responses share one row and the prompt is encoded once (a pair's chosen
+    and rejected, a ranking's K responses): the row is the prompt up to its last token, then per response a
+    segment of the prompt's last token and the response, at the positions it would have alone; a segment
+    attends to the prompt and to itself only, so every response is scored as if it were alone after the
+    prompt (the prompt's last token is repeated in each segment so that its position predicts that
+    response's first token). Otherwise every response has a row of its own: prompt + response.
+
+    ``input_ids`` / ``position_ids`` [B, W]; ``attention_mask`` [B, W] (a row per response: plain causal
+    attention) or the boolean [B, 1, W, W] mask of the shared rows; ``select`` [B, W-1] (the positions whose
+    next token is a response token); ``response_mask`` [n, R] (each response's tokens, row-major in the
+    order ``select`` picks them); ``tokens``: how many tokens the rows hold, padding excluded."""
+    ids, segments, positions = [], [], []
+    for prompt, answers in zip(prompts, responses, strict=True):
+        head, last = prompt[:-1], prompt[-1]
+        for group in ([answers] if share_prompt else [[r] for r in answers]):
+            row, segment, position = list(head), [0] * len(head), list(range(len(head)))
+            for k, r in enumerate(group, 1):
+                row += [last, *r]
+                segment += [k] * (len(r) + 1)
+                position += range(len(head), len(head) + len(r) + 1)
+            ids.append(row)
+            segments.append(segment)
+            positions.append(position)
+    input_ids, padding = right_pad(ids, pad_id)
+    segment, _ = right_pad(segments, -1)  # padding is segment -1: it attends to the prompt and itself only
+    position_ids, _ = right_pad(positions, 0)
+    select = (segment[:, 1:] == segment[:, :-1]) & (segment[:, 1:] > 0)
+    _, response_mask = right_pad([r for answers in responses for r in answers], pad_id)
+    if int(segment.max()) <= 1:
+        attention_mask = padding
+    else:
+        causal = torch.ones(segment.shape[1], segment.shape[1], dtype=torch.bool).tril()
+        key, query = segment[:, None, :], segment[:, :, None]
+        attention_mask = (causal & ((key == 0) | (key == query)))[:, None]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+            "select": select, "response_mask": response_mask, "tokens": padding.sum()}
 
 
 def sequence_logprobs(model: nn.Module, rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log pi(response | prompt) summed over response tokens [B], response token counts [B]): the LM head
-    runs at response positions only, so prompt and padding never count."""
+    """(log pi(response | prompt) summed over response tokens [n], response token counts [n]) of the rows'
+    n responses, in prompt_response_batch's order: the LM head runs at response positions only, so prompt and
+    padding never count."""
     select, response_mask = rows["select"], rows["response_mask"]
-    logits = selected_next_token_logits(model, rows["input_ids"], select, rows["attention_mask"])
+    logits = selected_next_token_logits(model, rows["input_ids"], select, rows["attention_mask"],
+                                        rows["position_ids"])
     logp = logprobs_from_logits(logits, rows["input_ids"][:, 1:][select])
     return scatter_response(logp, response_mask).sum(1), response_mask.sum(1).to(torch.float32)
 
 
-def collate(items: list[Encoded], pad_id: int) -> dict:
-    """Every response of every unit in one batch (chosen and rejected in one forward), with index tensors
-    saying which rows form which pairs in which unit, and the KTO rows and labels."""
-    prompts, responses, chosen, rejected, pair_unit, desirable, labelled = [], [], [], [], [], [], []
-    kl_prompts, kl_responses, reference, reference_kl = [], [], [], []
+def collate(items: list[Encoded], pad_id: int, share_prompt: bool = True) -> dict:
+    """Every response of every unit in one batch (chosen and rejected in one forward; with ``share_prompt``
+    a unit's prompt encoded once), with index tensors saying which responses form which pairs in which unit,
+    and the KTO responses and labels."""
+    chosen, rejected, pair_unit, desirable, labelled, reference, reference_kl = [], [], [], [], [], [], []
+    row = 0
     for ui, e in enumerate(items):
-        row = len(responses)
-        for r in e.response_ids:
-            prompts.append(e.prompt_ids)
-            responses.append(r)
         for a, b in e.unit.pairs:
             chosen.append(row + a)
             rejected.append(row + b)
@@ -267,21 +299,21 @@ def collate(items: list[Encoded], pad_id: int) -> dict:
             if d is not None:
                 labelled.append(row + i)
                 desirable.append(d)
-        for r in e.kl_response_ids:
-            kl_prompts.append(e.prompt_ids)
-            kl_responses.append(r)
+        row += len(e.response_ids)
         if e.reference is not None:
             reference.extend(e.reference)
             reference_kl.extend(e.reference_kl or [])
-    rows = prompt_response_batch(prompts, responses, pad_id)
+    prompts = [e.prompt_ids for e in items]
+    rows = prompt_response_batch(prompts, [e.response_ids for e in items], pad_id, share_prompt)
     long = torch.long
     batch = {**rows, "chosen": torch.tensor(chosen, dtype=long),
              "rejected": torch.tensor(rejected, dtype=long), "pair_unit": torch.tensor(pair_unit, dtype=long),
              "labelled": torch.tensor(labelled, dtype=long), "desirable": torch.tensor(desirable, dtype=torch.bool),
              "n_units": len(items), "loss_units": len(items) if chosen else len(labelled),
-             "tokens": int(rows["attention_mask"].sum())}
-    if kl_prompts:
-        batch.update({f"kl_{k}": v for k, v in prompt_response_batch(kl_prompts, kl_responses, pad_id).items()})
+             "tokens": int(rows.pop("tokens"))}
+    if items[0].kl_response_ids:
+        kl_rows = prompt_response_batch(prompts, [e.kl_response_ids for e in items], pad_id, share_prompt)
+        batch.update({f"kl_{k}": v for k, v in kl_rows.items() if k != "tokens"})
     if reference:
         batch["reference"] = torch.tensor(reference, dtype=torch.float32)
     if reference_kl:
@@ -289,7 +321,7 @@ def collate(items: list[Encoded], pad_id: int) -> dict:
     return batch
 
 
-ROW_KEYS = ("input_ids", "attention_mask", "select", "response_mask")
+ROW_KEYS = ("input_ids", "attention_mask", "position_ids", "select", "response_mask")
 
 
 def batch_rows(batch: dict, prefix: str = "") -> Rows:
@@ -371,13 +403,14 @@ def step_metrics(metrics: dict[str, torch.Tensor], units: int, kto: bool) -> dic
 
 
 def evaluate_units(model: nn.Module, items: list[Encoded], cfg: DPOConfig, reference: ReferenceFn | None,
-                   pad_id: int, batch_size: int, device: torch.device) -> dict[str, float]:
+                   pad_id: int, batch_size: int, device: torch.device, share_prompt: bool = True
+                   ) -> dict[str, float]:
     """The objective and its metrics over held-out units: pairwise losses report means per unit (as the
     training log does); KTO reports desirable and undesirable means and their margins."""
     totals: Counter = Counter()
     units = 0
     for i in range(0, len(items), batch_size):
-        batch = collate(items[i : i + batch_size], pad_id)
+        batch = collate(items[i : i + batch_size], pad_id, share_prompt)
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         loss, metrics = objective(model, batch, cfg, reference)
         totals["loss"] += loss.item()
@@ -430,7 +463,7 @@ def fingerprint(items: list[Encoded]) -> str:
 
 
 def precompute_reference(items: list[Encoded], name: str, folder: Path, reference: ReferenceFn, model: nn.Module,
-                         acc, pad_id: int, batch_size: int) -> None:
+                         acc, pad_id: int, batch_size: int, share_prompt: bool = True) -> None:
     """Reference log-probs of every response (and KTO's KL responses), one pass, cached in ``folder`` in
     chunks of REFERENCE_CHUNK units: a resumed run (or a pass killed half-way) reads what is there."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -442,13 +475,13 @@ def precompute_reference(items: list[Encoded], name: str, folder: Path, referenc
             logps, kl = [], []
             for i in range(0, len(chunk), batch_size):
                 part = chunk[i : i + batch_size]
-                rows = prompt_response_batch([e.prompt_ids for e in part for _ in e.response_ids],
-                                             [r for e in part for r in e.response_ids], pad_id)
+                prompts = [e.prompt_ids for e in part]
+                rows = prompt_response_batch(prompts, [e.response_ids for e in part], pad_id, share_prompt)
                 with torch.no_grad(), acc.autocast():
                     logps.append(reference(model, _to(rows, acc.device)).float().cpu())
                     if part[0].kl_response_ids:
-                        kl_rows = prompt_response_batch([e.prompt_ids for e in part for _ in e.kl_response_ids],
-                                                        [r for e in part for r in e.kl_response_ids], pad_id)
+                        kl_rows = prompt_response_batch(prompts, [e.kl_response_ids for e in part], pad_id,
+                                                        share_prompt)
                         kl.append(reference(model, _to(kl_rows, acc.device)).float().cpu())
             tensors = {"logps": torch.cat(logps)}
             if kl:
@@ -471,7 +504,7 @@ def _cached_key(path: Path) -> str | None:
 
 
 def _to(rows: Rows, device: torch.device) -> Rows:
-    return {k: v.to(device) for k, v in rows.items()}
+    return {k: v.to(device) for k, v in rows.items() if k in ROW_KEYS}
 
 
 # ---------------------------------------------------------------- the stage
@@ -500,6 +533,7 @@ def run_dpo(cfg: DPOConfig, overwrite: bool = False) -> Path:
     torch.manual_seed(cfg.train.seed)  # before the model is built: a LoRA adapter is initialised randomly
     policy, ref, tok = load_policy_and_reference(cfg, acc.device)
     pad_id = tok.pad_token_id
+    share = shares_prompt(policy)  # a prompt's responses in one row, the prompt encoded once
     stats: Counter = Counter()
     train, val, test = (encode_units(units[k], tok, cfg, stats, kto) if units[k] else []
                         for k in ("train", "validation", "test"))
@@ -524,7 +558,7 @@ def run_dpo(cfg: DPOConfig, overwrite: bool = False) -> Path:
         if s.reference == "precompute":
             for name, items in (("train", train), ("validation", val), ("test", test)):
                 precompute_reference(items, name, run.root / "reference", reference_logps, policy, acc, pad_id,
-                                     eval_bs)
+                                     eval_bs, share)
             ref = None  # the cached log-probs replace it: no second model in memory while training
         else:
             live = reference_logps
@@ -534,10 +568,10 @@ def run_dpo(cfg: DPOConfig, overwrite: bool = False) -> Path:
         return loss, batch["loss_units"], step_metrics(metrics, batch["loss_units"], kto)
 
     def evaluate(m) -> dict[str, float]:
-        r = evaluate_units(m, val, cfg, live, pad_id, eval_bs, acc.device)
+        r = evaluate_units(m, val, cfg, live, pad_id, eval_bs, acc.device, share)
         return {f"eval_{k}": v for k, v in r.items() if k != "units"}
 
-    result = fit(policy, train, lambda b: collate(b, pad_id), loss_fn, cfg.train, run,
+    result = fit(policy, train, lambda b: collate(b, pad_id, share), loss_fn, cfg.train, run,
                  evaluate=evaluate if val else None,
                  lengths=[len(e) for e in train] if cfg.train.group_by_length else None, accelerator=acc,
                  tracker_config=cfg.model_dump(mode="json"), description="dpo")
@@ -551,7 +585,7 @@ def run_dpo(cfg: DPOConfig, overwrite: bool = False) -> Path:
                                                if k.startswith("eval_")}
         for name, items in (("validation", val), ("test", test)):
             if items:
-                evaluation[name] = evaluate_units(final, items, cfg, live, pad_id, eval_bs, acc.device)
+                evaluation[name] = evaluate_units(final, items, cfg, live, pad_id, eval_bs, acc.device, share)
         return evaluation
 
     def save(final, state_dict: dict | None) -> None:
