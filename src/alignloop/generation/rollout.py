@@ -41,7 +41,9 @@ class Rollout:
 
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log p(token) under softmax(logits / temperature): the same distribution the sampler drew from."""
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    logits = logits.float()
+    # x / 1.0 == x exactly, so skipping it changes no number and saves a copy of the logits (and its backward)
+    logp = torch.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
     return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
