@@ -14,8 +14,9 @@ autocast instead), 2 threads, sdpa attention, no gradient checkpointing. It runs
 for plain shuffled batches) and times it from the end of optimizer step 3 to the end of the last
 step, so collation, forward, backward, clipping, the optimizer, metrics logging and progress
 bookkeeping all count. Tokens are the non-pad tokens of every timed batch (packing: every token
-of every packed row except row padding). ``--fixtures`` is the folder make_fixtures.py wrote; the
-peer's synth.py and common.py are imported from the folder above it.
+of every packed row except row padding). ``loss_curve`` is the mean token loss of every optimizer
+step (bf16 against fp32: bench/README.md); ``--seed`` sets the batch order. ``--fixtures`` is the
+folder make_fixtures.py wrote; the peer's synth.py and common.py are imported from the folder above it.
 """
 
 from __future__ import annotations
