@@ -14,8 +14,9 @@ autocast instead), 2 threads, sdpa attention, no gradient checkpointing. It runs
 for plain shuffled batches) and times it from the end of optimizer step 3 to the end of the last
 step, so collation, forward, backward, clipping, the optimizer, metrics logging and progress
 bookkeeping all count. Tokens are the non-pad tokens of every timed batch (packing: every token
-of every packed row except row padding). ``--fixtures`` is the folder make_fixtures.py wrote; the
-peer's synth.py and common.py are imported from the folder above it.
+of every packed row except row padding). ``loss_curve`` is the mean token loss of every optimizer
+step (bf16 against fp32: bench/README.md); ``--seed`` sets the batch order. ``--fixtures`` is the
+folder make_fixtures.py wrote; the peer's synth.py and common.py are imported from the folder above it.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ def main() -> None:
     ap.add_argument("--max-steps", type=int, default=None, help="default: one full epoch")
     ap.add_argument("--warmup-steps", type=int, default=3)
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (mixed precision) instead of fp32")
+    ap.add_argument("--seed", type=int, default=42, help="train.seed: batch order (the fixture weights are fixed)")
     ap.add_argument("--no-group-by-length", action="store_true", help="batches in plain shuffled order")
     ap.add_argument("--peer-variant", choices=["padded", "padding_free", "packing"], default=None,
                     help="the peer's SFT variant (default: packing for --variant packing, else padding_free, "
@@ -71,7 +73,7 @@ def main() -> None:
     overrides = ["train.lr=1e-5", "train.schedule=constant", "train.warmup_steps=0", "train.weight_decay=0",
                  f"train.batch_size={a.batch_size}", "train.epochs=1", "train.max_grad_norm=1.0",
                  f"train.mixed_precision={'bf16' if a.bf16 else 'no'}", "train.report_to=[]",
-                 "train.log_steps=10", "train.seed=42", "model.dtype=float32", "data.split.validation=0",
+                 "train.log_steps=10", f"train.seed={a.seed}", "model.dtype=float32", "data.split.validation=0",
                  "data.clean.dedupe_exact=false", f"data.packing={packing}",
                  f"data.max_seq_len={a.pack_length if packing else 1024}",
                  f"train.group_by_length={not a.no_group_by_length}"]
@@ -83,11 +85,19 @@ def main() -> None:
     batches: list[dict] = []
     step_ends: list[float] = []
     snaps: list[tuple] = []
+    losses: list[float] = []  # mean token loss of every optimizer step: the loss curve
+    step_loss = {"sum": 0.0, "units": 0}
     info: dict = {}
     real_fit = stage.fit
 
-    def timed_fit(model, items, collate, *args, **kwargs):
+    def timed_fit(model, items, collate, loss_fn, *args, **kwargs):
         info["params"] = count_parameters(model)["total"]
+
+        def recording_loss(m, batch):
+            loss_sum, units, extras = loss_fn(m, batch)
+            step_loss["sum"] += loss_sum.item()
+            step_loss["units"] += units
+            return loss_sum, units, extras
 
         def counting_collate(group):
             batch = collate(group)
@@ -99,9 +109,11 @@ def main() -> None:
         def on_step(state):
             snaps.append(common.cpu_snapshot())
             step_ends.append(snaps[-1][0])
+            losses.append(step_loss["sum"] / max(step_loss["units"], 1))
+            step_loss.update(sum=0.0, units=0)
 
         t0 = time.perf_counter()
-        result = real_fit(model, items, counting_collate, *args, on_step=on_step, **kwargs)
+        result = real_fit(model, items, counting_collate, recording_loss, *args, on_step=on_step, **kwargs)
         info["train_wall_seconds"] = round(time.perf_counter() - t0, 2)
         return result
 
@@ -146,6 +158,8 @@ def main() -> None:
         "loss_tokens": loss_tokens,
         "loss_tokens_per_sec": round(loss_tokens / secs, 1),
         "other_procs_cores": round(common.other_load(snaps[first - 1], snaps[-1]), 3),
+        "seed": a.seed,
+        "loss_curve": [round(v, 5) for v in losses],
     }
     shutil.rmtree(work, ignore_errors=True)
     peer_variant = a.peer_variant or ("packing" if packing else "padding_free")

@@ -9,6 +9,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
 from alignloop.config import TrainConfig
+from alignloop.models.precision import bound_onednn_kernel_caches
 from alignloop.runs import RunDir
 
 TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
@@ -26,6 +27,8 @@ def make_accelerator(cfg: TrainConfig, run: RunDir | None = None, trackers: bool
     # so a stage that asks for another precision starts from a fresh state (the process group is kept).
     if AcceleratorState._shared_state and AcceleratorState().mixed_precision != mp:
         AcceleratorState._reset_state(reset_partial_state=False)
+    if mp == "bf16" and not cuda:
+        bound_onednn_kernel_caches()
     log_with = []
     if trackers and run is not None:
         log_with = [t for t in cfg.report_to if importlib.util.find_spec(TRACKER_MODULES[t])]
