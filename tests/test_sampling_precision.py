@@ -1,7 +1,8 @@
 """generation.precision: which dtype each stage's transformers sampler decodes in, the sampler's own
 weight copy (autocast off, synced by load_weights), and PPO's one mismatch condition (a sampler with
 numerics of its own: old log-probs recomputed by the trainer, truncated importance weights logged) that
-still learns the toy task, while precision auto leaves PPO's path as it was."""
+still learns the toy task, while precision auto leaves PPO's path as it was; eval's KL side scored in
+the model's own precision."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from alignloop.config import PPOConfig, SamplingConfig, build_config
+from alignloop.config import EvalConfig, PPOConfig, SamplingConfig, build_config
 from alignloop.errors import UserError
+from alignloop.evaluate.eval import Prompt, load_model, sample
 from alignloop.generation import backends
 from alignloop.generation.backends import make_sampler, sampling_dtype
 from alignloop.generation.rollout import response_logprobs
@@ -119,3 +121,17 @@ def test_ppo_sampling_in_another_precision_corrects_by_importance_weights_and_le
 def test_precision_is_validated():
     with pytest.raises(UserError, match="generation.precision: Input should be 'auto', 'fp32' or 'bf16'"):
         build_config(PPOConfig, None, {}, ["generation.precision=fp16"])
+
+
+def test_eval_scores_the_kl_side_in_the_models_own_precision(tiny_model_factory):
+    folder = tiny_model_factory("llama")
+    model, tok = load_model(str(folder), torch.device("cpu"), None)
+    prompts = [Prompt(text, "") for text in ("a b c", "the cat sat on", "one two")]
+    bf16 = SamplingConfig(max_new_tokens=6, batch_size=2, precision="bf16")
+    cfg = EvalConfig(policy=str(folder), prompts="unused.jsonl", generation=bf16, seed=3)
+    sampled = sample(model, tok, prompts, cfg, "policy", str(folder))
+    kl_side = sample(model, tok, prompts, cfg, "policy", str(folder), kl_side=True)
+    assert kl_side.texts == sampled.texts  # the same draws: only the log-probs are scored again
+    for fp32, bf16_logp in zip(kl_side.rollouts, sampled.rollouts, strict=True):
+        torch.testing.assert_close(fp32.logprobs, response_logprobs(model, fp32, 1.0), atol=1e-5, rtol=0)
+        assert (fp32.logprobs - bf16_logp.logprobs).abs().max() > 1e-4
