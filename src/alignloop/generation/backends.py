@@ -33,9 +33,9 @@ def sampling_dtype(model: nn.Module, precision: str, trainer_dtype: torch.dtype 
 def make_sampler(model: nn.Module, stop_ids: Sequence[int], pad_id: int, sampling: SamplingConfig,
                  trainer_dtype: torch.dtype | None = None) -> Sampler:
     """transformers: ``model`` samples itself, or a copy of it in the precision of ``sampling_dtype``.
-    vllm: an in-process engine loaded with ``model``'s weights now. A sampler with ``own_numerics`` has
-    its own copy of the weights: a caller that changes them afterwards (PPO) pushes them again with
-    ``load_weights``, and recomputes the log-probs it trains on."""
+    vllm: an in-process engine loaded with ``model``'s weights now. A sampler with ``own_numerics`` (vLLM,
+    or a precision of its own) may hold its own copy of the weights: a caller that changes them afterwards
+    (PPO) pushes them again with ``load_weights``, and recomputes the log-probs it trains on."""
     if sampling.backend == "vllm":
         return VLLMSampler.for_model(model, stop_ids, pad_id, sampling.vllm)
     return TransformersSampler(model, stop_ids, pad_id, sampling_dtype(model, sampling.precision, trainer_dtype))
