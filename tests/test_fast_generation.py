@@ -225,10 +225,11 @@ def test_sample_tokens_is_greedy_below_the_temperature_floor_and_per_row():
 # ---------------------------------------------------------------- the benchmark
 
 
-def test_bench_prints_both_throughputs(peer_bench_fixtures):
+@pytest.mark.parametrize("precision", [[], ["--precision", "bf16", "--hf-precision", "fp32"]])
+def test_bench_prints_both_throughputs(peer_bench_fixtures, precision):
     bench = Path(__file__).resolve().parents[1] / "bench" / "generate.py"
     out = subprocess.run([sys.executable, str(bench), "--model", "tiny", "--fixtures", str(peer_bench_fixtures),
-                          "--batch-size", "4", "--new-tokens", "5", "--repeats", "1"],
+                          "--batch-size", "4", "--new-tokens", "5", "--repeats", "1", *precision],
                          capture_output=True, text=True, timeout=300, env=dict(os.environ, BENCH_OUT=""))
     assert out.returncode == 0, out.stderr[-3000:]
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("BENCH_JSON ")]
@@ -237,3 +238,4 @@ def test_bench_prints_both_throughputs(peer_bench_fixtures):
     assert res["batch_size"] == 4 and res["new_tokens_per_seq"] == 5 and res["peak_rss_mb"] > 0
     assert res["alignloop"]["new_tokens_per_sec"] > 0 and res["model_generate"]["new_tokens_per_sec"] > 0
     assert res["speedup"] > 0
+    assert (res["precision"], res["model_generate_precision"]) == (("bf16", "fp32") if precision else ("fp32", "fp32"))

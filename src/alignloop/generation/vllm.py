@@ -255,6 +255,8 @@ class VLLMSampler:
     those of the truncated distribution it drew from. vLLM's default (raw) log-probs ignore the
     temperature."""
 
+    own_numerics = True  # a trainer recomputes its own log-probs (see TransformersSampler.own_numerics)
+
     def __init__(self, llm, stop_ids: Sequence[int], pad_id: int, settings: VLLMSettings, can_sleep: bool,
                  tied_embeddings: bool, folder: tempfile.TemporaryDirectory) -> None:
         self.llm = llm

@@ -50,7 +50,6 @@ from alignloop.generation.rollout import (
     scatter_response,
     sequence_inputs,
 )
-from alignloop.generation.vllm import VLLMSampler
 from alignloop.models.forward import body_and_lm_head, causal_lm_loss_sum, is_parallel_wrapped
 from alignloop.models.load import (
     count_parameters,
@@ -66,7 +65,7 @@ from alignloop.runs import MetricsLog, RunDir
 from alignloop.training.accelerator import make_accelerator
 from alignloop.training.batch_order import epoch_batches
 from alignloop.training.checkpoint import Checkpointer, load_trainable_state, trainable_state
-from alignloop.training.distributed import full_parameters, wrap_for_training
+from alignloop.training.distributed import PARAM_DTYPES, full_parameters, wrap_for_training
 from alignloop.training.divergence import DivergenceCheck
 from alignloop.training.finish import finish_run
 from alignloop.training.logger import StepLogger
@@ -283,10 +282,11 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
     eval_prompts = tokenize_prompts(eval_records, tok, cfg.data.max_prompt_len)
     ptx = ptx_batches(cfg.data.ptx, tok, p.ptx_batch_size, cfg.train.seed) if p.ptx_coef > 0 else None
     stop_ids = stop_token_ids(tok, policy.config, policy.generation_config)
-    sampler = make_sampler(policy, stop_ids, tok.pad_token_id, g)
-    # An engine with its own copy of the weights (vLLM) gets the policy's after every change, and its
-    # log-probs only weight the loss (truncated importance sampling): the trainer's are recomputed.
-    engine = sampler if isinstance(sampler, VLLMSampler) else None
+    sampler = make_sampler(policy, stop_ids, tok.pad_token_id, g, PARAM_DTYPES.get(acc.mixed_precision, torch.float32))
+    # A sampler with numerics of its own (vLLM; generation.precision other than the trainer's) gets the
+    # policy's weights after every change, and its log-probs only weight the loss (truncated importance
+    # sampling): the trainer's are recomputed.
+    engine = sampler if sampler.own_numerics else None
     scoring_batch = g.batch_size or len(my_rows)  # no-grad reference / critic forwards, batched as generation
 
     # The modules the losses call: DDP-wrapped on several processes, or sharded in place (then `policy` and
