@@ -58,6 +58,10 @@ class DemoSize:
     rm_freeze_layers: int = 2  # of the pretrained reward-model encoder, besides its embeddings
     # SFT's and PPO's autocast ("auto": bf16 on GPUs, fp32 on CPU); PPO's rollouts run under it too.
     mixed_precision: str = "auto"
+    # PPO's rollouts (generation.precision): "auto" samples under the trainer's autocast. With LoRA that recasts
+    # the frozen base weights at every decode step (autocast caches only casts of weights that need gradients);
+    # "bf16" samples a bf16 copy, synced after every update, with the truncated IS correction.
+    ppo_generation_precision: str = "auto"
     # ``--algorithm dpo``: each round's DPO on all feedback so far. Seed 0, round 1 (the same SFT model and
     # labels; gold 0.723 for SFT): beta 0.1 and 2 epochs reached gold 0.855 / win rate 0.74 at KL 15.4 to SFT
     # (responses 63 tokens, at the 64-token limit); 1 epoch with beta 0.25 gave 0.861 / 0.77 at KL 2.4 and
@@ -122,7 +126,9 @@ def pipeline_config(root: Path, data: dict[str, Path], base_model: Path, size: D
         },
         "ppo": {
             **({"model": lora} if real else {}),
-            "generation": {"max_new_tokens": size.max_new_tokens, "temperature": 1.0},
+            "generation": {"max_new_tokens": size.max_new_tokens, "temperature": 1.0,
+                           **({"precision": size.ppo_generation_precision}
+                              if size.ppo_generation_precision != "auto" else {})},
             "ppo": {"steps": size.ppo_steps, "rollout_size": size.rollout_size, "mini_batch_size": size.rollout_size // 2,
                     "micro_batch_size": size.rollout_size // 2, "ppo_epochs": size.ppo_epochs, "kl_coef": 0.1,
                     "kl_target": size.kl_target, "kl_horizon": 1000, "missing_eos_penalty": 1.0, "critic": "policy_head",
@@ -269,4 +275,4 @@ def run_demo(output: str | Path, size: DemoSize = FULL, seed: int = 0, model_nam
 REAL = replace(FULL, sft_records=400, rl_prompts=400, eval_prompts=96, gold_test_prompts=32, sft_steps=16,
                sft_batch=8, prompts_per_round=96, overlap=3, rm_epochs=3.0, rm_freeze_layers=0, ppo_steps=6,
                round2_ppo_steps=None, rollout_size=32, max_new_tokens=64, ppo_lr=2e-4, ppo_epochs=1,
-               mixed_precision="bf16")
+               mixed_precision="bf16", ppo_generation_precision="bf16")
