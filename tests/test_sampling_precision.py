@@ -41,13 +41,13 @@ def test_sampling_dtype_per_stage_and_precision(model, monkeypatch):
     # a training caller at auto samples under its own autocast, whatever the model's size
     assert sampling_dtype(model, "auto", torch.float32) is None
     assert sampling_dtype(model, "auto", torch.bfloat16) is None
-    # explicit precisions: none of its own where it is the trainer's
-    assert sampling_dtype(model, "bf16", torch.bfloat16) is None
+    # explicit precisions: none of its own only where the fp32 model and its trainer already compute in it
     assert sampling_dtype(model, "fp32", torch.float32) is None
+    assert sampling_dtype(model, "bf16", torch.bfloat16) is torch.bfloat16  # autocast over fp32 weights
     assert sampling_dtype(model, "bf16", torch.float32) is torch.bfloat16
     assert sampling_dtype(model, "fp32", torch.bfloat16) is torch.float32
     assert sampling_dtype(model, "bf16", None) is torch.bfloat16
-    assert sampling_dtype(model, "fp32", None) is torch.float32
+    assert sampling_dtype(model, "fp32", None) is None
     # inference-only stages at auto: bf16 exactly where models.precision says it pays on CPU
     monkeypatch.setattr(backends, "bf16_pays_on_cpu", lambda m: False)
     assert sampling_dtype(model, "auto", None) is None

@@ -27,7 +27,9 @@ def sampling_dtype(model: nn.Module, precision: str, trainer_dtype: torch.dtype 
         on_cpu_fp32 = weights.device.type == "cpu" and weights.dtype == torch.float32
         return torch.bfloat16 if on_cpu_fp32 and bf16_pays_on_cpu(model) else None
     wanted = PRECISION_DTYPES[precision]
-    return None if wanted == trainer_dtype else wanted
+    # The model as it is decodes exactly in ``wanted`` only where its weights are in it and no trainer's
+    # autocast computes otherwise; a bf16 autocast over fp32 weights is not bf16 weights (and recasts frozen ones).
+    return None if wanted == next(model.parameters()).dtype and trainer_dtype in (None, wanted) else wanted
 
 
 def make_sampler(model: nn.Module, stop_ids: Sequence[int], pad_id: int, sampling: SamplingConfig,
