@@ -3,12 +3,15 @@
     python bench/generate.py --model tiny --fixtures /tmp/peer-bench/fixtures
     python bench/generate.py --model 25m --fixtures /tmp/peer-bench/fixtures --batch-size 32 --new-tokens 64
     python bench/generate.py --model 25m --fixtures /tmp/peer-bench/fixtures --precision bf16 [--hf-precision fp32]
+    .venv-vllm/bin/python bench/generate.py --model tiny --fixtures /tmp/peer-bench/fixtures --backend vllm
 
 Workload (the peer's hf_generate.py): the first ``--batch-size`` of synth.rl_prompts(64), left-padded,
 exactly ``--new-tokens`` new tokens per sequence (ours: stop_on_eos false; model.generate:
 min_new_tokens = max_new_tokens), sampling at temperature 1 / top_k 0 / top_p 1, KV cache on, 2 threads,
 in ``--precision`` (ours: generation.precision, a bf16 weight copy; model.generate: the model cast to it)
 unless ``--hf-precision`` gives model.generate another one (ours in bf16 against the fp32 baseline).
+``--backend vllm`` times alignloop's vLLM sampler (generation.backend=vllm, an in-process engine loaded
+with the same weights; `make vllm-env`) in place of its transformers one, against the same model.generate.
 Both run on the same loaded model, alternating call by call (so a change in the machine's load hits both alike): one warm-up call each, then ``--repeats`` timed calls each; new tokens/s from the
 median call time. Prints one ``BENCH_JSON`` line with both figures, their ratio and the process's peak RSS
 (common.emit adds it).
@@ -37,6 +40,8 @@ def main() -> None:
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--hf-precision", choices=["fp32", "bf16"], default=None,
                     help="model.generate's precision (default: --precision)")
+    ap.add_argument("--backend", choices=["transformers", "vllm"], default="transformers",
+                    help="alignloop's sampler (generation.backend)")
     a = ap.parse_args()
 
     fixtures = Path(a.fixtures).resolve()
@@ -65,7 +70,8 @@ def main() -> None:
         max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens, use_cache=True, do_sample=True, temperature=1.0,
         top_k=0, top_p=1.0, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id)
-    sampling = SamplingConfig(max_new_tokens=a.new_tokens, temperature=1.0, stop_on_eos=False, precision=a.precision)
+    sampling = SamplingConfig(max_new_tokens=a.new_tokens, temperature=1.0, stop_on_eos=False, precision=a.precision,
+                              backend=a.backend)
     sampler = make_sampler(model, [tokenizer.eos_token_id], tokenizer.pad_token_id, sampling)
     hf_precision = a.hf_precision or a.precision
     hf_model = model if hf_precision == "fp32" else copy.deepcopy(model).to(PRECISION_DTYPES[hf_precision])
@@ -103,6 +109,7 @@ def main() -> None:
         "prompt_len_padded": int(batch["input_ids"].shape[1]),
         "new_tokens_per_seq": a.new_tokens,
         "decoding": "sample(T=1)",
+        "backend": a.backend,
         "precision": a.precision,
         "model_generate_precision": hf_precision,
         "kv_cache": True,
