@@ -45,7 +45,7 @@ def test_collect_generates_k_candidates_with_settings(tiny_model, tmp_path):
         g = cands[0].generation
         # The flags not given take the one default set every stage samples with (SamplingConfig).
         assert g == {"temperature": 0.9, "top_p": 1.0, "top_k": 0, "max_new_tokens": 12, "stop_on_eos": True,
-                     "batch_size": 16, "seed": 3, "backend": "transformers", "k": 3,
+                     "batch_size": 16, "seed": 3, "backend": "transformers", "precision": "auto", "k": 3,
                      "sample": g["sample"]}
         per_prompt = {}
         for c in cands:
