@@ -33,7 +33,7 @@ def add_command(sub) -> None:
                     "report. Prints a summary table; exits 1 if a check of a healthy loop failed. About 13-14 "
                     "minutes on 2 CPU cores; re-running resumes.",
         epilog=examples_epilog("alignloop demo", "alignloop demo --output runs/demo-seed1 --seed 1",
-                               "alignloop demo --model smollm2-135m-instruct   # real model + LoRA, ~23 min on 2 cores",
+                               "alignloop demo --model smollm2-135m-instruct   # real model + LoRA, ~18 min on 2 cores",
                                "alignloop demo --algorithm dpo --output runs/demo-dpo   # online DPO rounds"),
     )
     p.add_argument("--model", help="tiny (default) or smollm2-135m-instruct")
