@@ -64,7 +64,7 @@ def test_padded_batch_gives_each_sequence_its_own_logprob_and_counts_only_respon
     # a pair, a single response, a ranking of three, a pair: a prompt's responses share its row
     lengths = ((5, 2), (7,), (1, 4, 3), (2, 2))
     responses = [[[rng.randrange(3, 300) for _ in range(n)] for n in ns] for ns in lengths]
-    shared = prompt_response_batch(prompts, responses, tok.pad_token_id)
+    shared = prompt_response_batch(prompts, responses, tok.pad_token_id, True)
     # one row per prompt: the prompt but its last token once, then per response its last token + the response
     row_lengths = [len(p) - 1 + sum(n + 1 for n in ns) for p, ns in zip(prompts, lengths, strict=True)]
     assert row_lengths == [11, 16, 11, 11]
@@ -74,11 +74,11 @@ def test_padded_batch_gives_each_sequence_its_own_logprob_and_counts_only_respon
         batched, tokens = sequence_logprobs(model, shared)
         # A row per response (as for attention without a custom mask) and another pad id change nothing.
         rowed, _ = sequence_logprobs(model, prompt_response_batch(prompts, responses, tok.pad_token_id, False))
-        other_pad, _ = sequence_logprobs(model, prompt_response_batch(prompts, responses, 7))
+        other_pad, _ = sequence_logprobs(model, prompt_response_batch(prompts, responses, 7, True))
         i = 0
         for p, answers in zip(prompts, responses, strict=True):
             for r in answers:
-                alone, n = sequence_logprobs(model, prompt_response_batch([p], [[r]], tok.pad_token_id))
+                alone, n = sequence_logprobs(model, prompt_response_batch([p], [[r]], tok.pad_token_id, True))
                 # By hand: one unpadded sequence, log-softmax of the positions that predict response tokens.
                 logits = model(input_ids=torch.tensor([p + r])).logits[0].float()
                 logp = torch.log_softmax(logits, -1)

@@ -83,7 +83,8 @@ class TransformersSampler:
             return
         mine, theirs = self.model.named_parameters(), model.named_parameters()
         for (name, dst), (other, src) in zip(mine, theirs, strict=True):
-            assert name == other, f"the sampler's copy has {name} where the model has {other}"
+            if name != other:
+                raise ValueError(f"the sampler's copy has {name} where the model has {other}")
             dst.copy_(full_tensor(src.detach()))
 
     def sleep(self) -> None:

@@ -232,7 +232,7 @@ def shares_prompt(model: nn.Module) -> bool:
 
 
 def prompt_response_batch(prompts: list[list[int]], responses: list[list[list[int]]], pad_id: int,
-                          share_prompt: bool = True) -> Rows:
+                          share_prompt: bool) -> Rows:
     """Rows holding every response of every prompt (``responses[i]`` answer ``prompts[i]``), right-padded.
 
     With ``share_prompt`` a prompt's responses share one row and the prompt is encoded once (a pair's chosen
@@ -284,7 +284,7 @@ def sequence_logprobs(model: nn.Module, rows: Rows) -> tuple[torch.Tensor, torch
     return scatter_response(logp, response_mask).sum(1), response_mask.sum(1).to(torch.float32)
 
 
-def collate(items: list[Encoded], pad_id: int, share_prompt: bool = True) -> dict:
+def collate(items: list[Encoded], pad_id: int, share_prompt: bool) -> dict:
     """Every response of every unit in one batch (chosen and rejected in one forward; with ``share_prompt``
     a unit's prompt encoded once), with index tensors saying which responses form which pairs in which unit,
     and the KTO responses and labels."""
@@ -403,7 +403,7 @@ def step_metrics(metrics: dict[str, torch.Tensor], units: int, kto: bool) -> dic
 
 
 def evaluate_units(model: nn.Module, items: list[Encoded], cfg: DPOConfig, reference: ReferenceFn | None,
-                   pad_id: int, batch_size: int, device: torch.device, share_prompt: bool = True
+                   pad_id: int, batch_size: int, device: torch.device, share_prompt: bool
                    ) -> dict[str, float]:
     """The objective and its metrics over held-out units: pairwise losses report means per unit (as the
     training log does); KTO reports desirable and undesirable means and their margins."""
@@ -463,7 +463,7 @@ def fingerprint(items: list[Encoded]) -> str:
 
 
 def precompute_reference(items: list[Encoded], name: str, folder: Path, reference: ReferenceFn, model: nn.Module,
-                         acc, pad_id: int, batch_size: int, share_prompt: bool = True) -> None:
+                         acc, pad_id: int, batch_size: int, share_prompt: bool) -> None:
     """Reference log-probs of every response (and KTO's KL responses), one pass, cached in ``folder`` in
     chunks of REFERENCE_CHUNK units: a resumed run (or a pass killed half-way) reads what is there."""
     folder.mkdir(parents=True, exist_ok=True)
