@@ -22,13 +22,22 @@ KEY = "fuzz-secret"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 NAME = "tiny"
 EXAMPLES_PER_MODE = 25  # per operation and generation mode: each server's run stays well under a minute
-# Small bounds, so that no request the fuzzer finds costs more than a few milliseconds of the tiny model.
-LIMITS = dict(max_prompt_tokens=64, max_tokens=8, default_max_tokens=4, max_body_bytes=20_000, max_score_pairs=8,
+# Small bounds, so that no request the fuzzer finds costs more than a few milliseconds of the tiny model
+# (a prompt up to the model's 1,024 positions: the strings hypothesis draws run to hundreds of tokens).
+LIMITS = dict(max_prompt_tokens=1000, max_tokens=8, default_max_tokens=4, max_body_bytes=20_000, max_score_pairs=8,
               max_n=3, max_top_logprobs=5)
 
 # Fields where the schema allows what the server refuses before anything else runs: any model name but the
-# served one (404), n over the limit and the penalties (400, not supported).
-FIXED = {"model": [NAME], "n": [1, 2, 3], "presence_penalty": [0], "frequency_penalty": [0]}
+# served one (404), n over the limit, and the features it refuses by design (400, not supported: penalties,
+# logit bias, tools, best_of != n, a suffix, a response format; stream options without a stream). Held to what it accepts (None where the
+# field is nullable), so that most requests that fit the schema reach the engine: how many do otherwise
+# depends on the cases hypothesis draws, which change with the tests run before in the same process.
+FIXED = {"model": [NAME], "n": [1, 2, 3], "presence_penalty": [0], "frequency_penalty": [0], "logit_bias": [],
+         "tools": [], "tool_choice": [], "parallel_tool_calls": [], "best_of": [], "suffix": [],
+         "response_format": [], "stream_options": []}
+# A message's content parts: only text parts are understood by a text model (other types get a 400).
+TEXT_PART = {"type": "object", "properties": {"type": {"enum": ["text"]}, "text": {"type": "string"}},
+             "required": ["type", "text"]}
 # A request that fits the schema may still be refused by the server's limits (max_tokens, prompt length,
 # n > 1, an empty stop string), so positive data may get a 400; a body over the size limit gets 413.
 CHECKS = SchemathesisConfig.from_str("""
@@ -49,6 +58,11 @@ def with_fixed_fields(openapi: dict[str, Any]) -> dict[str, Any]:
             if name.endswith("Request") and field in fields:
                 nullable = {"type": "null"} in fields[field].get("anyOf", [])  # ScoreRequest.model: None = served
                 fields[field] = {"enum": [*values, None] if nullable else values}
+                assert fields[field]["enum"], (name, field)
+        if name == "ChatMessage":
+            for branch in fields["content"]["anyOf"]:
+                if branch.get("type") == "array":
+                    branch["items"] = TEXT_PART
     return fuzzed
 
 
