@@ -22,6 +22,11 @@ from test_resume_and_ddp import alignloop
 # Float tolerance between one process and two: gloo's all-reduce of gradients sums in another order than
 # one process's accumulation (measured below 1e-6 relative on these runs).
 REL = 1e-4
+# Weights after 4 AdamW steps at lr 3e-3 (each moves a weight by up to ~lr): where a gradient is near zero,
+# Adam's m / sqrt(v) turns a rounding-size difference in it into a visible one in the step. The largest
+# difference measured: below 1e-5 on AVX-512 CPUs, 1.13e-5 on an AVX2 one (AMD EPYC); 0.1 % of the 1.2e-2
+# that training can move a weight.
+WEIGHT_ATOL = 3e-5
 
 
 def finish(proc) -> None:
@@ -45,7 +50,7 @@ def assert_same_training(one: Path, two: Path, keys: tuple[str, ...]) -> None:
     assert compared >= 4
     wa, wb = weights(one), weights(two)
     assert wa.keys() == wb.keys()
-    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < WEIGHT_ATOL
 
 
 def test_kto_reference_point_is_the_clamped_mean_that_the_given_mean_computes():

@@ -19,6 +19,7 @@ from pathlib import Path
 from alignloop import demo_world
 from alignloop.config import dump_config
 from alignloop.data.synthetic import GOLD_WEIGHTS
+from alignloop.models.precision import cpu_has_native_bf16
 from alignloop.pipeline import PipelineConfig, run_pipeline
 from alignloop.runs import read_metrics
 
@@ -27,6 +28,7 @@ from alignloop.runs import read_metrics
 class DemoSize:
     """Every size knob of the demo. FULL is ``alignloop demo``; the test suite runs SHORT."""
 
+    rounds: int = 2  # of collect -> label -> train -> eval
     corpus: int = 6000
     sft_records: int = 1500
     rl_prompts: int = 2000
@@ -99,7 +101,7 @@ def pipeline_config(root: Path, data: dict[str, Path], base_model: Path, size: D
         rm_model, rm_lr = {}, 1e-3
     return PipelineConfig.model_validate({
         "output_dir": str(root),
-        "rounds": 2,
+        "rounds": size.rounds,
         "sft": {
             "output_dir": str(root / "sft"),
             "model": {"name_or_path": str(base_model), **lora},
@@ -272,7 +274,13 @@ def run_demo(output: str | Path, size: DemoSize = FULL, seed: int = 0, model_nam
 # at chance (0.48 / 0.46 against gold) and PPO against it drove gold down (0.505 -> 0.356, win rate 0.19).
 # Retraining round 2's reward model of a 64-prompt run (seed 1) on the same feedback: MiniLM with all six
 # layers trained reached 0.81 against gold where two frozen gave 0.74 (round 1: 0.81 vs 0.79).
+# Where the CPU has no native bf16 (AVX2 only: a 2048 x 2048 bf16 matmul ran over 20x slower than fp32 on
+# one), "auto" instead: fp32 on such a CPU, bf16 on a GPU.
+REAL_PRECISION = "bf16" if cpu_has_native_bf16() else "auto"
 REAL = replace(FULL, sft_records=400, rl_prompts=400, eval_prompts=96, gold_test_prompts=32, sft_steps=16,
                sft_batch=8, prompts_per_round=96, overlap=3, rm_epochs=3.0, rm_freeze_layers=0, ppo_steps=6,
                round2_ppo_steps=None, rollout_size=32, max_new_tokens=64, ppo_lr=2e-4, ppo_epochs=1,
-               mixed_precision="bf16", ppo_generation_precision="bf16")
+               mixed_precision=REAL_PRECISION, ppo_generation_precision=REAL_PRECISION)
+# The suite's real-model run (tests/test_demo_real.py): one DPO round on SmolLM2, sized for one thread.
+REAL_SHORT = replace(REAL, rounds=1, sft_records=160, rl_prompts=64, eval_prompts=64, gold_test_prompts=4, sft_steps=4,
+                     prompts_per_round=32, k=2, overlap=1, max_new_tokens=40)
