@@ -28,7 +28,6 @@ from alignloop.runs import read_metrics
 class DemoSize:
     """Every size knob of the demo. FULL is ``alignloop demo``; the test suite runs SHORT."""
 
-    rounds: int = 2  # of collect -> label -> train -> eval
     corpus: int = 6000
     sft_records: int = 1500
     rl_prompts: int = 2000
@@ -101,7 +100,7 @@ def pipeline_config(root: Path, data: dict[str, Path], base_model: Path, size: D
         rm_model, rm_lr = {}, 1e-3
     return PipelineConfig.model_validate({
         "output_dir": str(root),
-        "rounds": size.rounds,
+        "rounds": 2,
         "sft": {
             "output_dir": str(root / "sft"),
             "model": {"name_or_path": str(base_model), **lora},
@@ -281,6 +280,3 @@ REAL = replace(FULL, sft_records=400, rl_prompts=400, eval_prompts=96, gold_test
                sft_batch=8, prompts_per_round=96, overlap=3, rm_epochs=3.0, rm_freeze_layers=0, ppo_steps=6,
                round2_ppo_steps=None, rollout_size=32, max_new_tokens=64, ppo_lr=2e-4, ppo_epochs=1,
                mixed_precision=REAL_PRECISION, ppo_generation_precision=REAL_PRECISION)
-# The suite's real-model run (tests/test_demo_real.py): one DPO round on SmolLM2, sized for one thread.
-REAL_SHORT = replace(REAL, rounds=1, sft_records=160, rl_prompts=64, eval_prompts=64, gold_test_prompts=4, sft_steps=4,
-                     prompts_per_round=32, k=2, overlap=1, max_new_tokens=40)
