@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from tokenizers import processors
 
 from alignloop.cli import main
 from alignloop.config import DPOConfig, ModelConfig, build_config
 from alignloop.data.io import Record
+from alignloop.errors import UserError
 from alignloop.models.load import load_pretrained
 from alignloop.train.dpo import (
     criteria_settings,
@@ -217,6 +219,19 @@ def test_bad_record_is_one_line_naming_file_and_line(record, message, tmp_path, 
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1, err
     assert message in err and str(tmp_path) in err
+
+
+def test_an_empty_prompt_without_bos_is_refused_naming_its_line(tiny_model):
+    """A tokenizer that adds no BOS turns an empty prompt into no tokens at all: nothing for the response's
+    first token to be predicted from (it was an IndexError in the batch layout)."""
+    _, tok = load_pretrained(ModelConfig(name_or_path=str(tiny_model)))
+    tok.backend_tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)  # no BOS, as GPT-2's
+    cfg = build_config(DPOConfig, None, {"model.name_or_path": "m", "data.train": "x"}, [])
+    units = pair_units([parse_record(r, criteria_settings(cfg)) for r in records(
+        {"prompt": "red", "chosen": "blue", "rejected": "cat"}, {"prompt": "", "chosen": "blue", "rejected": "cat"})],
+        cfg)
+    with pytest.raises(UserError, match=r"^fb.jsonl:2: field 'prompt': empty"):
+        encode_units(units, tok, cfg, Counter(), kto=False)
 
 
 def test_truncation_keeps_prompt_end_and_counts_cut_responses(tiny_model, tmp_path):

@@ -203,6 +203,9 @@ def encode_units(units: list[Unit], tokenizer, cfg: DPOConfig, stats: Counter, k
     out = []
     for u in units:
         prompt_ids = encode_prompt(tokenizer, u.prompt, cfg.data.max_prompt_len)
+        if not prompt_ids:  # nothing for the response's first token to be predicted from
+            raise UserError(f"{u.where}: field 'prompt': empty (no tokens, and the tokenizer adds no BOS); DPO "
+                            "scores each response given its prompt, so every record needs a non-empty one")
         room = cfg.data.max_seq_len - len(prompt_ids)
         end_id = chat_end if isinstance(u.prompt, list) else tokenizer.eos_token_id
         responses = [encode_response(tokenizer, r, end_id, room, stats) for r in u.responses]
