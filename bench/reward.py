@@ -66,7 +66,7 @@ def main() -> None:
     cfg = build_config(RMConfig, None, {"model.name_or_path": str(model_dir), "data.train": str(data),
                                         "output_dir": str(work / "run")}, overrides)
 
-    timer = FitTimer(stage, lambda b: {"pairs": int(len(b["win"])), "tokens": int(b["attention_mask"].sum()),
+    timer = FitTimer(stage, lambda b: {"pairs": int(len(b["win"])), "tokens": int(b["tokens"]),
                                       "padded_tokens": int(b["input_ids"].numel())}, common)
     t0 = time.perf_counter()
     stage.run_rm(cfg, overwrite=True)

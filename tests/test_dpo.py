@@ -15,8 +15,10 @@ from tokenizers import processors
 
 from alignloop.cli import main
 from alignloop.config import DPOConfig, ModelConfig, build_config
+from alignloop.data.batching import prompt_response_batch
 from alignloop.data.io import Record
 from alignloop.errors import UserError
+from alignloop.models.forward import shares_prompt
 from alignloop.models.load import load_pretrained
 from alignloop.train.dpo import (
     criteria_settings,
@@ -24,10 +26,8 @@ from alignloop.train.dpo import (
     kto_units,
     pair_units,
     parse_record,
-    prompt_response_batch,
     run_dpo,
     sequence_logprobs,
-    shares_prompt,
 )
 from conftest import WORDS, repeat_task, write_jsonl
 

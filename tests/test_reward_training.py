@@ -20,17 +20,26 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import reward_data as rd
 from alignloop.cli import main
 from alignloop.config import RMConfig
 from alignloop.data.formats import parse_feedback
 from alignloop.data.io import Record
+from alignloop.models.forward import body_and_score_head, shares_prompt
 from alignloop.models.load import read_meta
 from alignloop.models.reward import RewardModel
 from alignloop.models.tiny import build_tiny_model
 from alignloop.runs import read_metrics
-from alignloop.train.reward import to_group
+from alignloop.train.reward import (
+    collate,
+    encode_groups,
+    objective_sum,
+    response_scores,
+    rewards_with_combined,
+    to_group,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
@@ -281,3 +290,42 @@ def test_a_conversational_preference_pair_trains_like_its_plain_form():
     groups = [to_group(parse_feedback(Record(r, "x:1")), "x:1", cfg) for r in (conversational, plain)]
     assert groups[0] == groups[1]
     assert groups[0].prompt == chat and groups[0].responses == ["Red.", "Um"] and groups[0].pairs == [(0, 1)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_a_units_responses_in_one_row_after_one_prompt_score_as_in_rows_of_their_own(arch, tmp_path):
+    """On one process a decoder reward model reads a unit's sequences in one row after the prefix they share
+    (the prompt): every sequence's scores, the training objective and its gradients equal those of a row
+    per sequence, with fewer tokens through the model."""
+    folder = build_tiny_model(tmp_path / arch, rd.texts(), arch=arch, vocab_size=300, hidden=32, layers=2, heads=4)
+    tok = AutoTokenizer.from_pretrained(folder)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2)
+    model.config.pad_token_id = tok.pad_token_id
+    assert shares_prompt(model) and body_and_score_head(model) is not None
+    records = rd.mixed_records(24, seed=3)
+    assert {"chosen" in r for r in records} == {True, False}  # pairs, and rankings or ratings
+    cfg = RMConfig.model_validate({"model": {"name_or_path": str(folder)}, "data": {"train": "x.jsonl"},
+                                   "multi_criteria": True,
+                                   "criteria": [{"name": "relevance"}, {"name": "consistency"}]})
+    groups = [to_group(parse_feedback(Record(rec, f"x.jsonl:{i + 1}")), f"x.jsonl:{i + 1}", cfg)
+              for i, rec in enumerate(records)]
+    items = encode_groups(groups, tok, 128, Counter())
+    weights = torch.tensor([0.5, 0.5])
+
+    def scores_loss_grads(share: bool):
+        batch = collate(items, tok.pad_token_id, 2, share)
+        model.zero_grad()
+        scores = response_scores(model, batch).float()
+        loss = objective_sum(rewards_with_combined(scores, weights), batch, cfg)
+        loss.backward()
+        return scores.detach(), loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}, batch
+
+    rows, loss_rows, grads_rows, apart = scores_loss_grads(False)
+    shared, loss_shared, grads_shared, together = scores_loss_grads(True)
+    assert shared.shape == rows.shape == (sum(len(it.seqs) for it in items), 2)
+    assert torch.allclose(shared, rows, rtol=1e-5, atol=1e-6), (shared - rows).abs().max()
+    assert loss_shared == pytest.approx(loss_rows, rel=1e-6)
+    scale = max(g.abs().max().item() for g in grads_rows.values())
+    assert max((grads_shared[n] - grads_rows[n]).abs().max().item() for n in grads_rows) < 1e-5 * scale
+    assert together["tokens"] < apart["tokens"] and together["input_ids"].shape[0] == len(items)

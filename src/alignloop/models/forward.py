@@ -60,6 +60,27 @@ def body_and_lm_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     return body, head
 
 
+def body_and_score_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """The transformer body and the score head of a decoder's sequence classifier (transformers'
+    ``*ForSequenceClassification`` of Llama, Qwen2, GPT-2, ...: a linear ``score`` on the last hidden states),
+    to read scores at chosen positions; None where the plain forward must run (DDP / FSDP, encoders, whose
+    ``classifier`` reads a pooled output, and unknown layouts)."""
+    if is_parallel_wrapped(model):
+        return None
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body = getattr(inner, getattr(inner, "base_model_prefix", ""), None)
+    score = getattr(inner, "score", None)
+    if body is None or body is inner or score is None or not type(inner).__name__.endswith("ForSequenceClassification"):
+        return None
+    return body, score
+
+
+def shares_prompt(model: nn.Module) -> bool:
+    """Whether a prompt's responses can share one row: SDPA attention takes the custom boolean mask as it is
+    (eager attention adds the mask to its scores and needs an additive one; flash attention takes none)."""
+    return getattr(model.config, "_attn_implementation", None) == "sdpa"
+
+
 def selected_next_token_logits(
     model: nn.Module,
     input_ids: torch.Tensor,

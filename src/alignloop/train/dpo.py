@@ -29,14 +29,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from alignloop.config import DPOConfig, RMConfig
-from alignloop.data.batching import right_pad
+from alignloop.data.batching import Rows, prompt_response_batch
 from alignloop.data.formats import UnpairedExample, parse_feedback, validate_record
 from alignloop.data.io import Record
 from alignloop.data.splits import load_splits
 from alignloop.data.tokenize import encode_prompt, end_of_turn_id, ensure_chat_template
 from alignloop.errors import UserError
 from alignloop.generation.rollout import logprobs_from_logits, scatter_response
-from alignloop.models.forward import selected_next_token_logits
+from alignloop.models.forward import selected_next_token_logits, shares_prompt
 from alignloop.models.load import count_parameters, load_pretrained, prepare_for_training, save_model
 from alignloop.runs import RunDir, atomic_write_json, read_metrics
 from alignloop.train import dpo_losses as dl
@@ -223,57 +223,6 @@ def encode_units(units: list[Unit], tokenizer, cfg: DPOConfig, stats: Counter, k
 
 
 # ---------------------------------------------------------------- sequence log-probabilities
-
-
-Rows = dict[str, torch.Tensor]
-
-
-def shares_prompt(model: nn.Module) -> bool:
-    """Whether a prompt's responses can share one row: SDPA attention takes the custom boolean mask as it is
-    (eager attention adds the mask to its scores and needs an additive one; flash attention takes none)."""
-    return getattr(model.config, "_attn_implementation", None) == "sdpa"
-
-
-def prompt_response_batch(prompts: list[list[int]], responses: list[list[list[int]]], pad_id: int,
-                          share_prompt: bool) -> Rows:
-    """Rows holding every response of every prompt (``responses[i]`` answer ``prompts[i]``), right-padded.
-
-    With ``share_prompt`` a prompt's responses share one row and the prompt is encoded once (a pair's chosen
-    and rejected, a ranking's K responses): the row is the prompt up to its last token, then per response a
-    segment of the prompt's last token and the response, at the positions it would have alone; a segment
-    attends to the prompt and to itself only, so every response is scored as if it were alone after the
-    prompt (the prompt's last token is repeated in each segment so that its position predicts that
-    response's first token). Otherwise every response has a row of its own: prompt + response.
-
-    ``input_ids`` / ``position_ids`` [B, W]; ``attention_mask`` [B, W] (a row per response: plain causal
-    attention) or the boolean [B, 1, W, W] mask of the shared rows; ``select`` [B, W-1] (the positions whose
-    next token is a response token); ``response_mask`` [n, R] (each response's tokens, row-major in the
-    order ``select`` picks them); ``tokens``: how many tokens the rows hold, padding excluded."""
-    ids, segments, positions = [], [], []
-    for prompt, answers in zip(prompts, responses, strict=True):
-        head, last = prompt[:-1], prompt[-1]
-        for group in ([answers] if share_prompt else [[r] for r in answers]):
-            row, segment, position = list(head), [0] * len(head), list(range(len(head)))
-            for k, r in enumerate(group, 1):
-                row += [last, *r]
-                segment += [k] * (len(r) + 1)
-                position += range(len(head), len(head) + len(r) + 1)
-            ids.append(row)
-            segments.append(segment)
-            positions.append(position)
-    input_ids, padding = right_pad(ids, pad_id)
-    segment, _ = right_pad(segments, -1)  # padding is segment -1: it attends to the prompt and itself only
-    position_ids, _ = right_pad(positions, 0)
-    select = (segment[:, 1:] == segment[:, :-1]) & (segment[:, 1:] > 0)
-    _, response_mask = right_pad([r for answers in responses for r in answers], pad_id)
-    if int(segment.max()) <= 1:
-        attention_mask = padding
-    else:
-        causal = torch.ones(segment.shape[1], segment.shape[1], dtype=torch.bool).tril()
-        key, query = segment[:, None, :], segment[:, :, None]
-        attention_mask = (causal & ((key == 0) | (key == query)))[:, None]
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
-            "select": select, "response_mask": response_mask, "tokens": padding.sum()}
 
 
 def sequence_logprobs(model: nn.Module, rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:

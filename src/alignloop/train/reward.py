@@ -26,7 +26,7 @@ from peft import PeftModel
 from transformers import AutoModelForSequenceClassification, set_seed
 
 from alignloop.config import RMConfig
-from alignloop.data.batching import right_pad
+from alignloop.data.batching import prompt_response_batch, right_pad
 from alignloop.data.formats import (
     Feedback,
     PreferencePair,
@@ -38,6 +38,7 @@ from alignloop.data.io import Record
 from alignloop.data.splits import load_splits
 from alignloop.data.tokenize import ensure_chat_template
 from alignloop.errors import UserError
+from alignloop.models.forward import body_and_score_head, shares_prompt
 from alignloop.models.load import count_parameters, load_pretrained, prepare_for_training, save_model
 from alignloop.models.reward import (
     combine_criteria,
@@ -247,12 +248,54 @@ def batch_structure(items: list[Encoded], n_heads: int) -> dict:
     }
 
 
-def collate(items: list[Encoded], pad_id: int, n_heads: int) -> dict:
-    """Every response of every group in one padded batch (chosen and rejected in one forward)."""
+def common_prefix(seqs: list[list[int]]) -> int:
+    """How many leading tokens all of a unit's sequences share, leaving each at least its last token."""
+    limit = min(len(s) for s in seqs) - 1
+    n = 0
+    while n < limit and all(s[n] == seqs[0][n] for s in seqs):
+        n += 1
+    return n
+
+
+def collate(items: list[Encoded], pad_id: int, n_heads: int, share_prefix: bool) -> dict:
+    """Every response of every group in one padded batch (chosen and rejected in one forward).
+
+    With ``share_prefix`` (a decoder with SDPA attention, on one process) a unit's sequences share one row
+    after one copy of the tokens they all begin with (the prompt, as the reward model's text renders it):
+    each sequence's rest attends to that prefix and to itself only, at the positions it has alone, and
+    ``last`` marks where each sequence ends, where the score head reads it (response_scores)."""
     batch = batch_structure(items, n_heads)
-    batch["input_ids"], batch["attention_mask"] = right_pad([s for it in items for s in it.seqs], pad_id)
-    batch["tokens"] = int(batch["attention_mask"].sum())
+    if not share_prefix:
+        batch["input_ids"], batch["attention_mask"] = right_pad([s for it in items for s in it.seqs], pad_id)
+        batch["tokens"] = int(batch["attention_mask"].sum())
+        return batch
+    prefixes, rests = [], []
+    for it in items:
+        n = common_prefix(it.seqs)
+        # prompt_response_batch repeats the prefix's last token at the head of each rest (harmless here: a
+        # decoder's hidden state at a position depends only on what precedes it), so it needs one.
+        units = [(it.seqs[0][:n], [s[n:] for s in it.seqs])] if n else [(s[:1], [s[1:]]) for s in it.seqs]
+        for prefix, rest in units:
+            prefixes.append(prefix)
+            rests.append(rest)
+    rows = prompt_response_batch(prefixes, rests, pad_id, share_prompt=True)
+    batch.update({k: rows[k] for k in ("input_ids", "attention_mask", "position_ids", "last")})
+    batch["tokens"] = int(rows["tokens"])
     return batch
+
+
+def response_scores(model, batch: dict) -> torch.Tensor:
+    """Head outputs [rows, num_labels] of a batch: read at each sequence's ``last`` position where the
+    batch shares prefixes (collate), else by the model's own pooling (the last non-padding token)."""
+    if "last" not in batch:
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    parts = body_and_score_head(model)
+    if parts is None:
+        raise RuntimeError("a batch with shared prefixes needs the model's body and score head apart")
+    body, head = parts
+    hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                  position_ids=batch["position_ids"], use_cache=False).last_hidden_state
+    return head(hidden[batch["last"]])
 
 
 def rewards_with_combined(logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -519,15 +562,18 @@ def run_rm(cfg: RMConfig, overwrite: bool = False) -> Path:
 
     eval_bs = cfg.train.eval_batch_size or cfg.train.batch_size * 2
 
+    # One process only: DDP and FSDP run the whole forward, whose pooling reads one score per row.
+    share = shares_prompt(model) and body_and_score_head(model) is not None and acc.num_processes == 1
+
     def loss_fn(m, batch):
-        logits = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        logits = response_scores(m, batch).float()
         return objective_sum(rewards_with_combined(logits, weights), batch, cfg), batch["loss_units"], {}
 
     def evaluate(m) -> dict[str, float]:
         r = evaluate_split(m, val, cfg, weights, pad_id, eval_bs)
         return {"eval_loss": r["loss"], "eval_accuracy": r["accuracy"]}
 
-    result = fit(model, train, lambda b: collate(b, pad_id, n_heads), loss_fn, cfg.train, run,
+    result = fit(model, train, lambda b: collate(b, pad_id, n_heads, share), loss_fn, cfg.train, run,
                  evaluate=evaluate if val else None,
                  lengths=[len(e) for e in train] if cfg.train.group_by_length else None, accelerator=acc,
                  tracker_config=cfg.model_dump(mode="json"), description="rm")
