@@ -80,7 +80,8 @@ def run_peer(python: Path, folder: Path, script: str, args: list[str]) -> dict:
         sys.exit(f"the peer run failed (exit {proc.returncode}): {' '.join(cmd)}\n{(stdout + stderr)[-3000:]}")
     result = json.loads(lines[-1].removeprefix("BENCH_JSON "))
     result["peak_rss_mb_reported"] = result.get("peak_rss_mb")
-    result["peak_rss_mb"] = round(peak, 1)
+    # None where the peer exited before a first reading (only a script far shorter than a benchmark can).
+    result["peak_rss_mb"] = round(peak, 1) if peak > 0 else None
     return result
 
 
@@ -111,7 +112,7 @@ def compare(ours: dict, peer: dict | None, key: str, peak_rss_mb: float, peer_ke
     if peer is None:
         return ours
     ratio = {key: round(lookup(ours, key) / lookup(peer, peer_key or key), 3),
-             "peak_rss_mb": round(peak_rss_mb / peer["peak_rss_mb"], 3)}
+             "peak_rss_mb": round(peak_rss_mb / peer["peak_rss_mb"], 3) if peer["peak_rss_mb"] else None}
     return {**ours, "peer": peer, "ratio": ratio}
 
 

@@ -17,8 +17,10 @@ sys.path.insert(0, str(REPO / "bench"))
 import peer  # noqa: E402  (bench/ is a folder of scripts, not a package)
 
 # A peer script that prints what it was asked (arguments, folder, whether BENCH_OUT reached it) with fixed figures.
+# It lives a moment, as a real peer does for minutes: its peak RSS is read while it runs (every 50 ms).
 FAKE_PEER = """
-import json, os, sys
+import json, os, sys, time
+time.sleep(0.2)
 print("loading ...")
 print("BENCH_JSON " + json.dumps({"bench": "fake", "pairs_per_sec": 4.0, "peak_rss_mb": 800.0,
                                   "argv": sys.argv[1:], "cwd": os.getcwd(), "bench_out": os.environ.get("BENCH_OUT")}))
@@ -47,7 +49,7 @@ def test_the_peers_peak_rss_is_its_own_not_the_one_it_inherits_from_us(tmp_path)
     peer's peak is measured on its own address space instead."""
     hog = bytearray(300 * 2**20)  # our peak: at least 300 MB
     hog[:: 4096] = b"x" * len(hog[:: 4096])  # touch every page
-    body = FAKE_PEER.replace("import json, os, sys", "import json, os, sys, resource, time\nnow = bytearray(60 * 2**20)"
+    body = FAKE_PEER.replace("import json, os, sys, time", "import json, os, sys, resource, time\nnow = bytearray(60 * 2**20)"
                              "\nnow[::4096] = b'x' * len(now[::4096])\ntime.sleep(0.3)").replace(
         '"peak_rss_mb": 800.0', '"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024')
     folder = fake_peer_folder(tmp_path, "trl_reward.py", tmp_path, body)
