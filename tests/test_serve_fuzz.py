@@ -23,8 +23,9 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 NAME = "tiny"
 EXAMPLES_PER_MODE = 25  # per operation and generation mode: each server's run stays well under a minute
 # Small bounds, so that no request the fuzzer finds costs more than a few milliseconds of the tiny model
-# (a prompt up to the model's 1,024 positions: the strings hypothesis draws run to hundreds of tokens).
-LIMITS = dict(max_prompt_tokens=1000, max_tokens=8, default_max_tokens=4, max_body_bytes=20_000, max_score_pairs=8,
+# (a prompt up to the model's 1,024 positions and up to 64 pairs to score: what hypothesis draws runs to
+# hundreds of tokens and dozens of pairs).
+LIMITS = dict(max_prompt_tokens=1000, max_tokens=8, default_max_tokens=4, max_body_bytes=20_000, max_score_pairs=64,
               max_n=3, max_top_logprobs=5)
 
 # Fields where the schema allows what the server refuses before anything else runs: any model name but the
