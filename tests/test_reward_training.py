@@ -196,8 +196,6 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(world, tmp_path):
 
 def test_stored_and_decoded_responses_reach_the_reward_model_as_the_same_text(world):
     """Collect stores candidates stripped; PPO decodes them with the leading space the model wrote."""
-    from transformers import AutoTokenizer
-
     from alignloop.models.reward import encode_for_reward, format_for_reward
 
     tok = AutoTokenizer.from_pretrained(world["model"])
@@ -211,8 +209,6 @@ def test_stored_and_decoded_responses_reach_the_reward_model_as_the_same_text(wo
 
 def test_ratings_of_ranked_responses_share_the_rankings_forward_and_keep_the_objective(world):
     """The feedback app exports a ranking and the ratings of the same K responses: they are encoded once."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
     from alignloop.config import RMConfig
     from alignloop.data.batching import right_pad
     from alignloop.data.formats import parse_feedback

@@ -44,20 +44,28 @@ def cached_forward_kwargs(model: nn.Module, cache: object, last_position_only: b
     return out
 
 
-def body_and_lm_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
-    """The transformer body and the vocabulary projection of a causal LM, to run apart; None where the
-    plain forward must run (DDP-wrapped models, heads that post-process logits, unknown layouts)."""
+def model_and_body(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """The transformers model under a PEFT wrapper and its transformer body, for a forward run in parts; None
+    for DDP / FSDP-wrapped models (their parts must not run apart) and models without a separate body."""
     if is_parallel_wrapped(model):
         return None
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body = getattr(inner, getattr(inner, "base_model_prefix", ""), None)
+    return None if body is None or body is inner else (inner, body)
+
+
+def body_and_lm_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """The transformer body and the vocabulary projection of a causal LM, to run apart; None where the
+    plain forward must run (DDP-wrapped models, heads that post-process logits, unknown layouts)."""
+    parts = model_and_body(model)
+    if parts is None:
+        return None
+    inner, body = parts
     config = getattr(inner, "config", None)
     if config is None or getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
         return None
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
-    body = getattr(inner, getattr(inner, "base_model_prefix", ""), None)
-    if head is None or body is None or body is inner:
-        return None
-    return body, head
+    return None if head is None else (body, head)
 
 
 def body_and_score_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
@@ -65,12 +73,12 @@ def body_and_score_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     ``*ForSequenceClassification`` of Llama, Qwen2, GPT-2, ...: a linear ``score`` on the last hidden states),
     to read scores at chosen positions; None where the plain forward must run (DDP / FSDP, encoders, whose
     ``classifier`` reads a pooled output, and unknown layouts)."""
-    if is_parallel_wrapped(model):
+    parts = model_and_body(model)
+    if parts is None:
         return None
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    body = getattr(inner, getattr(inner, "base_model_prefix", ""), None)
+    inner, body = parts
     score = getattr(inner, "score", None)
-    if body is None or body is inner or score is None or not type(inner).__name__.endswith("ForSequenceClassification"):
+    if score is None or not type(inner).__name__.endswith("ForSequenceClassification"):
         return None
     return body, score
 
