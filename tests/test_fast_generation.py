@@ -20,7 +20,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from scipy.stats import chi2
-from transformers import AutoModelForCausalLM, GenerationConfig, LogitsProcessorList
+from transformers import AutoModelForCausalLM, DynamicCache, GenerationConfig, LogitsProcessorList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from alignloop.config import SamplingConfig
@@ -181,8 +181,23 @@ def test_the_cache_reaches_the_model_under_the_name_its_forward_takes(tiny_model
     name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     lora = get_peft_model(model, LoraConfig(r=2, target_modules="all-linear"))  # PEFT's own forward takes **kwargs
     for m in (model, lora):
-        assert cached_forward_kwargs(m, cache) == {name: cache, "use_cache": True, "logits_to_keep": 1}
+        kwargs = cached_forward_kwargs(m, cache)
+        assert kwargs.pop("logits_to_keep").tolist() == [-1]
+        assert kwargs == {name: cache, "use_cache": True}
     assert "logits_to_keep" not in cached_forward_kwargs(model, cache, last_position_only=False)
+
+
+def test_a_prefill_projects_only_the_last_position_of_every_row(tiny_model_factory):
+    """The last position is kept by index (a contiguous [B, 1, H]; a strided slice made torch's matmul expand
+    the LM head's weight B times): the logits are the full forward's at the last position."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_factory("llama")).eval()
+    ids = torch.tensor([[5, 17, 33, 40, 2], [1, 1, 9, 61, 7]])
+    mask = (ids != 1).long()
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask).logits
+        kept = model(input_ids=ids, attention_mask=mask, **cached_forward_kwargs(model, DynamicCache())).logits
+    assert kept.shape == (2, 1, full.shape[-1])
+    torch.testing.assert_close(kept[:, 0], full[:, -1], atol=1e-5, rtol=1e-5)
 
 
 def test_filtered_probs_temperature_top_k_then_renormalised_top_p():

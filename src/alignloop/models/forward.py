@@ -35,12 +35,17 @@ def cached_forward_kwargs(model: nn.Module, cache: object, last_position_only: b
     """Keyword arguments for a forward pass that reads and extends the KV cache ``cache``, and (where the model
     takes it) projects only the last position to the vocabulary. transformers 5.20 renamed the forward's
     ``past_key_values`` to ``cache``; an unknown keyword is swallowed by ``**kwargs`` without a word, and the
-    model then decodes without its history. A PEFT wrapper forwards to its base model's signature."""
+    model then decodes without its history. A PEFT wrapper forwards to its base model's signature.
+
+    The last position is kept by index, not as ``logits_to_keep=1``: transformers slices the hidden states with
+    the int, and a prefill's [B, 1, H] slice of [B, P, H] is strided, so torch's matmul runs the vocabulary
+    projection as a batched matmul over B expanded copies of the LM head's weight, over a thousand times slower
+    than one matmul for SmolLM2 in bf16 on CPU (bench/README.md). Indexing gives a contiguous [B, 1, H]."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     accepted = forward_parameters(type(inner))
     out: dict[str, object] = {"cache" if "cache" in accepted else "past_key_values": cache, "use_cache": True}
     if last_position_only and "logits_to_keep" in accepted:
-        out["logits_to_keep"] = 1
+        out["logits_to_keep"] = torch.tensor([-1], device=next(model.parameters()).device)
     return out
 
 
