@@ -19,7 +19,6 @@ from alignloop.generation import backends
 from alignloop.generation.backends import make_sampler, sampling_dtype
 from alignloop.generation.calls import call_ranges
 from alignloop.generation.rollout import response_logprobs
-from alignloop.generation.vllm import merged_weights
 from alignloop.runs import read_metrics
 from test_ppo_loop import (
     toy,  # noqa: F401  (a fixture: the PPO toy task)
@@ -79,35 +78,6 @@ def test_bf16_sampler_decodes_its_own_copy_and_load_weights_syncs_it(model):
     sampler.load_weights(model)
     for (name, mine), (_, theirs) in zip(sampler.model.named_parameters(), model.named_parameters(), strict=True):
         assert torch.equal(mine, theirs.to(torch.bfloat16)), name
-
-
-def test_a_lora_models_decoding_copy_is_merged_and_load_weights_follows_the_adapter(model):
-    from peft import LoraConfig, get_peft_model
-
-    lora = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]))
-    with torch.no_grad():
-        for name, p in lora.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)  # a trained adapter: B starts at zero
-    sampler = make_sampler(lora, [], PAD, SamplingConfig(precision="bf16"), torch.float32)
-    copy_params = dict(sampler.model.named_parameters())
-    assert sampler.own_numerics and not any("lora" in name for name in copy_params)
-    ids = torch.tensor([PROMPTS[1]])
-
-    def copy_is_merged_adapter() -> bool:
-        merged = {name: value.to(torch.bfloat16) for name, value in merged_weights(lora)}
-        assert merged.keys() == copy_params.keys()
-        return all(torch.equal(copy_params[name], value) for name, value in merged.items())
-
-    assert copy_is_merged_adapter()
-    with torch.no_grad():  # the bf16 copy computes what the LoRA model does, to bf16's rounding
-        torch.testing.assert_close(sampler.model(ids).logits.float(), lora(ids).logits, atol=0.05, rtol=0.05)
-        for name, p in lora.named_parameters():
-            if "lora_A" in name:
-                p.mul_(-2.0)  # an optimizer step on the adapter only
-    assert not copy_is_merged_adapter()
-    sampler.load_weights(lora)
-    assert copy_is_merged_adapter()
 
 
 def test_fp32_sampler_ignores_the_callers_autocast(model):

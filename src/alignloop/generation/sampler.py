@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from typing import Protocol
 
 import torch
-from peft import PeftModel
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -24,7 +23,7 @@ from alignloop.config import SamplingConfig
 from alignloop.data.batching import left_pad
 from alignloop.generation.decode import decode, sample_tokens
 from alignloop.generation.rollout import Rollout, assemble_rollout
-from alignloop.generation.vllm import merged_weights
+from alignloop.generation.vllm import full_tensor
 from alignloop.models.precision import bound_onednn_kernel_caches
 
 
@@ -68,7 +67,7 @@ class TransformersSampler:
         self.dtype = dtype
         self.model = model
         if dtype is not None and next(model.parameters()).dtype != dtype:
-            self.model = decoding_copy(model, dtype)
+            self.model = copy.deepcopy(model).to(dtype)
         if dtype == torch.bfloat16:
             bound_onednn_kernel_caches()  # decoding brings a new matmul shape at every step
 
@@ -82,15 +81,11 @@ class TransformersSampler:
         where ``model`` decodes itself."""
         if self.model is model:
             return
-        mine = dict(self.model.named_parameters())
-        written = set()
-        for name, value in merged_weights(model):
-            if name not in mine:
-                raise ValueError(f"the model has {name}, which the sampler's copy has not")
-            mine[name].copy_(value)
-            written.add(name)
-        if written != set(mine):
-            raise ValueError(f"the model has no {sorted(set(mine) - written)[0]}, which the sampler's copy has")
+        mine, theirs = self.model.named_parameters(), model.named_parameters()
+        for (name, dst), (other, src) in zip(mine, theirs, strict=True):
+            if name != other:
+                raise ValueError(f"the sampler's copy has {name} where the model has {other}")
+            dst.copy_(full_tensor(src.detach()))
 
     def sleep(self) -> None:
         """Nothing to free between rollouts (the vLLM sampler frees its GPU memory)."""
@@ -117,16 +112,6 @@ class TransformersSampler:
                 logps.append(logp.cpu())
         return assemble_rollout(prompt_ids, prompt_mask, chunks, logps if keep_logprobs else None, self.pad_id,
                                 self.stop_ids)
-
-
-def decoding_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """A copy of ``model`` in ``dtype`` to decode with, its LoRA adapters merged into the base weights: an
-    adapted layer's forward adds two small matmuls and peft's per-call Python at every decode step, in
-    every layer. ``load_weights`` refreshes it from :func:`merged_weights`, which names weights the same way."""
-    copied = copy.deepcopy(model)
-    if isinstance(copied, PeftModel):
-        copied = copied.merge_and_unload()
-    return copied.to(dtype)
 
 
 def sample_next_token(logits: torch.Tensor, s: SamplingConfig, generator: torch.Generator | None) -> int:
