@@ -6,13 +6,18 @@ import sys
 
 import pytest
 from torch import nn
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+from alignloop.config import ModelConfig, TrainConfig
 from alignloop.models import precision
+from alignloop.models.load import load_pretrained, planned_matmul_parameters
+from alignloop.models.tiny import tiny_config
+from alignloop.training import accelerator
 
 
 def test_small_models_stay_fp32_and_large_ones_get_bf16_where_the_cpu_has_it(monkeypatch):
     small = nn.Linear(100, 100)  # 10,100 parameters
-    assert precision.parameter_count(small) == 10_100
+    assert precision.matmul_parameter_count(small) == 10_100
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
     assert not precision.bf16_pays_on_cpu(small)
     monkeypatch.setattr(precision, "BF16_CPU_MIN_PARAMS", 10_000)
@@ -68,3 +73,38 @@ def test_bf16_training_on_cpu_does_not_keep_a_kernel_per_batch_shape():
     out = subprocess.run([sys.executable, "-c", GROWTH_SCRIPT], env={**env, "OMP_NUM_THREADS": "1"},
                          capture_output=True, text=True, check=True).stdout
     assert int(out.split()[-1]) < 60  # MB; 17 with the bound
+
+
+def test_an_input_embedding_is_a_lookup_unless_the_output_layer_shares_it():
+    tied = AutoModelForCausalLM.from_config(tiny_config("llama", 1000, hidden=32, layers=1))
+    untied_config = tiny_config("llama", 1000, hidden=32, layers=1)
+    untied_config.tie_word_embeddings = False
+    untied = AutoModelForCausalLM.from_config(untied_config)
+    assert not untied.config.tie_word_embeddings and tied.config.tie_word_embeddings
+    every = sum(p.numel() for p in untied.parameters())
+    assert precision.matmul_parameter_count(untied) == every - 1000 * 32  # the LM head's 32,000 stay
+    assert precision.matmul_parameter_count(tied) == sum(p.numel() for p in tied.parameters())
+
+
+def test_the_planned_size_is_the_loaded_models_without_reading_its_weights(tiny_model_factory):
+    folder = tiny_model_factory("qwen2")
+    cfg = ModelConfig(name_or_path=str(folder))
+    loaded, _ = load_pretrained(cfg)
+    assert planned_matmul_parameters(cfg) == precision.matmul_parameter_count(loaded)
+    heads, _ = load_pretrained(cfg, auto_cls=AutoModelForSequenceClassification, config_overrides={"num_labels": 3})
+    assert planned_matmul_parameters(cfg, AutoModelForSequenceClassification, {"num_labels": 3}) == \
+        precision.matmul_parameter_count(heads)
+
+
+def test_auto_training_precision_on_cpu_follows_the_models_size(monkeypatch):
+    monkeypatch.setattr(accelerator.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    auto = TrainConfig(mixed_precision="auto", report_to=[])
+    big, small = precision.BF16_CPU_MIN_PARAMS, precision.BF16_CPU_MIN_PARAMS - 1
+    assert accelerator.make_accelerator(auto, trackers=False, matmul_parameters=big).mixed_precision == "bf16"
+    assert accelerator.make_accelerator(auto, trackers=False, matmul_parameters=small).mixed_precision == "no"
+    assert accelerator.make_accelerator(auto, trackers=False).mixed_precision == "no"  # size unknown
+    forced = TrainConfig(mixed_precision="no", report_to=[])
+    assert accelerator.make_accelerator(forced, trackers=False, matmul_parameters=big).mixed_precision == "no"
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    assert accelerator.make_accelerator(auto, trackers=False, matmul_parameters=big).mixed_precision == "no"

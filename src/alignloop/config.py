@@ -115,7 +115,8 @@ class TrainConfig(DistributedSettings):
     warmup_steps: int = Field(0, ge=0)
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     max_grad_norm: float | None = Field(1.0, gt=0)
-    # auto: bf16 autocast on GPUs that support it, plain fp32 on CPU.
+    # auto: bf16 autocast on GPUs that support it and, for models from BF16_CPU_MIN_PARAMS matmul parameters, on
+    # CPUs with native bf16 (models/precision.py); fp32 elsewhere.
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     gradient_checkpointing: bool = False
 

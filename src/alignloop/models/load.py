@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAn
 
 from alignloop.config import LoraSettings, ModelConfig
 from alignloop.errors import UserError
+from alignloop.models.precision import matmul_parameter_count
 from alignloop.runs import replace_dir
 
 log = logging.getLogger(__name__)
@@ -139,6 +140,32 @@ def model_source(cfg: ModelConfig) -> str:
     return src
 
 
+def model_and_base_source(cfg: ModelConfig) -> tuple[str, str]:
+    """(cfg's plain folder or hub id, the base model's): the same unless cfg names a LoRA run folder."""
+    source = model_source(cfg)
+    adapter_config = Path(source) / "adapter_config.json"
+    if adapter_config.is_file():
+        return source, json.loads(adapter_config.read_text())["base_model_name_or_path"]
+    return source, source
+
+
+def planned_matmul_parameters(cfg: ModelConfig, auto_cls: Any = None,
+                              config_overrides: dict[str, Any] | None = None) -> int:
+    """matmul_parameter_count of the model ``load_pretrained(cfg, auto_cls)`` builds, from its config alone
+    (the architecture on the meta device, no weights read): a stage decides its "auto" precision on it
+    before its accelerator, and so the device the weights load to, exists."""
+    base_source = model_and_base_source(cfg)[1]
+    try:
+        config = AutoConfig.from_pretrained(base_source, trust_remote_code=cfg.trust_remote_code)
+        for key, value in (config_overrides or {}).items():
+            setattr(config, key, value)
+        with torch.device("meta"):
+            model = (auto_cls or AutoModelForCausalLM).from_config(config, trust_remote_code=cfg.trust_remote_code)
+    except Exception as exc:
+        raise _load_error(cfg.name_or_path or base_source, exc) from None
+    return matmul_parameter_count(model)
+
+
 def load_tokenizer(source: str, trust_remote_code: bool = False, padding_side: str = "right"):
 
     try:
@@ -189,11 +216,9 @@ def load_pretrained(
 
     auto_cls = auto_cls or AutoModelForCausalLM
     device = device or torch.device("cpu")
-    source = model_source(cfg)
+    source, base_source = model_and_base_source(cfg)
     folder = Path(source)
-    adapter = folder.is_dir() and (folder / "adapter_config.json").exists()
-    base_source = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] if adapter \
-        else source
+    adapter = source != base_source
     tok = load_tokenizer(source if (folder / "tokenizer_config.json").exists() else base_source,
                          cfg.trust_remote_code)
     dtype = resolve_dtype(cfg.dtype, device, for_training)

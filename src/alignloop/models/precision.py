@@ -3,7 +3,8 @@
 On a CPU with native bf16 instructions (AVX512-BF16, AMX) a bf16 matmul runs several times faster than
 fp32, but a small model's step is dominated by Python and kernel launches rather than matmuls, so bf16
 buys nothing there and only changes the numbers. "auto" therefore means bf16 on such CPUs from
-``BF16_CPU_MIN_PARAMS`` parameters on, fp32 below (measurements: bench/README.md).
+``BF16_CPU_MIN_PARAMS`` matmul parameters on, fp32 below, for sampling and for training alike
+(measurements: bench/README.md).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import os
 import torch
 from torch import nn
 
-# Models from this many parameters on get bf16 under "auto" on a CPU with native bf16.
+# Models from this many matmul parameters (matmul_parameter_count) on get bf16 under "auto" on a CPU with
+# native bf16: the peer benchmark's 25m Llama (25.3 M) does, its tiny one (3.2 M) and MiniLM (11 M) do not.
 BF16_CPU_MIN_PARAMS = 20_000_000
 
 
@@ -42,10 +44,23 @@ def cpu_has_native_bf16() -> bool:
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
-def parameter_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+def matmul_parameter_count(model: nn.Module) -> int:
+    """The parameters that take part in matmuls: all but an input embedding table, which is a lookup
+    (MiniLM's is half of its 22.7 M); a table tied to the output layer is counted, as that layer is a matmul."""
+    total = sum(p.numel() for p in model.parameters())
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if not isinstance(embeddings, nn.Embedding):
+        return total
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = output is not None and getattr(output, "weight", None) is embeddings.weight
+    return total if tied else total - embeddings.weight.numel()
+
+
+def bf16_pays_on_cpu_for(matmul_parameters: int) -> bool:
+    """True where "auto" precision on CPU means bf16 for a model of that many matmul parameters."""
+    return cpu_has_native_bf16() and matmul_parameters >= BF16_CPU_MIN_PARAMS
 
 
 def bf16_pays_on_cpu(model: nn.Module) -> bool:
     """True where "auto" precision on CPU means bf16 for ``model``."""
-    return cpu_has_native_bf16() and parameter_count(model) >= BF16_CPU_MIN_PARAMS
+    return bf16_pays_on_cpu_for(matmul_parameter_count(model))

@@ -29,7 +29,13 @@ from alignloop.data.formats import LabelledText, validate_record
 from alignloop.data.io import Record
 from alignloop.data.splits import load_splits
 from alignloop.errors import UserError
-from alignloop.models.load import count_parameters, load_pretrained, prepare_for_training, save_model
+from alignloop.models.load import (
+    count_parameters,
+    load_pretrained,
+    planned_matmul_parameters,
+    prepare_for_training,
+    save_model,
+)
 from alignloop.runs import RunDir, atomic_write_json
 from alignloop.train.labelled import check_known, check_metric, write_jsonl
 from alignloop.train.metrics import classification_metrics
@@ -117,13 +123,14 @@ def run_classification(cfg: SFTConfig, overwrite: bool = False,
         raise UserError(f"{cfg.data.train}: field 'label': only one class ({names[0]!r}) in the training data")
     check_known(splits["validation"] + splits["test"], set(names), "label", lambda e: [str(e.label)])
     data_report["labels"] = dict(Counter(str(e.label) for e in splits["train"]))
-    acc = make_accelerator(cfg.train, run)
+    id2label = dict(enumerate(names))
+    labels = {"id2label": id2label, "label2id": {n: i for i, n in id2label.items()}}
+    acc = make_accelerator(cfg.train, run, matmul_parameters=planned_matmul_parameters(cfg.model, AutoModelForSequenceClassification, labels))
     open_run(run, cfg, overwrite, SUPERVISED_MUTABLE, acc.is_main_process)
     torch.manual_seed(cfg.train.seed)  # before the model is built: the new head and a LoRA adapter are random
-    id2label = dict(enumerate(names))
     model, tokenizer = load_pretrained(
         cfg.model, auto_cls=AutoModelForSequenceClassification, device=acc.device, for_training=True,
-        config_overrides={"id2label": id2label, "label2id": {n: i for i, n in id2label.items()}})
+        config_overrides=labels)
     model = prepare_for_training(model, cfg.model, task_type="SEQ_CLS")
     pad_id = tokenizer.pad_token_id
 

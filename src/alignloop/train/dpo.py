@@ -37,7 +37,13 @@ from alignloop.data.tokenize import encode_prompt, end_of_turn_id, ensure_chat_t
 from alignloop.errors import UserError
 from alignloop.generation.rollout import logprobs_from_logits, scatter_response
 from alignloop.models.forward import selected_next_token_logits, shares_prompt
-from alignloop.models.load import count_parameters, load_pretrained, prepare_for_training, save_model
+from alignloop.models.load import (
+    count_parameters,
+    load_pretrained,
+    planned_matmul_parameters,
+    prepare_for_training,
+    save_model,
+)
 from alignloop.runs import RunDir, atomic_write_json, read_metrics
 from alignloop.train import dpo_losses as dl
 from alignloop.train.reward import Group, to_group
@@ -480,7 +486,7 @@ def run_dpo(cfg: DPOConfig, overwrite: bool = False) -> Path:
     else:
         data_report["pairs"] = {k: sum(len(u.pairs) for u in v) for k, v in units.items()}
 
-    acc = make_accelerator(cfg.train, run)
+    acc = make_accelerator(cfg.train, run, matmul_parameters=planned_matmul_parameters(cfg.model))
     open_run(run, cfg, overwrite, SUPERVISED_MUTABLE, acc.is_main_process)
     torch.manual_seed(cfg.train.seed)  # before the model is built: a LoRA adapter is initialised randomly
     policy, ref, tok = load_policy_and_reference(cfg, acc.device)

@@ -54,6 +54,7 @@ from alignloop.models.forward import body_and_lm_head, causal_lm_loss_sum, is_pa
 from alignloop.models.load import (
     count_parameters,
     load_pretrained,
+    planned_matmul_parameters,
     prepare_for_training,
     read_meta,
     save_model,
@@ -259,7 +260,7 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
                         f"{prompts_per_step} (ppo.rollout_size / ppo.samples_per_prompt)")
     run = RunDir(cfg.output_dir)
     tcfg = cfg.train.core()
-    acc = make_accelerator(tcfg, run)
+    acc = make_accelerator(tcfg, run, matmul_parameters=planned_matmul_parameters(cfg.model))
     world, rank = acc.num_processes, acc.process_index
     share = check_process_split(prompts_per_step, p.mini_batch_size // p.micro_batch_size, world)
     # This process's contiguous slice of every step's rows (whole prompt groups), and the rows per

@@ -39,7 +39,13 @@ from alignloop.data.splits import load_splits
 from alignloop.data.tokenize import ensure_chat_template
 from alignloop.errors import UserError
 from alignloop.models.forward import body_and_score_head, shares_prompt
-from alignloop.models.load import count_parameters, load_pretrained, prepare_for_training, save_model
+from alignloop.models.load import (
+    count_parameters,
+    load_pretrained,
+    planned_matmul_parameters,
+    prepare_for_training,
+    save_model,
+)
 from alignloop.models.reward import (
     combine_criteria,
     encode_for_reward,
@@ -530,7 +536,8 @@ def run_rm(cfg: RMConfig, overwrite: bool = False) -> Path:
     splits = {k: share_rated_responses(v) for k, v in splits.items()}
     data_report["units"] = {k: len(v) for k, v in splits.items()}
 
-    acc = make_accelerator(cfg.train, run)
+    acc = make_accelerator(cfg.train, run, matmul_parameters=planned_matmul_parameters(
+        cfg.model, AutoModelForSequenceClassification, {"num_labels": n_heads}))
     open_run(run, cfg, overwrite, SUPERVISED_MUTABLE, acc.is_main_process)
     set_seed(cfg.train.seed)  # the new reward head is initialised randomly: same seed, same head
     model, tokenizer = load_pretrained(cfg.model, auto_cls=AutoModelForSequenceClassification, device=acc.device,

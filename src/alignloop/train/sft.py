@@ -29,6 +29,7 @@ from alignloop.models.forward import causal_lm_loss_sum
 from alignloop.models.load import (
     count_parameters,
     load_pretrained,
+    planned_matmul_parameters,
     prepare_for_training,
     resolve_source,
     save_model,
@@ -66,7 +67,7 @@ def run_sft(cfg: SFTConfig, overwrite: bool = False,
     run = RunDir(cfg.output_dir)
     splits, data_report = load_splits(cfg.data, cfg.train.seed, parse_sft)
     resolve_source(cfg.model.name_or_path or "", cfg.model.gguf_file)  # fail on a bad path before creating the run
-    acc = make_accelerator(cfg.train, run)
+    acc = make_accelerator(cfg.train, run, matmul_parameters=planned_matmul_parameters(cfg.model))
     open_run(run, cfg, overwrite, SUPERVISED_MUTABLE, acc.is_main_process)
     torch.manual_seed(cfg.train.seed)  # before the model is built: a LoRA adapter is initialised randomly
     model, tokenizer = load_pretrained(cfg.model, device=acc.device, for_training=True)

@@ -27,7 +27,13 @@ from alignloop.data.io import Record
 from alignloop.data.splits import load_splits
 from alignloop.data.tokenize import IGNORE, TokenizedExample, collate_padded
 from alignloop.errors import UserError
-from alignloop.models.load import count_parameters, load_pretrained, prepare_for_training, save_model
+from alignloop.models.load import (
+    count_parameters,
+    load_pretrained,
+    planned_matmul_parameters,
+    prepare_for_training,
+    save_model,
+)
 from alignloop.runs import RunDir, atomic_write_json
 from alignloop.train.labelled import check_known, check_metric, write_jsonl
 from alignloop.train.metrics import tagging_metrics
@@ -151,13 +157,14 @@ def run_tagging(cfg: SFTConfig, overwrite: bool = False,
         raise UserError(f"{cfg.data.train}: field 'tags': no entity tags in the training data (only 'O')")
     check_known(splits["validation"] + splits["test"], set(names), "tags", lambda e: e.tags)
     data_report["entity_types"] = sorted({n[2:] for n in names if n != "O"})
-    acc = make_accelerator(cfg.train, run)
+    id2label = dict(enumerate(names))
+    labels = {"id2label": id2label, "label2id": {n: i for i, n in id2label.items()}}
+    acc = make_accelerator(cfg.train, run, matmul_parameters=planned_matmul_parameters(cfg.model, AutoModelForTokenClassification, labels))
     open_run(run, cfg, overwrite, SUPERVISED_MUTABLE, acc.is_main_process)
     torch.manual_seed(cfg.train.seed)  # before the model is built: the new head and a LoRA adapter are random
-    id2label = dict(enumerate(names))
     model, tokenizer = load_pretrained(
         cfg.model, auto_cls=AutoModelForTokenClassification, device=acc.device, for_training=True,
-        config_overrides={"id2label": id2label, "label2id": {n: i for i, n in id2label.items()}})
+        config_overrides=labels)
     if not getattr(tokenizer, "is_fast", False):
         raise UserError(f"{cfg.model.name_or_path}: task tagging needs a fast tokenizer (word alignment)")
     model = prepare_for_training(model, cfg.model, task_type="TOKEN_CLS")

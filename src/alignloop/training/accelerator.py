@@ -9,19 +9,25 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
 from alignloop.config import TrainConfig
-from alignloop.models.precision import bound_onednn_kernel_caches
+from alignloop.models.precision import bf16_pays_on_cpu_for, bound_onednn_kernel_caches
 from alignloop.runs import RunDir
 
 TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 
 
-def make_accelerator(cfg: TrainConfig, run: RunDir | None = None, trackers: bool = True) -> Accelerator:
-    """``mixed_precision=auto`` is bf16 on GPUs that support it and fp32 elsewhere; trackers named in
+def make_accelerator(cfg: TrainConfig, run: RunDir | None = None, trackers: bool = True,
+                     matmul_parameters: int | None = None) -> Accelerator:
+    """``mixed_precision=auto`` is bf16 on GPUs that support it, bf16 on a CPU where
+    ``models.precision.bf16_pays_on_cpu_for(matmul_parameters)`` (the model's size, from
+    ``models.load.planned_matmul_parameters``; None: fp32) and fp32 elsewhere; trackers named in
     ``report_to`` that are not installed are skipped."""
     cuda = torch.cuda.is_available()
     mp = cfg.mixed_precision
     if mp == "auto":
-        mp = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+        if cuda:
+            mp = "bf16" if torch.cuda.is_bf16_supported() else "no"
+        else:
+            mp = "bf16" if matmul_parameters is not None and bf16_pays_on_cpu_for(matmul_parameters) else "no"
     # accelerate keeps one AcceleratorState per process and refuses a second Accelerator with another
     # precision; a pipeline runs its stages in one process (SFT and PPO in bf16, the reward model in fp32),
     # so a stage that asks for another precision starts from a fresh state (the process group is kept).
