@@ -193,10 +193,13 @@ def test_a_prefill_projects_only_the_last_position_of_every_row(tiny_model_facto
     model = AutoModelForCausalLM.from_pretrained(tiny_model_factory("llama")).eval()
     ids = torch.tensor([[5, 17, 33, 40, 2], [1, 1, 9, 61, 7]])
     mask = (ids != 1).long()
+    head_inputs = []
+    model.lm_head.register_forward_pre_hook(lambda module, args: head_inputs.append(args[0]))
     with torch.no_grad():
         full = model(input_ids=ids, attention_mask=mask).logits
         kept = model(input_ids=ids, attention_mask=mask, **cached_forward_kwargs(model, DynamicCache())).logits
     assert kept.shape == (2, 1, full.shape[-1])
+    assert head_inputs[-1].shape == (2, 1, model.config.hidden_size) and head_inputs[-1].is_contiguous()
     torch.testing.assert_close(kept[:, 0], full[:, -1], atol=1e-5, rtol=1e-5)
 
 
