@@ -271,7 +271,7 @@ def run_demo(output: str | Path, size: DemoSize = FULL, seed: int = 0, model_nam
 # The real model (LoRA, 2 CPU cores): generation is what costs, so every response generated is budgeted. Labels
 # are cheap: three simulated annotators rank every candidate set (overlap 3), so the reward model learns from
 # less noisy rankings of the same responses. bf16 autocast on CPU (AMX): LoRA training 1.6x, the MiniLM reward
-# model 1.5x the fp32 step rate; sampling runs on a bf16 copy of the model with its LoRA adapter merged.
+# model 1.5x the fp32 step rate; sampling runs on a bf16 copy of the model.
 # Its reward model is MiniLM, as in the tiny demo: a LoRA reward model on SmolLM2 from 24 prompts a round stayed
 # at chance (0.48 / 0.46 against gold) and PPO against it drove gold down (0.505 -> 0.356, win rate 0.19).
 # With 96 labelled prompts a round the round-1 reward model was not reliable: on one seed's feedback, retrained
@@ -285,6 +285,3 @@ REAL = replace(FULL, sft_records=400, rl_prompts=600, eval_prompts=96, gold_test
                sft_batch=8, prompts_per_round=160, overlap=3, rm_epochs=3.0, rm_freeze_layers=0, rm_lr=1e-4, ppo_steps=6,
                round2_ppo_steps=None, rollout_size=32, max_new_tokens=64, ppo_lr=2e-4, ppo_epochs=1,
                mixed_precision=REAL_PRECISION, ppo_generation_precision=REAL_PRECISION)
-# The suite's real-model run (tests/test_demo_real.py): one round on SmolLM2, what a short run can show.
-REAL_SHORT = replace(REAL, rounds=1, sft_records=160, rl_prompts=160, eval_prompts=64, gold_test_prompts=16, sft_steps=8,
-                     prompts_per_round=64, ppo_steps=4)
