@@ -59,7 +59,8 @@ class DemoSize:
     overlap: int = 1  # simulated annotators per ranking
     rm_freeze_layers: int = 2  # of the pretrained reward-model encoder, besides its embeddings
     rm_lr: float = 3e-4  # of the pretrained encoder (a reward model started from the policy: 1e-3)
-    # SFT's and PPO's autocast ("auto": bf16 on GPUs, fp32 on CPU); PPO's rollouts run under it too.
+    # The trainers' autocast (SFT, reward model, PPO, DPO; "auto": as train.mixed_precision decides); PPO's
+    # rollouts run under it too.
     mixed_precision: str = "auto"
     # PPO's rollouts (generation.precision): "auto" samples under the trainer's autocast. With LoRA that recasts
     # the frozen base weights at every decode step (autocast caches only casts of weights that need gradients);

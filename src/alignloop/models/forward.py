@@ -31,6 +31,13 @@ def forward_parameters(model_class: type) -> frozenset[str]:
     return frozenset(inspect.signature(model_class.forward).parameters)
 
 
+@functools.cache
+def last_position_index(device: torch.device) -> torch.Tensor:
+    """``tensor([-1])`` on ``device``, made once: serve's engine asks at every decode step, and on a GPU a new
+    tensor would be a host-to-device copy each time."""
+    return torch.tensor([-1], device=device)
+
+
 def cached_forward_kwargs(model: nn.Module, cache: object, last_position_only: bool = True) -> dict[str, object]:
     """Keyword arguments for a forward pass that reads and extends the KV cache ``cache``, and (where the model
     takes it) projects only the last position to the vocabulary. transformers 5.20 renamed the forward's
@@ -45,7 +52,7 @@ def cached_forward_kwargs(model: nn.Module, cache: object, last_position_only: b
     accepted = forward_parameters(type(inner))
     out: dict[str, object] = {"cache" if "cache" in accepted else "past_key_values": cache, "use_cache": True}
     if last_position_only and "logits_to_keep" in accepted:
-        out["logits_to_keep"] = torch.tensor([-1], device=next(model.parameters()).device)
+        out["logits_to_keep"] = last_position_index(next(model.parameters()).device)
     return out
 
 

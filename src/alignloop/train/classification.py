@@ -125,7 +125,8 @@ def run_classification(cfg: SFTConfig, overwrite: bool = False,
     data_report["labels"] = dict(Counter(str(e.label) for e in splits["train"]))
     id2label = dict(enumerate(names))
     labels = {"id2label": id2label, "label2id": {n: i for i, n in id2label.items()}}
-    acc = make_accelerator(cfg.train, run, matmul_parameters=planned_matmul_parameters(cfg.model, AutoModelForSequenceClassification, labels))
+    acc = make_accelerator(cfg.train, run,
+                           matmul_parameters=planned_matmul_parameters(cfg.model, AutoModelForSequenceClassification, labels))
     open_run(run, cfg, overwrite, SUPERVISED_MUTABLE, acc.is_main_process)
     torch.manual_seed(cfg.train.seed)  # before the model is built: the new head and a LoRA adapter are random
     model, tokenizer = load_pretrained(
