@@ -280,10 +280,10 @@ def run_demo(output: str | Path, size: DemoSize = FULL, seed: int = 0, model_nam
 # 160 prompts a round (with the faster sampling) and lr 1e-4 gave 0.85 on that seed. 64 gold-test prompts a
 # round: the 0.80 check is then read on ~380 held-out pairs (standard error ~0.02) instead of ~190.
 # At 160 prompts the round-2 reward model still fell short on two of five runs (0.787, 0.780), and no recipe
-# moved it: retrained on one of those runs' feedback it scored 0.785-0.793 across training seeds, lr 2e-4, 2 or 5
+# moved it: retrained on one of those runs' feedback it scored 0.777-0.793 across training seeds, lr 2e-4, 2 or 5
 # epochs, unfrozen embeddings, rating weight 0 or 0.25 and the last checkpoint instead of the best (one head
-# per criterion: 0.759); on 60% of the feedback, 0.745. Data is the lever, so 256 prompts a round at 2 epochs (3 gave
-# the same accuracy), which keeps the reward model's training time where it was.
+# per criterion: 0.759); on 60% of the feedback, 0.745. Data is the lever, so 256 prompts a round at 2 epochs
+# (3 gave the same accuracy), which keeps the reward model's training time where it was.
 # Where the CPU has no native bf16 (AVX2 only: a 2048 x 2048 bf16 matmul ran over 20x slower than fp32 on
 # one), "auto" instead: fp32 on such a CPU, bf16 on a GPU.
 REAL_PRECISION = "bf16" if cpu_has_native_bf16() else "auto"

@@ -31,9 +31,9 @@ def add_command(sub) -> None:
                     "it, then runs the pipeline: SFT and two rounds of collect -> simulated labelling through "
                     "the feedback app's HTTP API -> reward model -> PPO -> evaluation, and writes the HTML "
                     "report. Prints a summary table; exits 1 if a check of a healthy loop failed. About 6 "
-                    "minutes on 2 idle CPU cores (the real model: about 15 with native bf16); re-running resumes.",
+                    "minutes on 2 idle CPU cores (the real model: about 16 with native bf16); re-running resumes.",
         epilog=examples_epilog("alignloop demo", "alignloop demo --output runs/demo-seed1 --seed 1",
-                               "alignloop demo --model smollm2-135m-instruct   # real model + LoRA, ~15 min on 2 cores",
+                               "alignloop demo --model smollm2-135m-instruct   # real model + LoRA, ~16 min on 2 cores",
                                "alignloop demo --algorithm dpo --output runs/demo-dpo   # online DPO rounds"),
     )
     p.add_argument("--model", help="tiny (default) or smollm2-135m-instruct")
