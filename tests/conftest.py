@@ -36,8 +36,8 @@ def pytest_collection_modifyitems(config, items):
     """Longest tests first (``@pytest.mark.slow(seconds=N)``, measured on 2 cores), dealt alternately to
     the two halves of the order. xdist hands each of the two workers a consecutive half and ``--dist
     worksteal`` lets an idle worker take tests from the end of the other's, so both workers start on
-    long tests. Sorted without dealing, the three longest (445, 173 and 131 s) all fell to one worker's
-    half and ran one after another (suite 820 s; dealt: 801 s)."""
+    long tests; sorted without dealing, the longest few all fell to one worker's half and ran one after
+    another."""
 
     def expected_seconds(item) -> float:
         mark = item.get_closest_marker("slow")
