@@ -37,9 +37,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32",
+                    help="ours (generation.precision; auto: what collect / eval / predict get on this machine)")
     ap.add_argument("--hf-precision", choices=["fp32", "bf16"], default=None,
-                    help="model.generate's precision (default: --precision)")
+                    help="model.generate's precision (default: --precision; fp32 for auto)")
     ap.add_argument("--backend", choices=["transformers", "vllm"], default="transformers",
                     help="alignloop's sampler (generation.backend)")
     a = ap.parse_args()
@@ -73,7 +74,7 @@ def main() -> None:
     sampling = SamplingConfig(max_new_tokens=a.new_tokens, temperature=1.0, stop_on_eos=False, precision=a.precision,
                               backend=a.backend)
     sampler = make_sampler(model, [tokenizer.eos_token_id], tokenizer.pad_token_id, sampling)
-    hf_precision = a.hf_precision or a.precision
+    hf_precision = a.hf_precision or ("fp32" if a.precision == "auto" else a.precision)
     hf_model = model if hf_precision == "fp32" else copy.deepcopy(model).to(PRECISION_DTYPES[hf_precision])
 
     def ours() -> int:
@@ -111,6 +112,7 @@ def main() -> None:
         "decoding": "sample(T=1)",
         "backend": a.backend,
         "precision": a.precision,
+        "sampler_dtype": str(getattr(sampler, "dtype", None) or next(model.parameters()).dtype).removeprefix("torch."),
         "model_generate_precision": hf_precision,
         "kv_cache": True,
         "repeats": a.repeats,

@@ -7,6 +7,11 @@ With ``--peer-python`` a bench script runs ours first, then the peer benchmark's
 ``BENCH_JSON`` line: our figures, the peer's whole line under ``"peer"``, and ``"ratio"``: ours / peer for
 the stage's throughput key and for peak RSS (each process's own high-water mark). The peer runs after ours
 has finished, in a child process, so neither run shares the CPU with the other.
+
+The peer's workload is fp32, and so is ours by default (``--precision fp32``); ``--precision auto`` runs
+alignloop's default (bf16 autocast where models/precision.py says it pays on this CPU, as a user gets it)
+and ``--peer-trl-defaults`` the peer's with TRL's defaults (bf16 autocast and gradient checkpointing), so
+one invocation can set either side's defaults against the other's.
 """
 
 from __future__ import annotations
@@ -28,6 +33,31 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--peer-dir", type=Path, default=None,
                     help="peer benchmark folder whose scripts run, on its fixtures/ (default: the folder holding "
                          "--fixtures when it has the peer's scripts, else ../shared/peer-bench)")
+    ap.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
+                    help="our train.mixed_precision (PPO / RLOO / GRPO: also generation.precision): fp32 as the "
+                         "peer's workload; auto: alignloop's default on this machine")
+    ap.add_argument("--peer-trl-defaults", action="store_true",
+                    help="run the peer's script with --trl-defaults (TRL's bf16=True and gradient checkpointing)")
+
+
+MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "auto": "auto"}
+
+
+def precision_overrides(a: argparse.Namespace, generation: bool = False) -> list[str]:
+    """Our config overrides for ``--precision``; ``generation``: also the sampler's (the RL stages): a forced
+    precision decodes in it, auto leaves generation.precision at its own auto (sampling under the trainer's
+    autocast)."""
+    out = [f'train.mixed_precision="{MIXED_PRECISION[a.precision]}"']
+    if generation and a.precision != "auto":
+        out.append(f"generation.precision={a.precision}")
+    return out
+
+
+def ran_mixed_precision() -> str | None:
+    """The mixed precision our stage's accelerator ran with in this process ("no" or "bf16"; auto resolved)."""
+    from accelerate.state import AcceleratorState
+
+    return AcceleratorState().mixed_precision if AcceleratorState._shared_state else None
 
 
 def peer_folder(fixtures: Path) -> Path:
@@ -95,7 +125,9 @@ def measure(a: argparse.Namespace, fixtures: Path, script: str, args: list[str])
     if not same_fixtures(folder, fixtures):
         sys.exit(f"the peer scripts read {folder / 'fixtures'}, not the same fixtures as --fixtures {fixtures}: run "
                  f"make_fixtures.py there, or pass --fixtures {folder / 'fixtures'}")
-    return run_peer(a.peer_python, folder, script, args)
+    if a.peer_trl_defaults and "--trl-defaults" not in (folder / script).read_text():
+        sys.exit(f"--peer-trl-defaults: the peer's {script} has no --trl-defaults option")
+    return run_peer(a.peer_python, folder, script, [*args, *(["--trl-defaults"] if a.peer_trl_defaults else [])])
 
 
 def lookup(result: dict, key: str) -> float:

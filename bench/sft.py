@@ -2,15 +2,15 @@
 
     python bench/sft.py --model tiny --fixtures /tmp/peer-bench/fixtures                  # padded
     python bench/sft.py --model tiny --fixtures /tmp/peer-bench/fixtures --variant packing
-    python bench/sft.py --model tiny --fixtures /tmp/peer-bench/fixtures --bf16            # autocast
+    python bench/sft.py --model tiny --fixtures /tmp/peer-bench/fixtures --precision bf16  # autocast
     python bench/sft.py --model 25m  --fixtures /tmp/peer-bench/fixtures --max-steps 32
     python bench/sft.py --model tiny --fixtures /tmp/peer-bench/fixtures --peer-python ../peer-venv/bin/python
 
 Same workload as the peer's trl_sft.py / torch_floor_sft.py: synth.sft_examples(512)
 prompt/completion records, loss on the completion only, batch 8, one epoch (64 steps), AdamW
-lr 1e-5 constant, no weight decay, gradient clipping at 1.0, fp32 (``--bf16`` measures bf16
-autocast instead), 2 threads, sdpa attention, no gradient checkpointing. It runs the real
-``alignloop sft`` stage (run_sft, with its default length-grouped batches; ``--no-group-by-length``
+lr 1e-5 constant, no weight decay, gradient clipping at 1.0, fp32 (``--precision bf16`` measures
+bf16 autocast instead, ``auto`` our default), 2 threads, sdpa attention, no gradient checkpointing. It
+runs the real ``alignloop sft`` stage (run_sft, with its default length-grouped batches; ``--no-group-by-length``
 for plain shuffled batches) and times it from the end of optimizer step 3 to the end of the last
 step, so collation, forward, backward, clipping, the optimizer, metrics logging and progress
 bookkeeping all count. Tokens are the non-pad tokens of every timed batch (packing: every token
@@ -43,7 +43,6 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-steps", type=int, default=None, help="default: one full epoch")
     ap.add_argument("--warmup-steps", type=int, default=3)
-    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (mixed precision) instead of fp32")
     ap.add_argument("--seed", type=int, default=42, help="train.seed: batch order (the fixture weights are fixed)")
     ap.add_argument("--no-group-by-length", action="store_true", help="batches in plain shuffled order")
     ap.add_argument("--peer-variant", choices=["padded", "padding_free", "packing"], default=None,
@@ -72,7 +71,7 @@ def main() -> None:
     packing = a.variant == "packing"
     overrides = ["train.lr=1e-5", "train.schedule=constant", "train.warmup_steps=0", "train.weight_decay=0",
                  f"train.batch_size={a.batch_size}", "train.epochs=1", "train.max_grad_norm=1.0",
-                 f"train.mixed_precision={'bf16' if a.bf16 else 'no'}", "train.report_to=[]",
+                 *peer.precision_overrides(a), "train.report_to=[]",
                  "train.log_steps=10", f"train.seed={a.seed}", "model.dtype=float32", "data.split.validation=0",
                  "data.clean.dedupe_exact=false", f"data.packing={packing}",
                  f"data.max_seq_len={a.pack_length if packing else 1024}",
@@ -135,8 +134,9 @@ def main() -> None:
         "bench": "alignloop_sft",
         "model": a.model,
         "params": info["params"],
-        "variant": a.variant + ("+bf16" if a.bf16 else "") + ("+no_group" if a.no_group_by_length else ""),
-        "bf16": a.bf16,
+        "variant": a.variant + ("+no_group" if a.no_group_by_length else ""),
+        "precision": a.precision,
+        "bf16": peer.ran_mixed_precision() == "bf16",
         "gradient_checkpointing": False,
         "group_by_length": not a.no_group_by_length,
         "batch_size": a.batch_size,

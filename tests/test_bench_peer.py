@@ -84,12 +84,34 @@ def test_the_peer_must_read_the_same_fixtures(tmp_path):
         folder.mkdir()
         (folder / "manifest.json").write_text(text)
     folder = fake_peer_folder(tmp_path, "trl_reward.py", other)
-    args = Namespace(peer_python=Path(sys.executable), peer_dir=folder)
+    args = Namespace(peer_python=Path(sys.executable), peer_dir=folder, peer_trl_defaults=False)
     with pytest.raises(SystemExit, match="not the same fixtures"):
         peer.measure(args, ours, "trl_reward.py", [])
     (other / "manifest.json").write_text('{"a": 1}')  # a copy made by the same make_fixtures.py: the same
     assert peer.measure(args, ours, "trl_reward.py", [])["pairs_per_sec"] == 4.0
     assert peer.measure(Namespace(peer_python=None, peer_dir=None), ours, "trl_reward.py", []) is None
+
+
+def test_peer_trl_defaults_reach_a_peer_script_that_takes_them_and_are_refused_by_one_that_does_not(tmp_path):
+    takes = FAKE_PEER + '\n# ap.add_argument("--trl-defaults", action="store_true")\n'
+    folder = fake_peer_folder(tmp_path, "trl_reward.py", tmp_path, takes)
+    (folder / "trl_ppo_legacy.py").write_text(FAKE_PEER)
+    args = Namespace(peer_python=Path(sys.executable), peer_dir=folder, peer_trl_defaults=True)
+    assert peer.measure(args, tmp_path, "trl_reward.py", ["--model", "tiny"])["argv"] == ["--model", "tiny",
+                                                                                           "--trl-defaults"]
+    with pytest.raises(SystemExit, match="trl_ppo_legacy.py has no --trl-defaults"):
+        peer.measure(args, tmp_path, "trl_ppo_legacy.py", [])
+
+
+def test_precision_overrides_keep_the_peers_fp32_unless_asked():
+    def overrides(precision, generation=False):
+        return peer.precision_overrides(Namespace(precision=precision), generation)
+
+    assert overrides("fp32") == ['train.mixed_precision="no"']
+    assert overrides("fp32", generation=True) == ['train.mixed_precision="no"', "generation.precision=fp32"]
+    assert overrides("bf16", generation=True) == ['train.mixed_precision="bf16"', "generation.precision=bf16"]
+    # auto: alignloop's own choice for both (the sampler then decodes under the trainer's autocast)
+    assert overrides("auto", generation=True) == ['train.mixed_precision="auto"']
 
 
 def test_reward_bench_runs_the_peer_on_its_settings_and_prints_one_line(peer_bench_fixtures, tmp_path):
@@ -104,6 +126,7 @@ def test_reward_bench_runs_the_peer_on_its_settings_and_prints_one_line(peer_ben
     assert len(lines) == 1 and len(out_file.read_text().splitlines()) == 1
     res = json.loads(lines[0].removeprefix("BENCH_JSON "))
     assert res["bench"] == "alignloop_reward" and res["peer"]["bench"] == "fake"
+    assert res["precision"] == "fp32" and res["bf16"] is False  # the peer's fp32 workload by default
     assert res["peer"]["argv"] == ["--model", "tiny", "--n-pairs", "48", "--batch-size", "8", "--warmup-steps", "3",
                                    "--max-steps", "5"]
     assert res["ratio"]["pairs_per_sec"] == pytest.approx(res["pairs_per_sec"] / 4.0, abs=2e-3)

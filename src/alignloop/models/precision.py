@@ -1,8 +1,8 @@
 """Whether bf16 pays on this machine for this model: the one test behind every "auto" precision on CPU.
 
 On a CPU with native bf16 instructions (AVX512-BF16, AMX) a bf16 matmul runs several times faster than
-fp32, but a small model's step is dominated by Python and kernel launches rather than matmuls, so bf16
-buys nothing there and only changes the numbers. "auto" therefore means bf16 on such CPUs from
+fp32, but the smallest models' steps are dominated by Python and kernel launches rather than matmuls, so
+bf16 buys nothing there and only changes the numbers. "auto" therefore means bf16 on such CPUs from
 ``BF16_CPU_MIN_PARAMS`` matmul parameters on, fp32 below, for sampling and for training alike
 (measurements: bench/README.md).
 """
@@ -16,8 +16,10 @@ import torch
 from torch import nn
 
 # Models from this many matmul parameters (matmul_parameter_count) on get bf16 under "auto" on a CPU with
-# native bf16: the peer benchmark's 25m Llama (25.3 M) does, its tiny one (3.2 M) and MiniLM (11 M) do not.
-BF16_CPU_MIN_PARAMS = 20_000_000
+# native bf16. Measured on an idle machine, Llamas of 0.6 M matmul parameters sampled slower in bf16 and ones of
+# 1.8 M faster (and trained faster from 0.6 M on): the peer benchmark's tiny (5.3 M) and 25m Llamas, MiniLM
+# (11 M) and SmolLM2 get bf16, the test suite's models (under 0.2 M) and the tiny demo's policy (0.85 M) fp32.
+BF16_CPU_MIN_PARAMS = 1_500_000
 
 
 # torch runs CPU bf16 matmuls through oneDNN, which JIT-compiles a kernel per matmul shape and keeps it in two
