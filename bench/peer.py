@@ -55,6 +55,7 @@ def precision_overrides(a: argparse.Namespace, generation: bool = False) -> list
 
 def ran_mixed_precision() -> str | None:
     """The mixed precision our stage's accelerator ran with in this process ("no" or "bf16"; auto resolved)."""
+    # imported here, not at the top: bench scripts import peer before common has set up torch's threads
     from accelerate.state import AcceleratorState
 
     return AcceleratorState().mixed_precision if AcceleratorState._shared_state else None

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 # Models from this many matmul parameters (matmul_parameter_count) on get bf16 under "auto" on a CPU with
-# native bf16. Measured on an idle machine, Llamas of 0.6 M matmul parameters sampled slower in bf16 and ones of
-# 1.8 M faster (and trained faster from 0.6 M on): the peer benchmark's tiny (5.3 M) and 25m Llamas, MiniLM
-# (11 M) and SmolLM2 get bf16, the test suite's models (under 0.2 M) and the tiny demo's policy (0.85 M) fp32.
+# native bf16: between the largest size where bf16 sampled slower and the smallest where it sampled faster
+# (bench/README.md). The peer benchmark's Llamas, MiniLM and SmolLM2 get bf16; the test suite's models and the
+# tiny demo's policy stay fp32.
 BF16_CPU_MIN_PARAMS = 1_500_000
 
 
