@@ -15,6 +15,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 import peer  # noqa: E402  (bench/ is a folder of scripts, not a package)
+import table  # noqa: E402
 
 # A peer script that prints what it was asked (arguments, folder, whether BENCH_OUT reached it) with fixed figures.
 # It lives a moment, as a real peer does for minutes: its peak RSS is read while it runs (every 50 ms).
@@ -132,3 +133,36 @@ def test_reward_bench_runs_the_peer_on_its_settings_and_prints_one_line(peer_ben
     assert res["ratio"]["pairs_per_sec"] == pytest.approx(res["pairs_per_sec"] / 4.0, abs=2e-3)
     assert 0 < res["peer"]["peak_rss_mb"] < res["peak_rss_mb"]  # a 20-line script against a training run
     assert res["ratio"]["peak_rss_mb"] == pytest.approx(res["peak_rss_mb"] / res["peer"]["peak_rss_mb"], rel=2e-3)
+
+
+def test_the_table_runs_ppo_against_the_trl_1_12_venv_and_every_other_stage_against_the_main_one(tmp_path):
+    a = Namespace(model="tiny", fixtures=tmp_path / "fixtures", precision="auto", peer_venvs=tmp_path / "venv",
+                  peer_dir=None, peer_trl_defaults=True)
+    ppo, rloo, gen = (table.stage_command(s, a) for s in ("ppo", "rloo", "generate"))
+    assert ppo[ppo.index("--peer-python") + 1] == str(tmp_path / "venv-ppo" / "bin" / "python")
+    assert "--peer-trl-defaults" not in ppo  # trl_ppo_legacy.py has no --trl-defaults
+    assert rloo[rloo.index("--peer-python") + 1] == str(tmp_path / "venv" / "bin" / "python")
+    assert rloo[rloo.index("--algorithm") + 1] == "rloo" and "--peer-trl-defaults" in rloo
+    assert "--peer-python" not in gen and gen[gen.index("--precision") + 1] == "auto"
+
+
+def test_the_table_shows_each_lines_ratio_and_peak_rss():
+    reward = {"bench": "alignloop_reward", "model": "tiny", "pairs_per_sec": 46.7, "peak_rss_mb": 947.0, "bf16": True,
+              "peer": {"bench": "trl_reward", "pairs_per_sec": 18.4, "peak_rss_mb": 950.0, "bf16": False},
+              "ratio": {"pairs_per_sec": 2.538, "peak_rss_mb": 0.997}}
+    gen = {"bench": "generate", "model": "tiny", "precision": "fp32", "model_generate_precision": "fp32",
+           "alignloop": {"new_tokens_per_sec": 3665.0}, "model_generate": {"new_tokens_per_sec": 2300.0},
+           "speedup": 1.59, "peak_rss_mb": 700.0}
+    head, rule, reward_row, gen_row = table.render([reward, gen]).splitlines()
+    assert "tiny" in head and rule.count("---") == 6
+    assert reward_row == ("| reward model (RewardTrainer) | 46.7 pairs/s | 18.4 pairs/s | **2.54x** | 947 / 950 (1.00) | "
+                          "bf16 / fp32 |")
+    assert "| 3,665 | 2,300 | **1.59x** |" in gen_row
+
+
+def test_the_table_names_a_missing_peer_venv_and_how_to_build_it(tmp_path):
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "table.py"), "--fixtures", str(tmp_path),
+                          "--peer-venvs", str(tmp_path / "nowhere"), "--stages", "reward,ppo"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "nowhere" in out.stderr and "make peer-venvs PEER_VENVS=" in out.stderr

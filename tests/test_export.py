@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from peft import PeftModel
 
 from alignloop.cli import main
 from alignloop.config import DataConfig, LoraSettings, ModelConfig, SFTConfig, dump_config
@@ -45,17 +46,22 @@ def test_merged_export_reloads_with_plain_transformers_and_same_logits(lora_run,
     out = export_model(lora_run / "model", tmp_path / "exported", merge=True)
     assert not (out / "adapter_config.json").exists() and (out / "model.safetensors").exists()
     plain = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    adapter, tok = load_pretrained(ModelConfig(name_or_path=str(lora_run / "model")), for_training=False)
+    adapter, tok = load_pretrained(ModelConfig(name_or_path=str(lora_run / "model")), for_training=True)
     base, _ = load_pretrained(ModelConfig(name_or_path=adapter.peft_config["default"].base_model_name_or_path),
                               for_training=False)
+    # what eval, collect, predict and serve load: the adapter already merged, no PEFT wrapper left
+    inference, _ = load_pretrained(ModelConfig(name_or_path=str(lora_run / "model")), for_training=False)
+    assert not isinstance(inference, PeftModel)
     ids = tok(["Repeat twice: red cat dog\nred cat", "big"], return_tensors="pt", padding=True)
     with torch.no_grad():
         want = adapter.eval()(**ids).logits
         got = plain(**ids).logits
+        merged_on_load = inference(**ids).logits
         untouched = base.eval()(**ids).logits
     assert (want - untouched).abs().max() > 1e-2  # the adapter matters, so equal logits mean it was merged
     # Merging rounds W + BA once; the adapter path adds BA x on the fly (seen: 1.8e-5 apart with one thread).
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(merged_on_load, want, atol=1e-4, rtol=1e-4)
 
     exported_tok = AutoTokenizer.from_pretrained(out)
     assert exported_tok.chat_template and exported_tok.pad_token_id != exported_tok.eos_token_id

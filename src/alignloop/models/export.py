@@ -39,9 +39,8 @@ def export_model(model_dir: str | Path, output: str | Path, merge: bool = False)
     meta = read_meta(src)
     reward = meta.get("stage") == "rm"
     auto_cls = AutoModelForSequenceClassification if reward else None
+    # loaded for inference, a LoRA folder comes back with its adapter merged into the base weights
     model, tok = load_pretrained(ModelConfig(name_or_path=str(src)), auto_cls=auto_cls, for_training=False)
-    if is_adapter:
-        model = model.merge_and_unload()
     if not reward:
         ensure_chat_template(tok)
         complete_generation_config(model, tok)

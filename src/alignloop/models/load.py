@@ -209,7 +209,8 @@ def load_pretrained(
     config_overrides: dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> tuple[nn.Module, Any]:
-    """(model, tokenizer) for cfg; an alignloop LoRA run folder loads its base and the adapter.
+    """(model, tokenizer) for cfg; an alignloop LoRA run folder loads its base and the adapter (for training a
+    PeftModel; not for training, the base with the adapter merged in).
 
     ``config_overrides`` are set on the model config before the weights load (e.g. a classification
     head's id2label / label2id, which decide the head's shape)."""
@@ -245,8 +246,9 @@ def load_pretrained(
         model.resize_token_embeddings(len(tok))
     model.config.pad_token_id = tok.pad_token_id
     if adapter:
-
         model = PeftModel.from_pretrained(model, source, is_trainable=for_training)
+        if not for_training:  # inference folds the adapter into the weights once: every forward then runs at
+            model = model.merge_and_unload()  # the base model's cost, without LoRA's extra matmuls per layer
     return model, tok
 
 

@@ -56,7 +56,5 @@ def load_scorer(model: str, device: torch.device) -> Scorer:
 def load_transformers_engine(model: str, metrics: ServeMetrics, max_batch: int, max_queue: int,
                              device: torch.device, dtype: str) -> TransformersEngine:
     lm, tok = load_pretrained(ModelConfig(name_or_path=model, dtype=dtype), device=device, for_training=False)
-    if hasattr(lm, "merge_and_unload"):  # a LoRA run folder: fold the adapter in once, decode at full speed
-        lm = lm.merge_and_unload()
     ensure_chat_template(tok)
     return TransformersEngine(lm.to(device), tok, metrics, max_batch=max_batch, max_queue=max_queue)
