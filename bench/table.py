@@ -41,7 +41,7 @@ LABELS = {
     "alignloop_rloo": "RLOO, rule reward (RLOOTrainer)",
     "alignloop_grpo": "GRPO, rule reward (GRPOTrainer)",
     "alignloop_ppo": "PPO with reward model and critic (TRL 1.12 PPOTrainer)",
-    "generate": "rollout generation, new tokens/s (`model.generate`)",
+    "generate": "rollout generation (`model.generate`)",
 }
 
 
@@ -70,8 +70,10 @@ def row(line: dict) -> str:
     label = LABELS.get(line["bench"], line["bench"])
     if line["bench"] == "generate":
         ours, theirs = line["alignloop"]["new_tokens_per_sec"], line["model_generate"]["new_tokens_per_sec"]
-        prec = f"{line['precision']} / {line.get('model_generate_precision', 'fp32')}"
-        return (f"| {label} | {ours:,.0f} | {theirs:,.0f} | **{line['speedup']:.2f}x** | "
+        sampler = {"bfloat16": "bf16", "float32": "fp32"}.get(line.get("sampler_dtype"), line["precision"])
+        prec = f"{sampler} / {line.get('model_generate_precision', 'fp32')}"
+        label = label.replace(" (", f", batch {line['batch_size']}, {line['new_tokens_per_seq']} new tokens (")
+        return (f"| {label} | {ours:,.0f} new tok/s | {theirs:,.0f} new tok/s | **{line['speedup']:.2f}x** | "
                 f"{line['peak_rss_mb']:,.0f} (one process) | {prec} |")
     ratio = line.get("ratio")
     if not ratio:

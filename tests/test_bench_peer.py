@@ -150,14 +150,16 @@ def test_the_table_shows_each_lines_ratio_and_peak_rss():
     reward = {"bench": "alignloop_reward", "model": "tiny", "pairs_per_sec": 46.7, "peak_rss_mb": 947.0, "bf16": True,
               "peer": {"bench": "trl_reward", "pairs_per_sec": 18.4, "peak_rss_mb": 950.0, "bf16": False},
               "ratio": {"pairs_per_sec": 2.538, "peak_rss_mb": 0.997}}
-    gen = {"bench": "generate", "model": "tiny", "precision": "fp32", "model_generate_precision": "fp32",
+    gen = {"bench": "generate", "model": "tiny", "precision": "auto", "sampler_dtype": "bfloat16", "batch_size": 32,
+           "new_tokens_per_seq": 64, "model_generate_precision": "fp32",
            "alignloop": {"new_tokens_per_sec": 3665.0}, "model_generate": {"new_tokens_per_sec": 2300.0},
            "speedup": 1.59, "peak_rss_mb": 700.0}
     head, rule, reward_row, gen_row = table.render([reward, gen]).splitlines()
     assert "tiny" in head and rule.count("---") == 6
     assert reward_row == ("| reward model (RewardTrainer) | 46.7 pairs/s | 18.4 pairs/s | **2.54x** | 947 / 950 (1.00) | "
                           "bf16 / fp32 |")
-    assert "| 3,665 | 2,300 | **1.59x** |" in gen_row
+    assert gen_row == ("| rollout generation, batch 32, 64 new tokens (`model.generate`) | 3,665 new tok/s | 2,300 new tok/s | "
+                       "**1.59x** | 700 (one process) | bf16 / fp32 |")
 
 
 def test_the_table_names_a_missing_peer_venv_and_how_to_build_it(tmp_path):

@@ -1,6 +1,6 @@
 """The real-model demo, shortened to one round (demo.REAL_SHORT): SmolLM2-135M-Instruct with LoRA, SFT on the
 demo world's chat prompts, 64 prompts x 4 candidates ranked by simulated annotators through the feedback app,
-the MiniLM reward model, 4 PPO steps and evaluation on 128 held-out prompts. What a run that short can claim
+the MiniLM reward model, 4 PPO steps and evaluation on 64 held-out prompts. What a run that short can claim
 is that RLHF raised the hidden gold score of the real model: the per-prompt gain over the SFT model has a 95%
 interval above 0, at a KL inside one round's budget. `alignloop demo --model smollm2-135m-instruct` (two full
 rounds) checks the win-rate and reward-model targets."""
