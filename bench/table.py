@@ -45,12 +45,18 @@ LABELS = {
 }
 
 
+def peer_python(venvs: Path, suffix: str) -> Path:
+    """The interpreter of one of ``make peer-venvs PEER_VENVS=venvs``'s venvs (``venvs`` + ``suffix``)."""
+    return Path(f"{venvs}{suffix}") / "bin" / "python"
+
+
 def stage_command(stage: str, a: argparse.Namespace) -> list[str]:
     script, extra, venv_suffix = STAGES[stage]
-    cmd = [sys.executable, str(BENCH / script), "--model", a.model, "--fixtures", str(a.fixtures), *extra]
+    cmd = [sys.executable, str(BENCH / script), "--model", a.model, "--fixtures", str(a.fixtures), *extra,
+           "--precision", a.precision]
     if venv_suffix is None:  # generation: ours against model.generate (fp32, as the peer's hf_generate.py)
-        return [*cmd, "--precision", a.precision]
-    cmd += ["--precision", a.precision, "--peer-python", str(Path(f"{a.peer_venvs}{venv_suffix}") / "bin" / "python")]
+        return cmd
+    cmd += ["--peer-python", str(peer_python(a.peer_venvs, venv_suffix))]
     if a.peer_dir:
         cmd += ["--peer-dir", str(a.peer_dir)]
     if a.peer_trl_defaults and stage != "ppo":  # trl_ppo_legacy.py has no --trl-defaults
@@ -120,15 +126,15 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown stage(s) {', '.join(unknown)}; the stages are {', '.join(STAGES)}")
     for suffix in {STAGES[s][2] for s in stages} - {None}:
-        python = Path(f"{a.peer_venvs}{suffix}") / "bin" / "python"
+        python = peer_python(a.peer_venvs, suffix)
         if not python.exists():
             ap.error(f"{python} does not exist: build the peer venvs with `make peer-venvs PEER_VENVS={a.peer_venvs}`")
 
+    env = {k: v for k, v in os.environ.items() if k != "BENCH_OUT"}  # each line is written once, below
     lines = []
     for stage in stages:
         cmd = stage_command(stage, a)
         print(f"# {stage}: {' '.join(cmd)}", file=sys.stderr, flush=True)
-        env = {k: v for k, v in os.environ.items() if k != "BENCH_OUT"}
         proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
         found = [t for t in proc.stdout.splitlines() if t.startswith("BENCH_JSON ")]
         if proc.returncode != 0 or not found:
