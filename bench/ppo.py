@@ -133,7 +133,7 @@ def main() -> None:
         f"train.distributed={a.distributed}", *peer.precision_overrides(a, generation=True),
     ]
     if ppo:
-        overrides += [f"reward.model={work / 'reward'}", f"ppo.critic_model={work / 'critic'}", "reward.batch_size=32"]
+        overrides += [f"reward.model={work / 'reward'}", f"ppo.critic_model={work / 'critic'}"]
     else:
         overrides += ["reward.functions=[__main__:synthetic_reward]"]
     cfg = build_config(PPOConfig, None, {"model.name_or_path": str(policy_dir), "data.train": str(prompts),

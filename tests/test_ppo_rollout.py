@@ -13,7 +13,14 @@ from alignloop.generation.rollout import Rollout, response_logits, response_logp
 from alignloop.generation.sampler import TransformersSampler
 from alignloop.models.load import load_pretrained
 from alignloop.models.tiny import build_tiny_model
-from alignloop.train.ppo import ValueModel, micro_batch_loss, policy_value_head, response_logits_and_hidden
+from alignloop.train.ppo import (
+    ValueModel,
+    by_length,
+    micro_batch_loss,
+    policy_value_head,
+    response_logits_and_hidden,
+    score_in_length_groups,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
@@ -129,3 +136,38 @@ def test_sampling_never_suppresses_eos_and_ignores_checkpoint_defaults(tiny):
     finally:
         model.generation_config.min_new_tokens = None
         model.generation_config.min_length = 0
+
+
+def test_selected_rows_drop_shared_prompt_padding_and_keep_their_logprobs(tiny):
+    model, tok = tiny
+    prompts = prompts_of(tok, 8)
+    torch.manual_seed(0)
+    r = generate(model, prompts, SamplingConfig(max_new_tokens=5), tok.eos_token_id, tok.pad_token_id)
+    short = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))[:3]
+    part = r.select(short)
+    assert part.prompt_ids.shape[1] == max(len(prompts[i]) for i in short) < r.prompt_ids.shape[1]
+    assert part.response_ids.shape == (3, r.response_ids.shape[1])  # [rows, R] tensors still line up
+    with torch.no_grad():
+        assert torch.allclose(response_logprobs(model, part, 1.0), response_logprobs(model, r, 1.0)[short], atol=1e-5)
+
+
+def test_length_grouped_scoring_returns_rows_in_rollout_order(tiny):
+    model, tok = tiny
+    prompts = prompts_of(tok, 7)
+    torch.manual_seed(0)
+    r = generate(model, prompts, SamplingConfig(max_new_tokens=6), tok.eos_token_id, tok.pad_token_id)
+    with torch.no_grad():
+        whole = response_logprobs(model, r, 1.0)
+        grouped = score_in_length_groups(r, 3, lambda m: response_logprobs(model, m, 1.0))  # groups of 3, 3 and 1 by length
+    assert grouped.shape == whole.shape
+    assert torch.allclose(grouped, whole, atol=1e-5)
+
+
+def test_micro_batches_of_a_minibatch_are_cut_by_length():
+    prompt_mask = torch.tensor([[0, 0, 1], [1, 1, 1], [0, 1, 1], [0, 0, 1]])
+    response_mask = torch.tensor([[1, 1], [1, 0], [1, 1], [1, 0]])
+    r = Rollout(prompt_mask.clone(), prompt_mask, response_mask.clone(), response_mask, torch.ones(4, dtype=torch.bool))
+    minibatch = torch.tensor([1, 3, 0, 2])
+    ordered = by_length(r, minibatch)
+    assert sorted(ordered.tolist()) == sorted(minibatch.tolist())  # the same rows: the same gradient
+    assert ordered.tolist() == [3, 0, 1, 2]  # lengths 2, 3, 4, 4 (ties keep the minibatch's order)

@@ -509,8 +509,7 @@ class SamplingConfig(Strict):
     # false: always sample max_new_tokens (fixed-length benchmarks; serve's ignore_eos); a response
     # still ends at its first EOS for scoring and for every loss.
     stop_on_eos: bool = True
-    # Prompts per generation call (with their samples); null = all of them in one call (PPO: the whole
-    # rollout, also the batch of the no-grad reference / critic forwards).
+    # Prompts per generation call (with their samples); null = all of them in one call (PPO: the whole rollout).
     batch_size: int | None = Field(None, gt=0)
     # Seeds the sampler of collect, predict and a serve request; null there = 0 (collect, predict) or
     # a fresh random seed (serve). PPO and eval draw from their own seed (train.seed, seed) instead.

@@ -33,18 +33,33 @@ class Rollout:
         return self.prompt_ids.shape[0]
 
     def select(self, rows: torch.Tensor | list[int]) -> Rollout:
+        """The given rows, without the prompt columns that are padding in all of them: prompts are left-padded
+        to the batch's longest, and a forward over a group of short prompts need not run over that padding.
+        The response columns stay as they are, so [rows, R] tensors of the whole rollout still line up."""
         rows = torch.as_tensor(rows, dtype=torch.long)
-        return Rollout(*(None if t is None else t[rows] for t in
-                         (self.prompt_ids, self.prompt_mask, self.response_ids, self.response_mask, self.ended,
-                          self.logprobs)))
+        prompt_mask = self.prompt_mask[rows]
+        # Positions come from the attention mask, so dropping columns masked in every row changes no number.
+        used = prompt_mask.any(0).nonzero()
+        first = int(used[0]) if len(used) else 0
+        return Rollout(self.prompt_ids[rows, first:], prompt_mask[:, first:],
+                       *(None if t is None else t[rows] for t in
+                         (self.response_ids, self.response_mask, self.ended, self.logprobs)))
+
+    def lengths(self) -> list[int]:
+        """Tokens per row, prompt and response, padding excluded."""
+        return (self.prompt_mask.sum(1) + self.response_mask.sum(1)).tolist()
+
+
+def log_softmax_at(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / temperature) over the vocabulary, in fp32: the distribution the sampler drew from."""
+    logits = logits.float()
+    # x / 1.0 == x exactly, so skipping it changes no number and saves a copy of the logits (and its backward)
+    return torch.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
 
 
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log p(token) under softmax(logits / temperature): the same distribution the sampler drew from."""
-    logits = logits.float()
-    # x / 1.0 == x exactly, so skipping it changes no number and saves a copy of the logits (and its backward)
-    logp = torch.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
-    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return log_softmax_at(logits, temperature).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 def mask_after_eos(tokens: torch.Tensor, stop_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:

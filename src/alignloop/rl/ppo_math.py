@@ -43,8 +43,8 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
     return out * mask
 
 
-def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+def entropy_from_logprobs(logp: torch.Tensor) -> torch.Tensor:
+    """Entropy of each distribution given by its log-probabilities over the last dimension."""
     return -(logp.exp() * logp).sum(-1)
 
 

@@ -29,6 +29,7 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification
 
 from alignloop.config import ModelConfig, PPOConfig
+from alignloop.data.batching import length_batches
 from alignloop.data.formats import parse_rl_prompt, parse_sft
 from alignloop.data.io import Record, read_records
 from alignloop.data.splits import split_by_seed
@@ -45,6 +46,7 @@ from alignloop.generation.backends import make_sampler
 from alignloop.generation.calls import rollout_seed, seeded
 from alignloop.generation.rollout import (
     Rollout,
+    log_softmax_at,
     logprobs_from_logits,
     response_logits,
     scatter_response,
@@ -288,7 +290,9 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
     # policy's weights after every change, and its log-probs only weight the loss (truncated importance
     # sampling): the trainer's are recomputed.
     engine = sampler if sampler.own_numerics else None
-    scoring_batch = g.batch_size or len(my_rows)  # no-grad reference / critic forwards, batched as generation
+    # The no-grad reference / critic forwards run in micro-batches of rows of similar length, as training does:
+    # on a CPU a small group's activations and logits stay in cache, and short prompts skip the long ones' padding.
+    scoring_batch = p.micro_batch_size
 
     # The modules the losses call: DDP-wrapped on several processes, or sharded in place (then `policy` and
     # `critic` are those sharded modules). Generation, the reference's disabled adapter, EMA and checkpoints
@@ -317,9 +321,9 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
     def reference_logprobs(r: Rollout) -> torch.Tensor:
         with torch.no_grad(), acc.autocast():
             if ref is not None:
-                return _micro(r, scoring_batch, lambda m: _logprobs(ref, m, g.temperature))
+                return score_in_length_groups(r, scoring_batch, lambda m: _logprobs(ref, m, g.temperature))
             with policy.disable_adapter():
-                return _micro(r, scoring_batch, lambda m: _logprobs(policy, m, g.temperature))
+                return score_in_length_groups(r, scoring_batch, lambda m: _logprobs(policy, m, g.temperature))
 
     def held_out_reward() -> float | None:
         """Mean reward of sampled responses to the held-out prompts, with a fixed seed (same draws before
@@ -395,11 +399,11 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
         my_trainer_logp = None
         if engine is not None:
             with torch.no_grad(), acc.autocast():
-                my_trainer_logp = _micro(mine, scoring_batch, lambda m: _logprobs(policy, m, g.temperature))
+                my_trainer_logp = score_in_length_groups(mine, scoring_batch, lambda m: _logprobs(policy, m, g.temperature))
         my_values = None
         if critic is not None:
             with torch.no_grad(), acc.autocast():
-                my_values = _micro(mine, scoring_batch, lambda m: _values(policy, critic, m))
+                my_values = score_in_length_groups(mine, scoring_batch, lambda m: _values(policy, critic, m))
         parts = gather_object([(my_responses, my_score.cpu(), my_source_means, my_ref_logp.cpu(),
                                 None if my_values is None else my_values.cpu(),
                                 None if my_trainer_logp is None else my_trainer_logp.cpu())])
@@ -452,14 +456,15 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
         for _epoch in range(p.ppo_epochs):
             perm = torch.randperm(len(r))  # the same on every process: the RNG streams stay in step
             for start in range(0, len(r), p.mini_batch_size):
+                minibatch = by_length(r, perm[start: start + p.mini_batch_size])
                 # This process's share of the global minibatch: every world-th micro-batch, its loss scaled
                 # so that DDP's average over processes is the minibatch mean (as fit.py's units).
                 mb_kl = 0.0
                 ptx_start = state.setdefault("ptx_position", 0) if ptx is not None else 0
-                for j, m0 in enumerate(range(start, start + p.mini_batch_size, p.micro_batch_size)):
+                for j, m0 in enumerate(range(0, p.mini_batch_size, p.micro_batch_size)):
                     if j % world != rank:
                         continue
-                    idx = perm[m0: m0 + p.micro_batch_size]
+                    idx = minibatch[m0: m0 + p.micro_batch_size]
                     m = r.select(idx)
                     m_mask = mask[idx]
                     with acc.autocast():
@@ -617,9 +622,22 @@ def _to(r: Rollout, device: torch.device) -> Rollout:
                                                                  r.response_mask, r.ended, r.logprobs)))
 
 
-def _micro(r: Rollout, size: int, fn) -> torch.Tensor:
-    """Run fn over micro-batches of rows and stack the [b, R] results back into [B, R]."""
-    return torch.cat([fn(r.select(list(range(i, min(i + size, len(r)))))) for i in range(0, len(r), size)])
+def score_in_length_groups(r: Rollout, size: int, fn) -> torch.Tensor:
+    """Run fn over micro-batches of rows of similar length (each without the prompt padding none of its rows
+    needs) and put the [b, R] results back in the rollout's row order, [B, R]."""
+    groups = length_batches(r.lengths(), size)
+    parts = [fn(r.select(idx)) for idx in groups]
+    out = parts[0].new_zeros((len(r), *parts[0].shape[1:]))
+    for idx, part in zip(groups, parts, strict=True):
+        out[idx] = part
+    return out
+
+
+def by_length(r: Rollout, rows: torch.Tensor) -> torch.Tensor:
+    """``rows`` ordered by length, so that the micro-batches cut from a minibatch in order hold rows of similar
+    length and carry little prompt padding; the minibatch, and so its gradient, is the same."""
+    lengths = r.prompt_mask[rows].sum(1) + r.response_mask[rows].sum(1)
+    return rows[torch.argsort(lengths, stable=True)]
 
 
 def response_logits_and_hidden(policy: nn.Module, r: Rollout,
@@ -666,9 +684,12 @@ def micro_batch_loss(policy, critic, head_on_policy: bool, m: Rollout, mask, old
     is a value head on the policy's hidden states."""
     logits, hidden = response_logits_and_hidden(policy, m, head_on_policy)
     ids = m.response_ids[m.response_mask.bool()]
-    logp = scatter_response(logprobs_from_logits(logits, ids, temperature), m.response_mask)
+    # one log-softmax over the vocabulary serves the sampled tokens' log-probs and the entropy
+    log_probs = log_softmax_at(logits, temperature)
+    logp = scatter_response(log_probs.gather(-1, ids.unsqueeze(-1)).squeeze(-1), m.response_mask)
     loss, st = pm.policy_loss(logp, old_logp, advantages, mask, p.clip_range, is_weights)
-    entropy = pm.entropy_from_logits(logits.detach() if p.entropy_coef == 0 else logits, temperature).mean()
+    with contextlib.nullcontext() if p.entropy_coef else torch.no_grad():  # logged only, unless it is a loss term
+        entropy = pm.entropy_from_logprobs(log_probs).mean()
     stats = {"policy_loss": loss.item(), "clip_frac": st["clip_frac"].item(), "approx_kl": st["approx_kl"].item(),
              "entropy": entropy.item()}
     if p.entropy_coef:
