@@ -128,3 +128,87 @@ def causal_lm_loss_sum(model: nn.Module, batch: dict, label_smoothing: float = 0
                                         batch.get("position_ids"))
     loss = F.cross_entropy(logits.float(), targets[select], reduction="sum", label_smoothing=label_smoothing)
     return loss, int(select.sum())
+
+
+# Decoder layers whose layout scored_hidden_states knows: pre-norm, q/k/v/o projections, rotary positions and an
+# MLP, with nothing else between (Qwen3's and OLMo2's q/k norms, Gemma's extra norms and softcapping differ).
+PLAIN_DECODER_LAYERS = frozenset({"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer"})
+
+
+def last_layer_runs_apart(body: nn.Module) -> bool:
+    """Whether ``body``'s last decoder layer can compute its output at chosen positions only (see
+    scored_hidden_states): a plain Llama-style layer, full attention (no sliding window), SDPA or eager."""
+    layers = getattr(body, "layers", None)
+    config = getattr(body, "config", None)
+    if not isinstance(layers, nn.ModuleList) or not layers or config is None:
+        return False
+    layer = layers[-1]
+    attn = getattr(layer, "self_attn", None)
+    return (type(layer).__name__ in PLAIN_DECODER_LAYERS and attn is not None
+            and getattr(attn, "sliding_window", None) is None and getattr(config, "sliding_window", None) is None
+            and getattr(config, "num_hidden_layers", None) == len(layers)
+            and getattr(config, "_attn_implementation", None) in ("sdpa", "eager"))
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding of ``x`` [..., head_dim], the half-split layout Llama's checkpoints use."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+class LastLayerAt(nn.Module):
+    """A plain decoder layer that computes its output only at positions (``rows``, ``cols``): keys and values
+    at every position (the chosen ones attend to them), queries, the output projection and the MLP at the
+    chosen positions only. The other positions come out as they went in; nothing after the last layer but the
+    final norm, which works per position, reads them."""
+
+    def __init__(self, layer: nn.Module, rows: torch.Tensor, cols: torch.Tensor):
+        super().__init__()
+        self.layer, self.rows, self.cols = layer, rows, cols
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None, **_: object) -> torch.Tensor:
+        layer, rows, cols = self.layer, self.rows, self.cols
+        attn = layer.self_attn
+        batch, width, _ = hidden_states.shape
+        head_dim = attn.head_dim
+        x = layer.input_layernorm(hidden_states)
+        keys = attn.k_proj(x).view(batch, width, -1, head_dim).transpose(1, 2)  # [B, kv heads, T, d]
+        values = attn.v_proj(x).view(batch, width, -1, head_dim).transpose(1, 2)
+        queries = attn.q_proj(x[rows, cols]).view(len(rows), -1, 1, head_dim)  # [n, heads, 1, d]
+        cos, sin = position_embeddings  # [B, T, d], or [1, T, d] for positions shared by every row
+        keys = _rotate(keys, cos[:, None], sin[:, None])
+        at = (rows if cos.shape[0] > 1 else torch.zeros_like(rows), cols)
+        queries = _rotate(queries, cos[at][:, None, None], sin[at][:, None, None])
+        groups = queries.shape[1] // keys.shape[1]
+        keys, values = keys[rows], values[rows]  # each chosen position attends within its own row
+        if groups > 1:
+            keys, values = keys.repeat_interleave(groups, 1), values.repeat_interleave(groups, 1)
+        if attention_mask is None:  # no padding: plain causal attention
+            allowed = torch.arange(width, device=cols.device)[None, :] <= cols[:, None]
+            mask = allowed[:, None, None, :]
+        else:  # the model's 4-D mask, boolean (True: attend) or additive (eager attention); batch 1 broadcasts
+            mask_rows = rows if attention_mask.shape[0] > 1 else torch.zeros_like(rows)
+            mask = attention_mask[mask_rows, :, cols][:, :, None, :]
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=attn.scaling,
+                                             dropout_p=attn.attention_dropout if attn.training else 0.0)
+        chosen = hidden_states[rows, cols] + attn.o_proj(out.reshape(len(rows), -1))
+        chosen = chosen + layer.mlp(layer.post_attention_layernorm(chosen))
+        return hidden_states.index_put((rows, cols), chosen)
+
+
+def scored_hidden_states(body: nn.Module, rows: torch.Tensor, cols: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
+    """``body``'s last hidden states [n, H] at positions (``rows``, ``cols``) only, for a score head that reads
+    one position per sequence (a reward model, a classifier). Where the last layer runs apart
+    (last_layer_runs_apart), it computes queries, attention output and MLP at those positions alone: a
+    reward model's last layer then costs its keys and values plus a few positions, the same numbers for a
+    fraction of the work. ``inputs`` are the body's (input_ids, attention_mask, position_ids)."""
+    if not last_layer_runs_apart(body):
+        return body(**inputs, use_cache=False).last_hidden_state[rows, cols]
+    last = body.layers[-1]
+    body.layers[-1] = LastLayerAt(last, rows, cols)
+    try:
+        hidden = body(**inputs, use_cache=False).last_hidden_state
+    finally:
+        body.layers[-1] = last
+    return hidden[rows, cols]

@@ -20,6 +20,7 @@ from alignloop.data.batching import length_batches, right_pad
 from alignloop.data.formats import chat_as_lines
 from alignloop.data.tokenize import DEFAULT_CHAT_TEMPLATE
 from alignloop.errors import UserError
+from alignloop.models.forward import body_and_score_head, scored_hidden_states
 from alignloop.models.load import load_pretrained, read_meta
 
 PromptLike = str | list[dict]
@@ -90,11 +91,20 @@ def head_scores(model, seqs: Sequence[list[int]], pad_id: int, batch_size: int,
     device = device or next(model.parameters()).device
     out = torch.empty(len(seqs), model.config.num_labels, dtype=torch.float32)
     batches = length_batches([len(s) for s in seqs], batch_size)
+    parts = body_and_score_head(model)
     for idx in tqdm(batches, desc="score", leave=False, disable=len(batches) < 20):
         # Right padding: the pad id never occurs inside a sequence (load_pretrained keeps it distinct from
         # EOS), so the model finds each sequence's last real token.
         ids, mask = right_pad([seqs[i] for i in idx], pad_id)
-        out[idx] = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().cpu()
+        ids, mask = ids.to(device), mask.to(device)
+        if parts is None:
+            out[idx] = model(input_ids=ids, attention_mask=mask).logits.float().cpu()
+            continue
+        # a decoder's score head reads each sequence's last token: the last layer computes only there
+        body, head = parts
+        rows = torch.arange(len(idx), device=device)
+        hidden = scored_hidden_states(body, rows, mask.sum(1) - 1, input_ids=ids, attention_mask=mask)
+        out[idx] = head(hidden).float().cpu()
     return out
 
 

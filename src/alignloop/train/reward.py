@@ -38,7 +38,7 @@ from alignloop.data.io import Record
 from alignloop.data.splits import load_splits
 from alignloop.data.tokenize import ensure_chat_template
 from alignloop.errors import UserError
-from alignloop.models.forward import body_and_score_head, shares_prompt
+from alignloop.models.forward import body_and_score_head, scored_hidden_states, shares_prompt
 from alignloop.models.load import (
     count_parameters,
     load_pretrained,
@@ -299,9 +299,9 @@ def response_scores(model, batch: dict) -> torch.Tensor:
     if parts is None:
         raise RuntimeError("a batch with shared prefixes needs the model's body and score head apart")
     body, head = parts
-    hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                  position_ids=batch["position_ids"], use_cache=False).last_hidden_state
-    return head(hidden[batch["last"]])
+    rows, cols = batch["last"].nonzero(as_tuple=True)  # row-major: the order boolean indexing gives
+    return head(scored_hidden_states(body, rows, cols, input_ids=batch["input_ids"],
+                                     attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]))
 
 
 def rewards_with_combined(logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
