@@ -66,14 +66,23 @@ def run(toy, out: str, overrides: list[str]) -> tuple[dict, list[dict]]:
 
 
 def test_ppo_raises_reward_with_kl_near_target(toy):
+    """Judged on the mean over four seeds: at this learning rate a single run's final reward moves by about
+    0.08 (sd) with changes as small as float rounding (another batching of the same forward), so one seed
+    would test the draw rather than PPO."""
     target = 2.0
-    ev, rows = run(toy, "ppo", ["ppo.steps=20", "train.lr=1e-2", "ppo.ppo_epochs=2", f"ppo.kl_target={target}",
-                                "ppo.kl_horizon=128", "ppo.kl_coef=0.3"])
-    assert ev["reward_after"] > max(2.5 * ev["reward_before"], ev["reward_before"] + 0.2), ev
-    late_kl = sum(r["kl"] for r in rows[-5:]) / 5
-    assert 0.4 * target < late_kl < 2 * target, [round(r["kl"], 2) for r in rows]
-    # the adaptive coefficient moved towards the target: down while KL was below it
-    assert rows[-1]["kl_coef"] < rows[0]["kl_coef"]
+    before, after = [], []
+    for seed in (42, 0, 1, 2):
+        ev, rows = run(toy, "ppo", ["ppo.steps=20", "train.lr=1e-2", "ppo.ppo_epochs=2", f"ppo.kl_target={target}",
+                                    "ppo.kl_horizon=128", "ppo.kl_coef=0.3", f"train.seed={seed}"])
+        before.append(ev["reward_before"])
+        after.append(ev["reward_after"])
+        late_kl = sum(r["kl"] for r in rows[-5:]) / 5
+        assert 0.4 * target < late_kl < 2 * target, (seed, [round(r["kl"], 2) for r in rows])
+        # the adaptive coefficient moved towards the target: down while KL was below it
+        assert rows[-1]["kl_coef"] < rows[0]["kl_coef"], seed
+        assert ev["reward_after"] > ev["reward_before"], (seed, ev)
+    mean_before, mean_after = sum(before) / 4, sum(after) / 4
+    assert mean_after > max(2.5 * mean_before, mean_before + 0.2), (before, after)
     for key in ("score_mean", "score_std", "reward_total", "kl", "kl_coef", "entropy", "clip_frac", "approx_kl",
                 "value_loss", "explained_variance", "response_length", "no_eos_frac", "time_generation",
                 "time_scoring", "time_training", "samples_per_sec"):

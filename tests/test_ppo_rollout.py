@@ -15,7 +15,6 @@ from alignloop.models.load import load_pretrained
 from alignloop.models.tiny import build_tiny_model
 from alignloop.train.ppo import (
     ValueModel,
-    by_length,
     micro_batch_loss,
     policy_value_head,
     response_logits_and_hidden,
@@ -156,18 +155,14 @@ def test_length_grouped_scoring_returns_rows_in_rollout_order(tiny):
     prompts = prompts_of(tok, 7)
     torch.manual_seed(0)
     r = generate(model, prompts, SamplingConfig(max_new_tokens=6), tok.eos_token_id, tok.pad_token_id)
+    critic = policy_value_head(model)
+    torch.nn.init.normal_(critic.head.weight)  # values that differ from row to row
     with torch.no_grad():
         whole = response_logprobs(model, r, 1.0)
-        grouped = score_in_length_groups(r, 3, lambda m: response_logprobs(model, m, 1.0))  # groups of 3, 3 and 1 by length
-    assert grouped.shape == whole.shape
+        grouped = score_in_length_groups(r, 3, lambda m: response_logprobs(model, m, 1.0))  # groups of 3, 3, 1
+        values = critic(r, _policy_hidden(model, r))
+        grouped_values = score_in_length_groups(r, 3, lambda m: critic(m, _policy_hidden(model, m)))
+    assert grouped.shape == whole.shape and grouped_values.shape == values.shape
     assert torch.allclose(grouped, whole, atol=1e-5)
+    assert torch.allclose(grouped_values, values, atol=1e-5) and values.abs().sum() > 0
 
-
-def test_micro_batches_of_a_minibatch_are_cut_by_length():
-    prompt_mask = torch.tensor([[0, 0, 1], [1, 1, 1], [0, 1, 1], [0, 0, 1]])
-    response_mask = torch.tensor([[1, 1], [1, 0], [1, 1], [1, 0]])
-    r = Rollout(prompt_mask.clone(), prompt_mask, response_mask.clone(), response_mask, torch.ones(4, dtype=torch.bool))
-    minibatch = torch.tensor([1, 3, 0, 2])
-    ordered = by_length(r, minibatch)
-    assert sorted(ordered.tolist()) == sorted(minibatch.tolist())  # the same rows: the same gradient
-    assert ordered.tolist() == [3, 0, 1, 2]  # lengths 2, 3, 4, 4 (ties keep the minibatch's order)

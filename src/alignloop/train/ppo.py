@@ -456,15 +456,16 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
         for _epoch in range(p.ppo_epochs):
             perm = torch.randperm(len(r))  # the same on every process: the RNG streams stay in step
             for start in range(0, len(r), p.mini_batch_size):
-                minibatch = by_length(r, perm[start: start + p.mini_batch_size])
                 # This process's share of the global minibatch: every world-th micro-batch, its loss scaled
                 # so that DDP's average over processes is the minibatch mean (as fit.py's units).
                 mb_kl = 0.0
                 ptx_start = state.setdefault("ptx_position", 0) if ptx is not None else 0
-                for j, m0 in enumerate(range(0, p.mini_batch_size, p.micro_batch_size)):
+                for j, m0 in enumerate(range(start, start + p.mini_batch_size, p.micro_batch_size)):
                     if j % world != rank:
                         continue
-                    idx = minibatch[m0: m0 + p.micro_batch_size]
+                    # Random rows, not rows of similar length: each micro-batch's loss is its own token mean,
+                    # so cutting micro-batches by length would weight short responses' tokens above long ones'.
+                    idx = perm[m0: m0 + p.micro_batch_size]
                     m = r.select(idx)
                     m_mask = mask[idx]
                     with acc.autocast():
@@ -632,12 +633,6 @@ def score_in_length_groups(r: Rollout, size: int, fn) -> torch.Tensor:
         out[idx] = part
     return out
 
-
-def by_length(r: Rollout, rows: torch.Tensor) -> torch.Tensor:
-    """``rows`` ordered by length, so that the micro-batches cut from a minibatch in order hold rows of similar
-    length and carry little prompt padding; the minibatch, and so its gradient, is the same."""
-    lengths = r.prompt_mask[rows].sum(1) + r.response_mask[rows].sum(1)
-    return rows[torch.argsort(lengths, stable=True)]
 
 
 def response_logits_and_hidden(policy: nn.Module, r: Rollout,

@@ -36,9 +36,7 @@ def param_groups(named: Iterable[tuple[str, nn.Parameter]], weight_decay: float,
 
 
 def build_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW with torch's fused kernel, on CPU as on GPU: the whole update in one pass over each parameter, where
-    the multi-tensor ("foreach") path runs a dozen elementwise ops over every tensor, each a pass of its own."""
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, fused=True)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, foreach=True)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
