@@ -165,4 +165,3 @@ def test_length_grouped_scoring_returns_rows_in_rollout_order(tiny):
     assert grouped.shape == whole.shape and grouped_values.shape == values.shape
     assert torch.allclose(grouped, whole, atol=1e-5)
     assert torch.allclose(grouped_values, values, atol=1e-5) and values.abs().sum() > 0
-

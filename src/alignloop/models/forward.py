@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
+from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
 
 IGNORE = -100
 
@@ -131,7 +132,8 @@ def causal_lm_loss_sum(model: nn.Module, batch: dict, label_smoothing: float = 0
 
 
 # Decoder layers whose layout scored_hidden_states knows: pre-norm, q/k/v/o projections, rotary positions and an
-# MLP, with nothing else between (Qwen3's and OLMo2's q/k norms, Gemma's extra norms and softcapping differ).
+# MLP, with nothing else between, and Llama's rotary and kv-head helpers (Qwen3's and OLMo2's q/k norms,
+# Gemma's extra norms and softcapping differ).
 PLAIN_DECODER_LAYERS = frozenset({"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer"})
 
 
@@ -148,12 +150,6 @@ def last_layer_runs_apart(body: nn.Module) -> bool:
             and getattr(attn, "sliding_window", None) is None and getattr(config, "sliding_window", None) is None
             and getattr(config, "num_hidden_layers", None) == len(layers)
             and getattr(config, "_attn_implementation", None) in ("sdpa", "eager"))
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary position embedding of ``x`` [..., head_dim], the half-split layout Llama's checkpoints use."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
 class LastLayerAt(nn.Module):
@@ -177,13 +173,13 @@ class LastLayerAt(nn.Module):
         values = attn.v_proj(x).view(batch, width, -1, head_dim).transpose(1, 2)
         queries = attn.q_proj(x[rows, cols]).view(len(rows), -1, 1, head_dim)  # [n, heads, 1, d]
         cos, sin = position_embeddings  # [B, T, d], or [1, T, d] for positions shared by every row
-        keys = _rotate(keys, cos[:, None], sin[:, None])
+        keys = keys * cos[:, None] + rotate_half(keys) * sin[:, None]
         at = (rows if cos.shape[0] > 1 else torch.zeros_like(rows), cols)
-        queries = _rotate(queries, cos[at][:, None, None], sin[at][:, None, None])
+        cos_q, sin_q = cos[at][:, None, None], sin[at][:, None, None]
+        queries = queries * cos_q + rotate_half(queries) * sin_q
         groups = queries.shape[1] // keys.shape[1]
-        keys, values = keys[rows], values[rows]  # each chosen position attends within its own row
-        if groups > 1:
-            keys, values = keys.repeat_interleave(groups, 1), values.repeat_interleave(groups, 1)
+        # each chosen position attends within its own row, to its kv heads repeated for grouped-query attention
+        keys, values = repeat_kv(keys[rows], groups), repeat_kv(values[rows], groups)
         if attention_mask is None:  # no padding: plain causal attention
             allowed = torch.arange(width, device=cols.device)[None, :] <= cols[:, None]
             mask = allowed[:, None, None, :]

@@ -101,10 +101,9 @@ def head_scores(model, seqs: Sequence[list[int]], pad_id: int, batch_size: int,
             out[idx] = model(input_ids=ids, attention_mask=mask).logits.float().cpu()
             continue
         # a decoder's score head reads each sequence's last token: the last layer computes only there
-        body, head = parts
         rows = torch.arange(len(idx), device=device)
-        hidden = scored_hidden_states(body, rows, mask.sum(1) - 1, input_ids=ids, attention_mask=mask)
-        out[idx] = head(hidden).float().cpu()
+        hidden = scored_hidden_states(parts[0], rows, mask.sum(1) - 1, input_ids=ids, attention_mask=mask)
+        out[idx] = parts[1](hidden).float().cpu()
     return out
 
 

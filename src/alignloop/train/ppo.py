@@ -634,7 +634,6 @@ def score_in_length_groups(r: Rollout, size: int, fn) -> torch.Tensor:
     return out
 
 
-
 def response_logits_and_hidden(policy: nn.Module, r: Rollout,
                                want_hidden: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Logits [N, V] at response tokens only, and (for a value head on the policy) the hidden states."""
