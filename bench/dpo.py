@@ -59,7 +59,7 @@ def main() -> None:
     data.write_text("".join(json.dumps(p) + "\n" for p in synth.preference_pairs(a.n_pairs)))
     overrides = ["dpo.loss=sigmoid", "dpo.beta=0.1", f"dpo.reference={'precompute' if a.precompute_ref else 'live'}",
                  "train.lr=1e-5", "train.schedule=constant", "train.warmup_steps=0", "train.weight_decay=0",
-                 f"train.batch_size={a.batch_size}", "train.epochs=1", *peer.precision_overrides(a),
+                 f"train.batch_size={a.batch_size}", "train.epochs=1", *peer.training_overrides(a),
                  "train.report_to=[]", "train.log_steps=1000000", "train.seed=42", "model.dtype=float32",
                  "data.split.validation=0", "data.split.test=0", "data.max_seq_len=1024"]
     if a.max_steps:
@@ -82,7 +82,7 @@ def main() -> None:
         "variant": "precompute_ref" if a.precompute_ref else "ref_model_each_step",
         "precision": a.precision,
         "bf16": peer.ran_mixed_precision() == "bf16",
-        "gradient_checkpointing": False,
+        "gradient_checkpointing": a.gradient_checkpointing,
         "batch_size_pairs": a.batch_size,
         "n_pairs": a.n_pairs,
         "beta": 0.1,

@@ -38,16 +38,19 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                          "peer's workload; auto: alignloop's default on this machine")
     ap.add_argument("--peer-trl-defaults", action="store_true",
                     help="run the peer's script with --trl-defaults (TRL's bf16=True and gradient checkpointing)")
+    ap.add_argument("--gradient-checkpointing", action="store_true",
+                    help="our train.gradient_checkpointing (what --peer-trl-defaults turns on for the peer)")
 
 
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "auto": "auto"}
 
 
-def precision_overrides(a: argparse.Namespace, generation: bool = False) -> list[str]:
-    """Our config overrides for ``--precision``; ``generation``: also the sampler's (the RL stages): a forced
-    precision decodes in it, auto leaves generation.precision at its own auto (sampling under the trainer's
-    autocast)."""
-    out = [f'train.mixed_precision="{MIXED_PRECISION[a.precision]}"']
+def training_overrides(a: argparse.Namespace, generation: bool = False) -> list[str]:
+    """Our config overrides for ``--precision`` and ``--gradient-checkpointing``; ``generation``: also the
+    sampler's precision (the RL stages): a forced precision decodes in it, auto leaves generation.precision at
+    its own auto (sampling under the trainer's autocast)."""
+    out = [f'train.mixed_precision="{MIXED_PRECISION[a.precision]}"',
+           f"train.gradient_checkpointing={str(a.gradient_checkpointing).lower()}"]
     if generation and a.precision != "auto":
         out.append(f"generation.precision={a.precision}")
     return out

@@ -130,7 +130,7 @@ def main() -> None:
         "generation.top_k=0", "generation.top_p=1.0", "data.eval_fraction=0", "data.max_prompt_len=4096",
         "train.report_to=[]", "train.lr=1e-6", "train.save_steps=1000000",
         "train.samples_to_log=0", "ppo.whiten_advantages=true", f"generation.backend={a.generation_backend}",
-        f"train.distributed={a.distributed}", *peer.precision_overrides(a, generation=True),
+        f"train.distributed={a.distributed}", *peer.training_overrides(a, generation=True),
     ]
     if ppo:
         overrides += [f"reward.model={work / 'reward'}", f"ppo.critic_model={work / 'critic'}"]
@@ -154,6 +154,7 @@ def main() -> None:
         "generation_backend": a.generation_backend,
         "precision": a.precision,
         "bf16": peer.ran_mixed_precision() == "bf16",
+        "gradient_checkpointing": a.gradient_checkpointing,
         "params": json.loads((work / "run" / "eval.json").read_text())["parameters"]["total"],
         "reward": "reward_model(tiny seq-cls)" if ppo else "rule_fn",
         "samples_per_rollout": rollout,

@@ -57,7 +57,7 @@ def main() -> None:
     data = work / "pairs.jsonl"
     data.write_text("".join(json.dumps(p) + "\n" for p in synth.preference_pairs(a.n_pairs)))
     overrides = ["train.lr=1e-5", "train.schedule=constant", "train.warmup_steps=0", "train.weight_decay=0",
-                 f"train.batch_size={a.batch_size}", "train.epochs=1", *peer.precision_overrides(a),
+                 f"train.batch_size={a.batch_size}", "train.epochs=1", *peer.training_overrides(a),
                  "train.report_to=[]", "train.log_steps=1000000", "train.seed=42", "model.dtype=float32",
                  "data.split.validation=0", "data.split.test=0", "data.max_seq_len=1024",
                  f"train.group_by_length={not a.no_group_by_length}", "normalization_samples=2"]
@@ -81,7 +81,7 @@ def main() -> None:
         "variant": "grouped_by_length" if not a.no_group_by_length else "shuffled",
         "precision": a.precision,
         "bf16": peer.ran_mixed_precision() == "bf16",
-        "gradient_checkpointing": False,
+        "gradient_checkpointing": a.gradient_checkpointing,
         "batch_size_pairs": a.batch_size,
         "n_pairs": a.n_pairs,
         "dataset_prep_seconds": round(timer.fit_start - t0, 2),

@@ -71,7 +71,7 @@ def main() -> None:
     packing = a.variant == "packing"
     overrides = ["train.lr=1e-5", "train.schedule=constant", "train.warmup_steps=0", "train.weight_decay=0",
                  f"train.batch_size={a.batch_size}", "train.epochs=1", "train.max_grad_norm=1.0",
-                 *peer.precision_overrides(a), "train.report_to=[]",
+                 *peer.training_overrides(a), "train.report_to=[]",
                  "train.log_steps=10", f"train.seed={a.seed}", "model.dtype=float32", "data.split.validation=0",
                  "data.clean.dedupe_exact=false", f"data.packing={packing}",
                  f"data.max_seq_len={a.pack_length if packing else 1024}",
@@ -137,7 +137,7 @@ def main() -> None:
         "variant": a.variant + ("+no_group" if a.no_group_by_length else ""),
         "precision": a.precision,
         "bf16": peer.ran_mixed_precision() == "bf16",
-        "gradient_checkpointing": False,
+        "gradient_checkpointing": a.gradient_checkpointing,
         "group_by_length": not a.no_group_by_length,
         "batch_size": a.batch_size,
         "n_examples": a.n_examples,

@@ -61,14 +61,19 @@ def stage_command(stage: str, a: argparse.Namespace) -> list[str]:
         cmd += ["--peer-dir", str(a.peer_dir)]
     if a.peer_trl_defaults and stage != "ppo":  # trl_ppo_legacy.py has no --trl-defaults
         cmd.append("--peer-trl-defaults")
+    if a.gradient_checkpointing:
+        cmd.append("--gradient-checkpointing")
     return cmd
 
 
 def precision_of(line: dict) -> str:
-    """What a bench line ran in: bf16 or fp32 (the resolved mixed precision where it is recorded)."""
+    """What a bench line ran in: bf16 or fp32 (the resolved mixed precision where it is recorded), "+ ckpt"
+    with gradient checkpointing."""
     if "bf16" in line and line["bf16"] is not None:
-        return "bf16" if line["bf16"] else "fp32"
-    return line.get("precision") or "fp32"
+        precision = "bf16" if line["bf16"] else "fp32"
+    else:
+        precision = line.get("precision") or "fp32"
+    return f"{precision} + ckpt" if line.get("gradient_checkpointing") else precision
 
 
 def row(line: dict) -> str:
@@ -111,6 +116,8 @@ def main() -> None:
                     help="ours (fp32: the peer's workload; auto: alignloop's default on this machine)")
     ap.add_argument("--peer-trl-defaults", action="store_true",
                     help="the peer with TRL's defaults (bf16 autocast, gradient checkpointing; not for PPO)")
+    ap.add_argument("--gradient-checkpointing", action="store_true",
+                    help="ours with train.gradient_checkpointing (the training stages; as TRL's defaults)")
     ap.add_argument("--out", type=Path, help="append every stage's BENCH_JSON line to this file")
     ap.add_argument("--render", type=Path, metavar="JSONL", help="only print the table of these collected lines")
     a = ap.parse_args()
