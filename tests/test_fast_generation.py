@@ -104,6 +104,25 @@ def test_sampled_logprobs_equal_a_fresh_forward(tiny_model_factory):
     assert bool((r.logprobs[r.response_mask == 0] == 0).all())
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_samples_of_one_prompt_share_its_prefill(tiny_model_factory, arch):
+    model = chaotic_model(tiny_model_factory(arch))
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[3], PROMPTS[1], PROMPTS[0]]  # apart and side by side
+    batch_sizes = []
+    hook = model.register_forward_pre_hook(lambda _, args, kwargs: batch_sizes.append(kwargs["input_ids"].shape[0]),
+                                           with_kwargs=True)
+    torch.manual_seed(0)
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=8, stop_on_eos=False)
+    r = TransformersSampler(model, [], PAD).generate(prompts, sampling, keep_logprobs=True)
+    hook.remove()
+    assert batch_sizes[0] == 3 and set(batch_sizes[1:]) == {len(prompts)}  # 3 distinct prompts prefilled once
+    assert not torch.equal(r.response_ids[0], r.response_ids[2])  # the copies sample on their own
+    # every row's copy of its prompt's cache is that row's: its log-probs are a fresh forward's
+    torch.testing.assert_close(r.logprobs, response_logprobs(model, r, sampling.temperature), atol=1e-4, rtol=0)
+    greedy = TransformersSampler(model, [], PAD).generate(prompts, SamplingConfig(temperature=0, max_new_tokens=8))
+    assert torch.equal(greedy.response_ids, hf_greedy(model, prompts, 8, None))
+
+
 def test_without_stop_on_eos_every_row_runs_to_max_new_tokens(tiny_model_factory):
     model = chaotic_model(tiny_model_factory("llama"))
     first = hf_greedy(model, PROMPTS, 1, None)[:, 0].tolist()

@@ -100,6 +100,18 @@ def test_critic_free_algorithms_raise_reward(toy, algorithm):
     assert "value_loss" not in rows[-1]
 
 
+def test_gradient_checkpointing_trains_the_same_policy(toy):
+    """train.gradient_checkpointing recomputes the policy's and critic's activations in the backward: the
+    same numbers for less memory (tests/test_activation_checkpointing.py measures the saving)."""
+    steps = ["ppo.steps=3", "train.lr=1e-2", "ppo.ppo_epochs=2"]
+    _, plain = run(toy, "ppo_plain", steps)
+    _, ckpt = run(toy, "ppo_ckpt", [*steps, "train.gradient_checkpointing=true"])
+    assert len(ckpt) == len(plain) == 3
+    for a, b in zip(plain, ckpt, strict=True):
+        for key in ("score_mean", "kl", "entropy", "value_loss", "approx_kl"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (key, a[key], b[key])
+
+
 def parameters_alive() -> dict[int, int]:
     gc.collect()
     with warnings.catch_warnings():  # isinstance on every live object touches deprecated torch attributes

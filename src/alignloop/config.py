@@ -618,6 +618,8 @@ class RLTrainSettings(DistributedSettings):
     warmup_steps: int = Field(0, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    # the policy's and the critic's decoder layers recompute their activations in the backward
+    gradient_checkpointing: bool = False
     log_steps: int = Field(1, gt=0)
     save_steps: int = Field(10, gt=0)
     save_total_limit: int = Field(2, ge=1)
@@ -631,7 +633,8 @@ class RLTrainSettings(DistributedSettings):
         return TrainConfig(lr=self.lr, weight_decay=self.weight_decay, adam_betas=self.adam_betas,
                            adam_eps=self.adam_eps, schedule=self.schedule, warmup_steps=self.warmup_steps,
                            max_grad_norm=self.max_grad_norm, mixed_precision=self.mixed_precision,
-                           seed=self.seed, report_to=self.report_to, save_total_limit=self.save_total_limit,
+                           gradient_checkpointing=self.gradient_checkpointing, seed=self.seed,
+                           report_to=self.report_to, save_total_limit=self.save_total_limit,
                            distributed=self.distributed, fsdp_cpu_offload=self.fsdp_cpu_offload)
 
 

@@ -39,6 +39,11 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, 
     return ids, mask
 
 
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions [B, T] of a padded batch: each row counts its real tokens from 0 (left padding stays at 0)."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def left_pad_tensor(x: torch.Tensor, length: int, dim: int) -> torch.Tensor:
     """``x`` grown to ``length`` along ``dim`` with zeros in front (KV caches and masks of a running batch)."""
     missing = length - x.shape[dim]

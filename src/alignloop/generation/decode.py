@@ -3,7 +3,8 @@
 ``model.generate`` runs every row to the longest one, pays its per-step logits processors, stopping
 criteria and cache bookkeeping, and draws with ``torch.multinomial``, which on CPU costs more than a
 tiny model's whole forward step (it draws one exponential per vocabulary entry and row). The loop here
-prefills the left-padded batch once with only the last position reaching the LM head, then per step
+prefills the left-padded batch once with only the last position reaching the LM head (each distinct
+prompt once: the samples of a prompt share its prefill), then per step
 samples every active row with batched tensor ops (one uniform number per row, inverted through the
 cumulative distribution), gathers the sampled token's log-prob from the same logits, and drops rows
 that hit a stop id from the batch and from the KV cache, so later steps compute only live rows.
@@ -24,6 +25,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from alignloop.config import SamplingConfig
+from alignloop.data.batching import position_ids
 from alignloop.generation.rollout import logprobs_from_logits
 from alignloop.models.forward import cached_forward_kwargs
 
@@ -124,11 +126,23 @@ def decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
     logprobs = torch.zeros((batch, s.max_new_tokens), device=device) if keep_logprobs else None
     stops = torch.tensor(list(stop_ids) if s.stop_on_eos else [], dtype=torch.long, device=device)
     rows = torch.arange(batch, device=device)  # the original row of each row still in the batch
-    positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
     cache = preallocated_cache(model, input_ids.shape[1] + s.max_new_tokens)
     cached = cached_forward_kwargs(model, cache)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, **cached).logits[:, -1]
-    mask, positions = attention_mask, positions[:, -1:]
+    # Samples of one prompt (RLOO's and GRPO's groups) share its prefill: each distinct row is prefilled once
+    # and its KV cache and last logits are copied to the rows that repeat it.
+    distinct, copy_of = torch.unique(torch.cat([input_ids, attention_mask.long()], 1), dim=0, return_inverse=True)
+    shared = len(distinct) < batch
+    if shared:
+        width = input_ids.shape[1]
+        prefill_ids, prefill_mask = distinct[:, :width], distinct[:, width:].to(attention_mask.dtype)
+    else:
+        prefill_ids, prefill_mask = input_ids, attention_mask
+    logits = model(input_ids=prefill_ids, attention_mask=prefill_mask, position_ids=position_ids(prefill_mask),
+                   **cached).logits[:, -1]
+    if shared:
+        cache.batch_select_indices(copy_of)
+        logits = logits[copy_of]
+    mask, positions = attention_mask, position_ids(attention_mask)[:, -1:]
     for step in range(s.max_new_tokens):
         token = sample_tokens(logits, s)
         tokens[rows, step] = token

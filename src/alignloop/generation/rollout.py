@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from alignloop.data.batching import position_ids
 from alignloop.models.forward import selected_next_token_logits
 
 
@@ -95,11 +96,10 @@ def sequence_inputs(r: Rollout) -> dict[str, torch.Tensor]:
     response token (so logits/values come out in the row-major order of ``response_mask``)."""
     input_ids = torch.cat([r.prompt_ids, r.response_ids], 1)
     attention_mask = torch.cat([r.prompt_mask, r.response_mask], 1)
-    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
     P = r.prompt_ids.shape[1]
     select = torch.zeros_like(attention_mask[:, :-1], dtype=torch.bool)
     select[:, P - 1:] = r.response_mask.bool()
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids(attention_mask),
             "select": select}
 
 

@@ -31,7 +31,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from alignloop.data.batching import left_pad, left_pad_tensor
+from alignloop.data.batching import left_pad, left_pad_tensor, position_ids
 from alignloop.data.tokenize import stop_token_ids
 from alignloop.generation.sampler import sample_next_token
 from alignloop.generation.streaming import (
@@ -226,7 +226,7 @@ class TransformersEngine:
         gens = list({id(r.gen): r.gen for r in rows}.values())
         ids, mask = left_pad([g.prompt_ids for g in gens], self.pad_id)
         ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        positions = position_ids(mask)
         cache = DynamicCache(config=self.model.config)
         k = gens[0].params.prompt_logprobs
         if k is None:

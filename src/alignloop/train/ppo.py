@@ -83,7 +83,7 @@ TIMING_KEYS = ("time_generation", "time_scoring", "time_reward", "time_training"
 # target and horizon (and a changed starting coefficient) into the restored KL controller.
 PPO_MUTABLE = OUTPUT_KEYS | frozenset({
     "train.lr", "train.max_grad_norm", "train.sample_steps", "train.samples_to_log", "ppo.steps", "ppo.critic_lr",
-    "ppo.kl_coef", "ppo.kl_target", "ppo.kl_horizon", "reward.remote_timeout"})
+    "ppo.kl_coef", "ppo.kl_target", "ppo.kl_horizon", "reward.remote_timeout", "train.gradient_checkpointing"})
 
 
 # ---------------------------------------------------------------- data

@@ -20,6 +20,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
+from transformers import PreTrainedModel
 
 from alignloop.config import TrainConfig
 from alignloop.errors import UserError
@@ -38,11 +39,29 @@ def decoder_layer_classes(model: nn.Module) -> set[str]:
     return {name for m in model.modules() for name in (getattr(m, "_no_split_modules", None) or [])}
 
 
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """``train.gradient_checkpointing``: every decoder layer of every transformers model in ``model`` (itself,
+    under a PEFT wrapper, or a value model's body) keeps only its input for the backward, which recomputes the
+    rest; non-reentrant checkpointing, so frozen embeddings (LoRA) need nothing extra."""
+    if hasattr(model, "gradient_checkpointing_enable"):  # a transformers model or a PEFT wrapper around one
+        models = [model]
+    else:  # our own module around transformers bodies (PPO's value model)
+        models = [m for m in model.children() if isinstance(m, PreTrainedModel)]
+    for m in models:
+        if hasattr(m, "activation_checkpointing_enable"):  # transformers >= 5.23; the old name warns there
+            m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def wrap_for_training(acc: Accelerator, model: nn.Module, cfg: TrainConfig) -> nn.Module:
-    """The module the training loop calls. ddp, or one process: the accelerator's preparation (device, DDP on
-    several processes). fsdp on several processes: ``fully_shard`` in place on every decoder layer, then on
-    the whole model, with the run's mixed precision and optional CPU offload; the model itself is returned.
-    Build the optimizer after this call: sharding replaces the parameters."""
+    """The module the training loop calls, with activation checkpointing where ``cfg`` asks for it. ddp, or
+    one process: the accelerator's preparation (device, DDP on several processes). fsdp on several processes:
+    ``fully_shard`` in place on every decoder layer, then on the whole model, with the run's mixed precision
+    and optional CPU offload; the model itself is returned. Build the optimizer after this call: sharding
+    replaces the parameters."""
+    if cfg.gradient_checkpointing:
+        enable_activation_checkpointing(model)
     if not is_sharded_run(cfg, acc.num_processes):
         return acc.prepare(model)
     if getattr(model, "peft_config", None):

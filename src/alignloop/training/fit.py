@@ -93,11 +93,6 @@ def fit(
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
 
-    if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if hasattr(model, "enable_input_require_grads"):
-            model.enable_input_require_grads()
-
     group = cfg.grad_accum * world  # micro-batches per optimizer step, all processes together
     batches_per_epoch = len(epoch_batches(len(items), cfg.batch_size, cfg.seed, 0))
     steps_per_epoch = batches_per_epoch // group
