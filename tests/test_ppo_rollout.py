@@ -17,6 +17,7 @@ from alignloop.train.ppo import (
     ValueModel,
     micro_batch_loss,
     policy_value_head,
+    prompt_group_permutation,
     response_logits_and_hidden,
     score_in_length_groups,
 )
@@ -165,3 +166,37 @@ def test_length_grouped_scoring_returns_rows_in_rollout_order(tiny):
     assert grouped.shape == whole.shape and grouped_values.shape == values.shape
     assert torch.allclose(grouped, whole, atol=1e-5)
     assert torch.allclose(grouped_values, values, atol=1e-5) and values.abs().sum() > 0
+
+
+def test_scoring_keeps_each_prompts_samples_in_one_group(tiny):
+    model, tok = tiny
+    prompts = [p for p in prompts_of(tok, 5) for _ in range(3)]  # 5 prompts, 3 contiguous samples each
+    torch.manual_seed(0)
+    r = generate(model, prompts, SamplingConfig(max_new_tokens=6), tok.eos_token_id, tok.pad_token_id)
+    seen = []
+
+    def score(m):
+        seen.append(m.prompt_ids.tolist())
+        return response_logprobs(model, m, 1.0)
+
+    with torch.no_grad():
+        whole = response_logprobs(model, r, 1.0)
+        grouped = score_in_length_groups(r, 6, score, rows_per_prompt=3)  # 2 prompts a group: 6, 6, 3 rows
+    assert sorted(len(rows) for rows in seen) == [3, 6, 6]
+    for rows in seen:  # whole prompts: every prompt in a group appears 3 times
+        assert all(rows.count(row) == 3 for row in rows)
+    assert torch.allclose(grouped, whole, atol=1e-5)
+
+
+def test_prompt_group_permutation_keeps_samples_together():
+    torch.manual_seed(0)
+    perm = prompt_group_permutation(12, 3)
+    assert sorted(perm.tolist()) == list(range(12))
+    for start in range(0, 12, 3):
+        block = perm[start: start + 3].tolist()
+        assert block[0] % 3 == 0 and block == [block[0], block[0] + 1, block[0] + 2]
+    assert perm.tolist() != list(range(12))
+    torch.manual_seed(0)
+    ordered = prompt_group_permutation(12, 1)
+    torch.manual_seed(0)
+    assert torch.equal(ordered, torch.randperm(12))  # one sample a prompt: the plain permutation

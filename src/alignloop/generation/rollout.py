@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from alignloop.data.batching import position_ids
-from alignloop.models.forward import selected_next_token_logits
+from alignloop.models.forward import selected_next_token_logits, shared_prompt_next_token_logits
 
 
 @dataclass
@@ -111,7 +111,11 @@ def scatter_response(values: torch.Tensor, response_mask: torch.Tensor) -> torch
 
 
 def response_logits(model: nn.Module, r: Rollout) -> torch.Tensor:
-    """Logits [N, vocab] at the N response tokens only; prompt and padding never reach the LM head."""
+    """Logits [N, vocab] at the N response tokens only; prompt and padding never reach the LM head. Rows
+    that repeat a prompt run it once (models.forward.shared_prompt_next_token_logits)."""
+    shared = shared_prompt_next_token_logits(model, r.prompt_ids, r.prompt_mask, r.response_ids, r.response_mask)
+    if shared is not None:
+        return shared
     x = sequence_inputs(r)
     return selected_next_token_logits(model, x["input_ids"], x["select"], x["attention_mask"], x["position_ids"])
 

@@ -15,7 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
+
+from alignloop.data.batching import position_ids
 
 IGNORE = -100
 
@@ -119,6 +123,39 @@ def selected_next_token_logits(
     hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                   use_cache=False).last_hidden_state
     return head(hidden[:, :-1][select])
+
+
+def shared_prompt_next_token_logits(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                                    response_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor | None:
+    """Logits [N, vocab] for the N response tokens (row-major over ``response_mask``) of rows of left-padded
+    prompts [B, P] and right-padded responses [B, R], where rows repeat a prompt (RLOO's and GRPO's samples of
+    one prompt): each distinct prompt runs once, its keys and values are copied to every row that repeats it
+    (gradients flow back through the copies) and only the responses run per row. None where no prompt repeats
+    or the model must run whole: wrapped (DDP, FSDP) or without a separate LM head, a cache layer other than
+    full attention (sliding windows), or activation checkpointing in training, where transformers keeps no
+    cache."""
+    distinct, copy_of = torch.unique(torch.cat([prompt_ids, prompt_mask.long()], 1), dim=0, return_inverse=True)
+    parts = body_and_lm_head(model)
+    if len(distinct) == len(prompt_ids) or parts is None:
+        return None
+    body, head = parts
+    if body.training and getattr(body, "gradient_checkpointing", False):
+        return None
+    cache = DynamicCache(config=body.config)
+    if any(type(layer) is not DynamicLayer for layer in cache.layers):
+        return None
+    cached = cached_forward_kwargs(body, cache, last_position_only=False)
+    width = prompt_ids.shape[1]
+    unique_ids, unique_mask = distinct[:, :width], distinct[:, width:].to(prompt_mask.dtype)
+    prompt_hidden = body(input_ids=unique_ids, attention_mask=unique_mask, position_ids=position_ids(unique_mask),
+                         **cached).last_hidden_state
+    cache.batch_select_indices(copy_of)
+    mask = torch.cat([prompt_mask, response_mask.to(prompt_mask.dtype)], 1)
+    response_hidden = body(input_ids=response_ids, attention_mask=mask, position_ids=position_ids(mask)[:, width:],
+                           **cached).last_hidden_state
+    # the state before response token j: the prompt's last one for j = 0, the response's (j - 1)-th after it
+    hidden = torch.cat([prompt_hidden[copy_of, -1:], response_hidden[:, :-1]], 1)
+    return head(hidden[response_mask.bool()])
 
 
 def causal_lm_loss_sum(model: nn.Module, batch: dict, label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:

@@ -290,8 +290,9 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
     # policy's weights after every change, and its log-probs only weight the loss (truncated importance
     # sampling): the trainer's are recomputed.
     engine = sampler if sampler.own_numerics else None
-    # The no-grad reference / critic forwards run in micro-batches of rows of similar length, as training does:
-    # on a CPU a small group's activations and logits stay in cache, and short prompts skip the long ones' padding.
+    # The no-grad reference / critic forwards run in micro-batches of rows of similar length (the training's
+    # size): on a CPU a small group's activations and logits stay in cache, and short prompts skip the long ones'
+    # padding.
     scoring_batch = p.micro_batch_size
 
     # The modules the losses call: DDP-wrapped on several processes, or sharded in place (then `policy` and
@@ -321,9 +322,11 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
     def reference_logprobs(r: Rollout) -> torch.Tensor:
         with torch.no_grad(), acc.autocast():
             if ref is not None:
-                return score_in_length_groups(r, scoring_batch, lambda m: _logprobs(ref, m, g.temperature))
+                return score_in_length_groups(r, scoring_batch, lambda m: _logprobs(ref, m, g.temperature),
+                                              p.samples_per_prompt)
             with policy.disable_adapter():
-                return score_in_length_groups(r, scoring_batch, lambda m: _logprobs(policy, m, g.temperature))
+                return score_in_length_groups(r, scoring_batch, lambda m: _logprobs(policy, m, g.temperature),
+                                              p.samples_per_prompt)
 
     def held_out_reward() -> float | None:
         """Mean reward of sampled responses to the held-out prompts, with a fixed seed (same draws before
@@ -399,11 +402,13 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
         my_trainer_logp = None
         if engine is not None:
             with torch.no_grad(), acc.autocast():
-                my_trainer_logp = score_in_length_groups(mine, scoring_batch, lambda m: _logprobs(policy, m, g.temperature))
+                my_trainer_logp = score_in_length_groups(
+                    mine, scoring_batch, lambda m: _logprobs(policy, m, g.temperature), p.samples_per_prompt)
         my_values = None
         if critic is not None:
             with torch.no_grad(), acc.autocast():
-                my_values = score_in_length_groups(mine, scoring_batch, lambda m: _values(policy, critic, m))
+                my_values = score_in_length_groups(mine, scoring_batch, lambda m: _values(policy, critic, m),
+                                                   p.samples_per_prompt)
         parts = gather_object([(my_responses, my_score.cpu(), my_source_means, my_ref_logp.cpu(),
                                 None if my_values is None else my_values.cpu(),
                                 None if my_trainer_logp is None else my_trainer_logp.cpu())])
@@ -454,7 +459,10 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
         n_micro = p.mini_batch_size // p.micro_batch_size
         head_on_policy = critic is not None and critic.body is None
         for _epoch in range(p.ppo_epochs):
-            perm = torch.randperm(len(r))  # the same on every process: the RNG streams stay in step
+            # The same on every process (the RNG streams stay in step). A prompt's samples stay together: a
+            # micro-batch runs each of its prompts once (response_logits), and a minibatch of whole groups holds
+            # RLOO's and GRPO's group-relative advantages as they were computed.
+            perm = prompt_group_permutation(len(r), p.samples_per_prompt)
             for start in range(0, len(r), p.mini_batch_size):
                 # This process's share of the global minibatch: every world-th micro-batch, its loss scaled
                 # so that DDP's average over processes is the minibatch mean (as fit.py's units).
@@ -463,7 +471,7 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
                 for j, m0 in enumerate(range(start, start + p.mini_batch_size, p.micro_batch_size)):
                     if j % world != rank:
                         continue
-                    # Random rows, not rows of similar length: each micro-batch's loss is its own token mean,
+                    # Random prompts, not rows of similar length: each micro-batch's loss is its own token mean,
                     # so cutting micro-batches by length would weight short responses' tokens above long ones'.
                     idx = perm[m0: m0 + p.micro_batch_size]
                     m = r.select(idx)
@@ -623,15 +631,28 @@ def _to(r: Rollout, device: torch.device) -> Rollout:
                                                                  r.response_mask, r.ended, r.logprobs)))
 
 
-def score_in_length_groups(r: Rollout, size: int, fn) -> torch.Tensor:
-    """Run fn over micro-batches of rows of similar length (each without the prompt padding none of its rows
-    needs) and put the [b, R] results back in the rollout's row order, [B, R]."""
-    groups = length_batches(r.lengths(), size)
+def score_in_length_groups(r: Rollout, size: int, fn, rows_per_prompt: int = 1) -> torch.Tensor:
+    """Run fn over micro-batches of about ``size`` rows of similar length (each without the prompt padding none
+    of its rows needs), each prompt's ``rows_per_prompt`` contiguous samples in one micro-batch (so that its
+    forward runs the prompt once: response_logits), and put the [b, R] results back in the rollout's row order,
+    [B, R]."""
+    k = rows_per_prompt if len(r) % rows_per_prompt == 0 else 1
+    lengths = r.lengths()
+    longest_sample = [max(lengths[i: i + k]) for i in range(0, len(r), k)]
+    groups = [[g * k + j for g in batch for j in range(k)]
+              for batch in length_batches(longest_sample, max(1, size // k))]
     parts = [fn(r.select(idx)) for idx in groups]
     out = parts[0].new_zeros((len(r), *parts[0].shape[1:]))
     for idx, part in zip(groups, parts, strict=True):
         out[idx] = part
     return out
+
+
+def prompt_group_permutation(rows: int, rows_per_prompt: int) -> torch.Tensor:
+    """A random order of ``rows`` rows that keeps each prompt's ``rows_per_prompt`` contiguous samples together
+    (for one sample per prompt: torch.randperm(rows))."""
+    k = rows_per_prompt
+    return (torch.randperm(rows // k)[:, None] * k + torch.arange(k)).flatten()
 
 
 def response_logits_and_hidden(policy: nn.Module, r: Rollout,
