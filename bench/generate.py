@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+import peer  # bench/ itself is on sys.path when a script here runs
+
 PEER = Path(os.environ.get("ALIGNLOOP_PEER_BENCH", Path(__file__).resolve().parents[2] / "shared" / "peer-bench"))
 
 
@@ -120,6 +122,7 @@ def main() -> None:
         "speedup": round(figures["alignloop"]["new_tokens_per_sec"] / figures["model_generate"]["new_tokens_per_sec"],
                          2),
         "other_procs_cores": round(common.other_load(snap0, snap1), 3),
+        "host": peer.host(),
     })
 
 

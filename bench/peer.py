@@ -141,10 +141,47 @@ def lookup(result: dict, key: str) -> float:
     return result
 
 
+# Run in a child process, so that its matrices do not raise this process's peak RSS.
+MATMUL_GFLOPS = """
+import json, sys, time, torch
+torch.set_num_threads(int(sys.argv[1]))
+out = {}
+for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+    a @ b  # warm-up: oneDNN builds its bf16 kernel at the first call
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    out[name] = round(2 * 2048 ** 3 / best / 1e9)
+print(json.dumps(out))
+"""
+
+
+def host() -> dict:
+    """What machine a line was measured on: the CPU's name, its cores, whether it has native bf16 (AVX-512 BF16,
+    AMX) and what a 2048 x 2048 matmul reaches on this process's threads, fp32 and bf16 (GFLOP/s, best of 5):
+    machines that report the same CPU name can differ by 2x and more (bench/README.md)."""
+    import torch
+
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in info.splitlines() if ":" in line)}
+    flags = set(fields.get("flags", "").split())
+    threads = torch.get_num_threads()
+    out = subprocess.run([sys.executable, "-c", MATMUL_GFLOPS, str(threads)], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    gflops = json.loads(out.stdout) if out.returncode == 0 else None
+    return {"cpu": fields.get("model name"), "cores": os.cpu_count(), "threads": threads,
+            "native_bf16": bool(flags & {"avx512_bf16", "amx_bf16"}), "amx": "amx_tile" in flags,
+            "matmul_gflops": gflops}
+
+
 def compare(ours: dict, peer: dict | None, key: str, peak_rss_mb: float, peer_key: str | None = None) -> dict:
-    """``ours`` with ``"peer"`` (the peer's line) and ``"ratio"`` (ours / peer: the throughput ``key``, read as
-    ``peer_key`` in the peer's line when it is named differently there, and peak RSS, ours being
-    ``peak_rss_mb``); ``ours`` unchanged without a peer."""
+    """``ours`` with the ``"host"`` it ran on, ``"peer"`` (the peer's line) and ``"ratio"`` (ours / peer: the
+    throughput ``key``, read as ``peer_key`` in the peer's line when it is named differently there, and peak
+    RSS, ours being ``peak_rss_mb``); without a peer, ours and the host only."""
+    ours = {**ours, "host": host()}
     if peer is None:
         return ours
     ratio = {key: round(lookup(ours, key) / lookup(peer, peer_key or key), 3),

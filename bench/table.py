@@ -102,7 +102,16 @@ def render(lines: list[dict]) -> str:
     models = sorted({line.get("model", "?") for line in lines})
     head = (f"| stage ({', '.join(models)}) | alignloop | peer | ratio | peak RSS MB, ours / peer | precision, ours / "
             f"peer |\n| --- | --- | --- | --- | --- | --- |")
-    return "\n".join([head, *(row(line) for line in lines)])
+    hosts = []
+    for line in lines:
+        h = line.get("host")
+        if h and h not in hosts:
+            hosts.append(h)
+    footer = [f"\nHost: {h['cpu']}, {h['threads']} of {h['cores']} cores, native bf16 {'yes' if h['native_bf16'] else 'no'}"
+              f"{', AMX' if h['amx'] else ''}; 2048 x 2048 matmul "
+              + (f"{h['matmul_gflops']['fp32']} GFLOP/s fp32, {h['matmul_gflops']['bf16']} bf16"
+                 if h.get("matmul_gflops") else "not measured") for h in hosts]
+    return "\n".join([head, *(row(line) for line in lines), *footer])
 
 
 def main() -> None:

@@ -66,13 +66,14 @@ def test_a_failing_peer_exits_with_its_output(tmp_path):
         peer.run_peer(Path(sys.executable), folder, "trl_dpo.py", [])
 
 
-def test_compare_gives_ours_over_peer_for_throughput_and_peak_rss():
+def test_compare_gives_ours_over_peer_for_throughput_and_peak_rss(monkeypatch):
+    monkeypatch.setattr(peer, "host", lambda: {"cpu": "a CPU"})
     ours = {"bench": "ours", "pairs_per_sec": 6.0}
     theirs = {"bench": "peer", "pairs_per_sec": 4.0, "peak_rss_mb": 800.0}
     out = peer.compare(ours, theirs, "pairs_per_sec", 720.0)
     assert out["ratio"] == {"pairs_per_sec": 1.5, "peak_rss_mb": 0.9}
-    assert out["peer"] == theirs and out["pairs_per_sec"] == 6.0
-    assert peer.compare(ours, None, "pairs_per_sec", 720.0) == ours
+    assert out["peer"] == theirs and out["pairs_per_sec"] == 6.0 and out["host"] == {"cpu": "a CPU"}
+    assert peer.compare(ours, None, "pairs_per_sec", 720.0) == {**ours, "host": {"cpu": "a CPU"}}
     # a nested key of ours, named differently in the peer's line (serve against model.generate)
     nested = peer.compare({"batched": {"tokens_per_sec": 300.0}}, {"new_tokens_per_sec": 120.0, "peak_rss_mb": 500.0},
                           "batched.tokens_per_sec", 600.0, "new_tokens_per_sec")
@@ -104,15 +105,24 @@ def test_peer_trl_defaults_reach_a_peer_script_that_takes_them_and_are_refused_b
         peer.measure(args, tmp_path, "trl_ppo_legacy.py", [])
 
 
-def test_precision_overrides_keep_the_peers_fp32_unless_asked():
-    def overrides(precision, generation=False):
-        return peer.precision_overrides(Namespace(precision=precision), generation)
+def test_training_overrides_keep_the_peers_fp32_and_no_checkpointing_unless_asked():
+    def overrides(precision, generation=False, checkpointing=False):
+        return peer.training_overrides(Namespace(precision=precision, gradient_checkpointing=checkpointing),
+                                       generation)
 
-    assert overrides("fp32") == ['train.mixed_precision="no"']
-    assert overrides("fp32", generation=True) == ['train.mixed_precision="no"', "generation.precision=fp32"]
-    assert overrides("bf16", generation=True) == ['train.mixed_precision="bf16"', "generation.precision=bf16"]
+    off = "train.gradient_checkpointing=false"
+    assert overrides("fp32") == ['train.mixed_precision="no"', off]
+    assert overrides("fp32", generation=True) == ['train.mixed_precision="no"', off, "generation.precision=fp32"]
+    assert overrides("bf16", generation=True) == ['train.mixed_precision="bf16"', off, "generation.precision=bf16"]
     # auto: alignloop's own choice for both (the sampler then decodes under the trainer's autocast)
-    assert overrides("auto", generation=True) == ['train.mixed_precision="auto"']
+    assert overrides("auto", generation=True) == ['train.mixed_precision="auto"', off]
+    assert overrides("auto", checkpointing=True) == ['train.mixed_precision="auto"', "train.gradient_checkpointing=true"]
+
+
+def test_host_names_the_cpu_and_measures_its_matmuls():
+    h = peer.host()
+    assert h["cores"] >= 1 and h["threads"] >= 1 and isinstance(h["native_bf16"], bool)
+    assert h["matmul_gflops"]["fp32"] > 0 and h["matmul_gflops"]["bf16"] > 0
 
 
 def test_reward_bench_runs_the_peer_on_its_settings_and_prints_one_line(peer_bench_fixtures, tmp_path):
@@ -137,13 +147,15 @@ def test_reward_bench_runs_the_peer_on_its_settings_and_prints_one_line(peer_ben
 
 def test_the_table_runs_ppo_against_the_trl_1_12_venv_and_every_other_stage_against_the_main_one(tmp_path):
     a = Namespace(model="tiny", fixtures=tmp_path / "fixtures", precision="auto", peer_venvs=tmp_path / "venv",
-                  peer_dir=None, peer_trl_defaults=True)
+                  peer_dir=None, peer_trl_defaults=True, gradient_checkpointing=True)
     ppo, rloo, gen = (table.stage_command(s, a) for s in ("ppo", "rloo", "generate"))
     assert ppo[ppo.index("--peer-python") + 1] == str(tmp_path / "venv-ppo" / "bin" / "python")
     assert "--peer-trl-defaults" not in ppo  # trl_ppo_legacy.py has no --trl-defaults
     assert rloo[rloo.index("--peer-python") + 1] == str(tmp_path / "venv" / "bin" / "python")
     assert rloo[rloo.index("--algorithm") + 1] == "rloo" and "--peer-trl-defaults" in rloo
     assert "--peer-python" not in gen and gen[gen.index("--precision") + 1] == "auto"
+    assert "--gradient-checkpointing" in ppo and "--gradient-checkpointing" in rloo  # ours, training stages only
+    assert "--gradient-checkpointing" not in gen
 
 
 def test_the_table_shows_each_lines_ratio_and_peak_rss():
@@ -158,6 +170,15 @@ def test_the_table_shows_each_lines_ratio_and_peak_rss():
     assert "tiny" in head and rule.count("---") == 6
     assert reward_row == ("| reward model (RewardTrainer) | 46.7 pairs/s | 18.4 pairs/s | **2.54x** | 947 / 950 (1.00) | "
                           "bf16 / fp32 |")
+    # the machine under the table, once however many lines ran on it; checkpointing beside the precision
+    host = {"cpu": "AMD EPYC", "cores": 2, "threads": 2, "native_bf16": True, "amx": False,
+            "matmul_gflops": {"fp32": 144, "bf16": 394}}
+    reward = {**reward, "gradient_checkpointing": True, "host": host,
+              "peer": {**reward["peer"], "bf16": True, "gradient_checkpointing": True}}
+    lines = table.render([reward, {**gen, "host": host}]).splitlines()
+    assert lines[2].endswith("| bf16 + ckpt / bf16 + ckpt |")
+    assert lines[-1] == "Host: AMD EPYC, 2 of 2 cores, native bf16 yes; 2048 x 2048 matmul 144 GFLOP/s fp32, 394 bf16"
+    assert sum(line.startswith("Host:") for line in lines) == 1
     assert gen_row == ("| rollout generation, batch 32, 64 new tokens (`model.generate`) | 3,665 new tok/s | 2,300 new tok/s | "
                        "**1.59x** | 700 (one process) | bf16 / fp32 |")
 
