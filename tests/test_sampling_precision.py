@@ -10,15 +10,18 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AttentionInterface, AutoModelForCausalLM
 
 from alignloop.config import EvalConfig, PPOConfig, SamplingConfig, build_config
 from alignloop.errors import UserError
 from alignloop.evaluate.eval import Prompt, load_model, sample
 from alignloop.generation import backends
+from alignloop.generation import decode as decode_module
 from alignloop.generation.backends import make_sampler, sampling_dtype
 from alignloop.generation.calls import call_ranges
+from alignloop.generation.decode import float32_decoding
 from alignloop.generation.rollout import response_logprobs
+from alignloop.generation.sampler import TransformersSampler
 from alignloop.runs import read_metrics
 from test_ppo_loop import (
     toy,  # noqa: F401  (a fixture: the PPO toy task)
@@ -69,8 +72,9 @@ def test_bf16_sampler_decodes_its_own_copy_and_load_weights_syncs_it(model):
     assert next(sampler.model.parameters()).dtype == torch.bfloat16
     torch.manual_seed(0)
     r = sampler.generate(PROMPTS, sampling, keep_logprobs=True)
-    # the log-probs are the bf16 copy's, not the fp32 model's
-    torch.testing.assert_close(r.logprobs, response_logprobs(sampler.model, r, 1.0), atol=1e-4, rtol=0)
+    # the log-probs are the bf16 copy's (which attends in float32 when it decodes on CPU), not the fp32 model's
+    with float32_decoding(sampler.model):
+        torch.testing.assert_close(r.logprobs, response_logprobs(sampler.model, r, 1.0), atol=1e-4, rtol=0)
     assert (r.logprobs - response_logprobs(model, r, 1.0)).abs().max() > 1e-4
     with torch.no_grad():
         for p in model.parameters():
@@ -78,6 +82,35 @@ def test_bf16_sampler_decodes_its_own_copy_and_load_weights_syncs_it(model):
     sampler.load_weights(model)
     for (name, mine), (_, theirs) in zip(sampler.model.named_parameters(), model.named_parameters(), strict=True):
         assert torch.equal(mine, theirs.to(torch.bfloat16)), name
+
+
+@pytest.mark.parametrize("how", ["bf16 weights", "bf16 autocast", "fp32"])
+def test_decoding_below_float32_on_cpu_attends_in_float32_over_a_float32_cache(model, how, monkeypatch):
+    calls = []
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        calls.append((query.shape[2], key.dtype))
+        return decode_module.float32_attention(module, query, key, value, attention_mask, **kwargs)
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, decode_module.FLOAT32_ATTENTION, spy)
+    if how == "bf16 weights":
+        model = model.to(torch.bfloat16)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=how == "bf16 autocast")
+    sampling = SamplingConfig(max_new_tokens=5, stop_on_eos=False)
+    torch.manual_seed(0)
+    with autocast:
+        r = TransformersSampler(model, [], PAD).generate(PROMPTS, sampling, keep_logprobs=True)
+        with float32_decoding(model):  # a fresh forward attending in float32 too
+            fresh = response_logprobs(model, r, 1.0)
+    assert model.config._attn_implementation == "sdpa"  # as it was, after decoding
+    if how == "fp32":
+        assert not calls  # float32 models decode as they are
+        return
+    layers = model.config.num_hidden_layers
+    assert len(calls) == 5 * layers + layers  # every step of every layer, and the fresh forward's
+    assert {dtype for _, dtype in calls[:-layers]} == {torch.float32}  # the cache's keys
+    assert {q for q, _ in calls[layers:-layers]} == {1}
+    torch.testing.assert_close(r.logprobs, fresh, atol=1e-4, rtol=0)
 
 
 def test_fp32_sampler_ignores_the_callers_autocast(model):

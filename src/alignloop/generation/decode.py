@@ -11,18 +11,23 @@ that hit a stop id from the batch and from the KV cache, so later steps compute 
 
 The KV cache is preallocated for the whole generation (PreallocatedLayer): DynamicCache concatenates
 the whole cache anew every step, and transformers' StaticCache attends over its whole buffer and cannot
-drop rows. What was measured, including what did not pay (torch.compile of the decode step), is in
+drop rows. A model that computes in bf16 (or fp16) on CPU keeps its cache in float32 and attends in float32
+(FLOAT32_ATTENTION): PyTorch's CPU attention kernel at decoding's shapes, one query a row, is several times
+slower in bf16 than in float32, while the projections around it keep bf16's speed. What was measured, including what did not pay (torch.compile of the decode step), is in
 bench/README.md.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
-from transformers import DynamicCache
+from transformers import AttentionInterface, DynamicCache
 from transformers.cache_utils import DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from alignloop.config import SamplingConfig
 from alignloop.data.batching import position_ids
@@ -76,16 +81,18 @@ class PreallocatedLayer(DynamicLayer):
     one column instead of concatenating the whole cache anew (DynamicLayer), and attention reads the
     filled prefix only (transformers' StaticLayer attends over the whole buffer and cannot drop rows)."""
 
-    def __init__(self, max_length: int) -> None:
+    def __init__(self, max_length: int, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.max_length = max_length
         self.length = 0
+        self.buffer_dtype = dtype  # None: the keys' and values' own
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, heads, _, _ = key_states.shape
         self.device = key_states.device
-        self.key_buffer = key_states.new_empty((batch, heads, self.max_length, key_states.shape[-1]))
-        self.value_buffer = value_states.new_empty((batch, heads, self.max_length, value_states.shape[-1]))
+        dtype = self.buffer_dtype or key_states.dtype
+        self.key_buffer = key_states.new_empty((batch, heads, self.max_length, key_states.shape[-1]), dtype=dtype)
+        self.value_buffer = value_states.new_empty((batch, heads, self.max_length, value_states.shape[-1]), dtype=dtype)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs,
@@ -105,12 +112,61 @@ class PreallocatedLayer(DynamicLayer):
             self.keys, self.values = self.key_buffer[:, :, :self.length], self.value_buffer[:, :, :self.length]
 
 
-def preallocated_cache(model: nn.Module, max_length: int) -> DynamicCache:
+def preallocated_cache(model: nn.Module, max_length: int, dtype: torch.dtype | None = None) -> DynamicCache:
     """The model's DynamicCache with every plain full-attention layer preallocated for ``max_length``
-    positions (sliding-window and other layer kinds keep transformers' own)."""
+    positions, in ``dtype`` (default: the keys' own); sliding-window and other layer kinds keep transformers'
+    own."""
     cache = DynamicCache(config=model.config)
-    cache.layers = [PreallocatedLayer(max_length) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    cache.layers = [PreallocatedLayer(max_length, dtype) if type(layer) is DynamicLayer else layer
+                    for layer in cache.layers]
     return cache
+
+
+# transformers' name for float32_attention (registered below for attention and for its masks, as SDPA's).
+FLOAT32_ATTENTION = "alignloop_float32_sdpa"
+
+
+def float32_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """transformers' SDPA attention computed in float32 (a float32 cache's keys and values as they are), its
+    output back in the query's dtype; outside the caller's autocast, which would cast all three back down
+    (under a CPU autocast the rotary embedding has already made queries and keys float32)."""
+    with torch.autocast(query.device.type, enabled=False):
+        out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
+                                              **kwargs)
+    return out.to(query.dtype), weights
+
+
+AttentionInterface.register(FLOAT32_ATTENTION, float32_attention)
+AttentionMaskInterface.register(FLOAT32_ATTENTION, sdpa_mask)
+
+
+def computes_below_float32_on_cpu(model: nn.Module) -> bool:
+    """Whether ``model`` runs on CPU in bf16 or fp16: its weights' dtype, or the caller's CPU autocast."""
+    weights = next(model.parameters())
+    if weights.device.type != "cpu":
+        return False
+    if torch.is_autocast_enabled("cpu"):
+        return torch.get_autocast_dtype("cpu") != torch.float32
+    return weights.dtype != torch.float32
+
+
+@contextlib.contextmanager
+def float32_decoding(model: nn.Module) -> Iterator[bool]:
+    """Within the block, ``model`` attends with float32_attention where it computes below float32 on CPU with
+    SDPA attention (yields True: give it a float32 cache), as it was after; yields False elsewhere."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(inner, "config", None)
+    if (config is None or getattr(config, "_attn_implementation", None) != "sdpa"
+            or not hasattr(inner, "set_attn_implementation") or not computes_below_float32_on_cpu(model)
+            or any(type(layer) is not DynamicLayer for layer in DynamicCache(config=config).layers)):
+        yield False  # sliding-window layers keep transformers' own cache, in the model's dtype
+        return
+    inner.set_attn_implementation(FLOAT32_ATTENTION)
+    try:
+        yield config._attn_implementation == FLOAT32_ATTENTION  # False where the model cannot switch
+    finally:
+        inner.set_attn_implementation("sdpa")
 
 
 def decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, s: SamplingConfig,
@@ -120,13 +176,22 @@ def decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
     leaves the batch once it has sampled one, when ``s.stop_on_eos``), and with ``keep_logprobs`` the
     log-prob of every sampled token under logits / temperature (0 on padding). R is the number of steps
     the longest row ran: ``s.max_new_tokens`` unless every row stopped earlier (as model.generate)."""
+    with float32_decoding(model) as float32_cache:
+        return decode_with_cache(model, input_ids, attention_mask, s, stop_ids, pad_id, keep_logprobs,
+                                 torch.float32 if float32_cache else None)
+
+
+def decode_with_cache(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, s: SamplingConfig,
+                      stop_ids: Sequence[int], pad_id: int, keep_logprobs: bool, cache_dtype: torch.dtype | None,
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """decode, its KV cache in ``cache_dtype`` (None: the model's keys' own)."""
     batch = input_ids.shape[0]
     device = input_ids.device
     tokens = torch.full((batch, s.max_new_tokens), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros((batch, s.max_new_tokens), device=device) if keep_logprobs else None
     stops = torch.tensor(list(stop_ids) if s.stop_on_eos else [], dtype=torch.long, device=device)
     rows = torch.arange(batch, device=device)  # the original row of each row still in the batch
-    cache = preallocated_cache(model, input_ids.shape[1] + s.max_new_tokens)
+    cache = preallocated_cache(model, input_ids.shape[1] + s.max_new_tokens, cache_dtype)
     cached = cached_forward_kwargs(model, cache)
     # Samples of one prompt (RLOO's and GRPO's groups) share its prefill: each distinct row is prefilled once
     # and its KV cache and last logits are copied to the rows that repeat it.
