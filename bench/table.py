@@ -102,16 +102,29 @@ def render(lines: list[dict]) -> str:
     models = sorted({line.get("model", "?") for line in lines})
     head = (f"| stage ({', '.join(models)}) | alignloop | peer | ratio | peak RSS MB, ours / peer | precision, ours / "
             f"peer |\n| --- | --- | --- | --- | --- | --- |")
-    hosts = []
+    return "\n".join([head, *(row(line) for line in lines), *host_lines(lines)])
+
+
+def span(values: list[int]) -> str:
+    """"lo-hi" of the values, or the one value they all have."""
+    return f"{min(values)}" if min(values) == max(values) else f"{min(values)}-{max(values)}"
+
+
+def host_lines(lines: list[dict]) -> list[str]:
+    """One line per machine the lines ran on, with the range of its matmul figures over the lines."""
+    machines: dict[tuple, list[dict]] = {}
     for line in lines:
         h = line.get("host")
-        if h and h not in hosts:
-            hosts.append(h)
-    footer = [f"\nHost: {h['cpu']}, {h['threads']} of {h['cores']} cores, native bf16 {'yes' if h['native_bf16'] else 'no'}"
-              f"{', AMX' if h['amx'] else ''}; 2048 x 2048 matmul "
-              + (f"{h['matmul_gflops']['fp32']} GFLOP/s fp32, {h['matmul_gflops']['bf16']} bf16"
-                 if h.get("matmul_gflops") else "not measured") for h in hosts]
-    return "\n".join([head, *(row(line) for line in lines), *footer])
+        if h:
+            key = (h["cpu"], h["cores"], h["threads"], h["native_bf16"], h["amx"])
+            machines.setdefault(key, []).extend([h["matmul_gflops"]] if h.get("matmul_gflops") else [])
+    out = []
+    for (cpu, cores, threads, bf16, amx), gflops in machines.items():
+        matmul = (f"{span([g['fp32'] for g in gflops])} GFLOP/s fp32, {span([g['bf16'] for g in gflops])} bf16"
+                  if gflops else "not measured")
+        out.append(f"\nHost: {cpu}, {threads} of {cores} cores, native bf16 {'yes' if bf16 else 'no'}"
+                   f"{', AMX' if amx else ''}; 2048 x 2048 matmul {matmul}")
+    return out
 
 
 def main() -> None:

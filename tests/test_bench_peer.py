@@ -179,6 +179,11 @@ def test_the_table_shows_each_lines_ratio_and_peak_rss():
     assert lines[2].endswith("| bf16 + ckpt / bf16 + ckpt |")
     assert lines[-1] == "Host: AMD EPYC, 2 of 2 cores, native bf16 yes; 2048 x 2048 matmul 144 GFLOP/s fp32, 394 bf16"
     assert sum(line.startswith("Host:") for line in lines) == 1
+    # the same machine measured a little differently by another line: one host, the range of its figures
+    other = {**host, "matmul_gflops": {"fp32": 150, "bf16": 380}}
+    lines = table.render([reward, {**gen, "host": other}]).splitlines()
+    assert lines[-1].endswith("matmul 144-150 GFLOP/s fp32, 380-394 bf16")
+    assert sum(line.startswith("Host:") for line in lines) == 1
     assert gen_row == ("| rollout generation, batch 32, 64 new tokens (`model.generate`) | 3,665 new tok/s | 2,300 new tok/s | "
                        "**1.59x** | 700 (one process) | bf16 / fp32 |")
 
