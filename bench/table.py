@@ -115,9 +115,11 @@ def host_lines(lines: list[dict]) -> list[str]:
     machines: dict[tuple, list[dict]] = {}
     for line in lines:
         h = line.get("host")
-        if h:
-            key = (h["cpu"], h["cores"], h["threads"], h["native_bf16"], h["amx"])
-            machines.setdefault(key, []).extend([h["matmul_gflops"]] if h.get("matmul_gflops") else [])
+        if not h:
+            continue
+        figures = machines.setdefault((h["cpu"], h["cores"], h["threads"], h["native_bf16"], h["amx"]), [])
+        if h.get("matmul_gflops"):
+            figures.append(h["matmul_gflops"])
     out = []
     for (cpu, cores, threads, bf16, amx), gflops in machines.items():
         matmul = (f"{span([g['fp32'] for g in gflops])} GFLOP/s fp32, {span([g['bf16'] for g in gflops])} bf16"

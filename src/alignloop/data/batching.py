@@ -44,6 +44,16 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
+def distinct_rows(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The distinct rows (ids and mask alike) of a padded batch [B, T] and, for every row, the index of its copy
+    among them [B]; None where no row repeats another (the samples of one prompt in RLOO and GRPO do)."""
+    distinct, copy_of = torch.unique(torch.cat([ids, mask.long()], 1), dim=0, return_inverse=True)
+    if len(distinct) == len(ids):
+        return None
+    width = ids.shape[1]
+    return distinct[:, :width], distinct[:, width:].to(mask.dtype), copy_of
+
+
 def left_pad_tensor(x: torch.Tensor, length: int, dim: int) -> torch.Tensor:
     """``x`` grown to ``length`` along ``dim`` with zeros in front (KV caches and masks of a running batch)."""
     missing = length - x.shape[dim]

@@ -11,10 +11,10 @@ that hit a stop id from the batch and from the KV cache, so later steps compute 
 
 The KV cache is preallocated for the whole generation (PreallocatedLayer): DynamicCache concatenates
 the whole cache anew every step, and transformers' StaticCache attends over its whole buffer and cannot
-drop rows. A model that computes in bf16 (or fp16) on CPU keeps its cache in float32 and attends in float32
-(FLOAT32_ATTENTION): PyTorch's CPU attention kernel at decoding's shapes, one query a row, is several times
-slower in bf16 than in float32, while the projections around it keep bf16's speed. What was measured, including what did not pay (torch.compile of the decode step), is in
-bench/README.md.
+drop rows. A model that computes in bf16 (or fp16) on CPU keeps its cache in float32 and attends in
+float32 (FLOAT32_ATTENTION): PyTorch's CPU attention kernel at decoding's shapes, one query a row, is
+several times slower in bf16 than in float32, while the projections around it keep bf16's speed. What was
+measured, including what did not pay (torch.compile of the decode step), is in bench/README.md.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from alignloop.config import SamplingConfig
-from alignloop.data.batching import position_ids
+from alignloop.data.batching import distinct_rows, position_ids
 from alignloop.generation.rollout import logprobs_from_logits
-from alignloop.models.forward import cached_forward_kwargs
+from alignloop.models.forward import cached_forward_kwargs, full_attention_cache
 
 # Temperatures below this sample greedily: logits / T would overflow into inf and nan (as in vLLM).
 GREEDY_BELOW_TEMPERATURE = 1e-5
@@ -91,8 +91,9 @@ class PreallocatedLayer(DynamicLayer):
         batch, heads, _, _ = key_states.shape
         self.device = key_states.device
         dtype = self.buffer_dtype or key_states.dtype
-        self.key_buffer = key_states.new_empty((batch, heads, self.max_length, key_states.shape[-1]), dtype=dtype)
-        self.value_buffer = value_states.new_empty((batch, heads, self.max_length, value_states.shape[-1]), dtype=dtype)
+        shape = (batch, heads, self.max_length, key_states.shape[-1])
+        self.key_buffer = key_states.new_empty(shape, dtype=dtype)
+        self.value_buffer = value_states.new_empty((*shape[:3], value_states.shape[-1]), dtype=dtype)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs,
@@ -159,7 +160,7 @@ def float32_decoding(model: nn.Module) -> Iterator[bool]:
     config = getattr(inner, "config", None)
     if (config is None or getattr(config, "_attn_implementation", None) != "sdpa"
             or not hasattr(inner, "set_attn_implementation") or not computes_below_float32_on_cpu(model)
-            or any(type(layer) is not DynamicLayer for layer in DynamicCache(config=config).layers)):
+            or full_attention_cache(config) is None):
         yield False  # sliding-window layers keep transformers' own cache, in the model's dtype
         return
     inner.set_attn_implementation(FLOAT32_ATTENTION)
@@ -195,16 +196,11 @@ def decode_with_cache(model: nn.Module, input_ids: torch.Tensor, attention_mask:
     cached = cached_forward_kwargs(model, cache)
     # Samples of one prompt (RLOO's and GRPO's groups) share its prefill: each distinct row is prefilled once
     # and its KV cache and last logits are copied to the rows that repeat it.
-    distinct, copy_of = torch.unique(torch.cat([input_ids, attention_mask.long()], 1), dim=0, return_inverse=True)
-    shared = len(distinct) < batch
-    if shared:
-        width = input_ids.shape[1]
-        prefill_ids, prefill_mask = distinct[:, :width], distinct[:, width:].to(attention_mask.dtype)
-    else:
-        prefill_ids, prefill_mask = input_ids, attention_mask
+    distinct = distinct_rows(input_ids, attention_mask)
+    prefill_ids, prefill_mask, copy_of = distinct or (input_ids, attention_mask, None)
     logits = model(input_ids=prefill_ids, attention_mask=prefill_mask, position_ids=position_ids(prefill_mask),
                    **cached).logits[:, -1]
-    if shared:
+    if copy_of is not None:
         cache.batch_select_indices(copy_of)
         logits = logits[copy_of]
     mask, positions = attention_mask, position_ids(attention_mask)[:, -1:]

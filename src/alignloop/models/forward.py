@@ -19,7 +19,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
 
-from alignloop.data.batching import position_ids
+from alignloop.data.batching import distinct_rows, position_ids
 
 IGNORE = -100
 
@@ -125,6 +125,13 @@ def selected_next_token_logits(
     return head(hidden[:, :-1][select])
 
 
+def full_attention_cache(config: object) -> DynamicCache | None:
+    """A fresh DynamicCache for a model of ``config`` whose every layer is full attention, else None (sliding
+    windows and other layer kinds keep what they cache on their own terms)."""
+    cache = DynamicCache(config=config)
+    return cache if all(type(layer) is DynamicLayer for layer in cache.layers) else None
+
+
 def shared_prompt_next_token_logits(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                                     response_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor | None:
     """Logits [N, vocab] for the N response tokens (row-major over ``response_mask``) of rows of left-padded
@@ -134,19 +141,17 @@ def shared_prompt_next_token_logits(model: nn.Module, prompt_ids: torch.Tensor, 
     or the model must run whole: wrapped (DDP, FSDP) or without a separate LM head, a cache layer other than
     full attention (sliding windows), or activation checkpointing in training, where transformers keeps no
     cache."""
-    distinct, copy_of = torch.unique(torch.cat([prompt_ids, prompt_mask.long()], 1), dim=0, return_inverse=True)
+    distinct = distinct_rows(prompt_ids, prompt_mask)
     parts = body_and_lm_head(model)
-    if len(distinct) == len(prompt_ids) or parts is None:
+    if distinct is None or parts is None:
         return None
     body, head = parts
-    if body.training and getattr(body, "gradient_checkpointing", False):
-        return None
-    cache = DynamicCache(config=body.config)
-    if any(type(layer) is not DynamicLayer for layer in cache.layers):
+    cache = full_attention_cache(body.config)
+    if cache is None or (body.training and getattr(body, "gradient_checkpointing", False)):
         return None
     cached = cached_forward_kwargs(body, cache, last_position_only=False)
+    unique_ids, unique_mask, copy_of = distinct
     width = prompt_ids.shape[1]
-    unique_ids, unique_mask = distinct[:, :width], distinct[:, width:].to(prompt_mask.dtype)
     prompt_hidden = body(input_ids=unique_ids, attention_mask=unique_mask, position_ids=position_ids(unique_mask),
                          **cached).last_hidden_state
     cache.batch_select_indices(copy_of)
