@@ -24,6 +24,7 @@ from transformers import PreTrainedModel
 
 from alignloop.config import TrainConfig
 from alignloop.errors import UserError
+from alignloop.models.lean_layers import use_lean_layers
 
 # accelerate's resolved precision -> the dtype FSDP2 computes in (gradients are reduced in float32)
 PARAM_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -55,11 +56,13 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
 
 
 def wrap_for_training(acc: Accelerator, model: nn.Module, cfg: TrainConfig) -> nn.Module:
-    """The module the training loop calls, with activation checkpointing where ``cfg`` asks for it. ddp, or
+    """The module the training loop calls, its Llama-formula norms and MLPs keeping fewer activations
+    (models.lean_layers) and with activation checkpointing where ``cfg`` asks for it. ddp, or
     one process: the accelerator's preparation (device, DDP on several processes). fsdp on several processes:
     ``fully_shard`` in place on every decoder layer, then on the whole model, with the run's mixed precision
     and optional CPU offload; the model itself is returned. Build the optimizer after this call: sharding
     replaces the parameters."""
+    use_lean_layers(model)
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
     if not is_sharded_run(cfg, acc.num_processes):

@@ -1,0 +1,134 @@
+"""Llama-family RMSNorm and SwiGLU MLP forwards that keep fewer activations for the backward.
+
+Autograd keeps every intermediate a formula's backward might read. transformers' RMSNorm keeps its float32
+input, its float32 normalised output and the product with its weight; under a bf16 autocast each of the
+linears it feeds (q, k, v; gate, up) then casts that float32 output to bf16 on its own and keeps its own
+copy. The SwiGLU MLP keeps the gate, silu(gate), up and their product. Here:
+
+- ``RMSNormFunction`` keeps the input and one number per row (its reciprocal RMS) and recomputes the
+  normalised row in the backward. A decoder layer's two norms (``input_layernorm``,
+  ``post_attention_layernorm``), whose only readers are linears, return their output already in the
+  autocast's dtype, so the linears share one copy; the gradients those linears return are then summed in
+  that dtype before the norm's backward (float32 in transformers' order), as bf16 training does throughout.
+- ``SwiGLUFunction`` keeps the gate and up projections and recomputes silu(gate) in the backward.
+
+What this saves is measured in bench/README.md. ``use_lean_layers`` swaps the class of every module whose
+forward is exactly transformers' Llama formula (RMSNorm: about 140 model families share it verbatim; the
+MLP: where its activation is SiLU); others keep their own. Parameters, state dicts and outputs are
+unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import SiLUActivation
+from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
+
+# Norms that only feed linears: their output may be in the autocast's dtype, which the linears cast to anyway.
+LINEAR_INPUT_NORMS = ("input_layernorm", "post_attention_layernorm")
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """``weight * (x / rms(x))`` as LlamaRMSNorm computes it (normalised in float32, cast back to x's dtype,
+    times the weight), optionally cast to ``out_dtype``; keeps x and the reciprocal RMS for the backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None):
+        xf = x.float()
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        y = weight * (xf * rstd).to(x.dtype)
+        ctx.save_for_backward(x, weight, rstd)
+        return y if out_dtype is None else y.to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        normed = x.float() * rstd
+        grad_y = grad_y.float()
+        grad_weight = (grad_y * normed).reshape(-1, normed.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
+        grad_normed = grad_y * weight.float()
+        grad_x = rstd * (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True))
+        return grad_x.to(x.dtype), None if grad_weight is None else grad_weight.to(weight.dtype), None, None
+
+
+class SwiGLUFunction(torch.autograd.Function):
+    """``silu(gate) * up``; keeps gate and up, and recomputes silu for the backward (with PyTorch's own silu
+    derivative, in the inputs' dtype as autograd computes it)."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        grad_up = grad_out * F.silu(gate)
+        grad_gate = torch.ops.aten.silu_backward(grad_out * up, gate)
+        return grad_gate, grad_up
+
+
+class LeanRMSNorm:
+    """The forward of a Llama-formula RMSNorm through RMSNormFunction (mixed into the module's own class)."""
+
+    output_in_autocast_dtype = False
+    weight: nn.Parameter
+    variance_epsilon: float
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        device = hidden_states.device.type
+        out_dtype = None
+        if self.output_in_autocast_dtype and torch.is_autocast_enabled(device):
+            out_dtype = torch.get_autocast_dtype(device)
+        return RMSNormFunction.apply(hidden_states, self.weight, self.variance_epsilon, out_dtype)
+
+
+class LeanSwiGLUMLP:
+    """The forward of a Llama-formula MLP with SiLU through SwiGLUFunction (mixed into the module's own class)."""
+
+    gate_proj: nn.Module
+    up_proj: nn.Module
+    down_proj: nn.Module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(SwiGLUFunction.apply(self.gate_proj(x), self.up_proj(x)))
+
+
+@functools.cache
+def same_forward(cls: type, reference: type) -> bool:
+    """Whether ``cls``'s forward is ``reference``'s, written out verbatim (transformers copies the Llama
+    modules into other model families as they are)."""
+    try:
+        return inspect.getsource(cls.forward) == inspect.getsource(reference.forward)
+    except (OSError, TypeError):
+        return False
+
+
+@functools.cache
+def lean_class(cls: type, lean: type) -> type:
+    """``cls`` with ``lean``'s forward mixed in, named after the original."""
+    return type(f"Lean{cls.__name__}", (lean, cls), {})
+
+
+def use_lean_layers(model: nn.Module) -> int:
+    """Swap every Llama-formula RMSNorm and SiLU MLP inside ``model`` to its lean forward, in place; returns how
+    many modules were swapped. Idempotent."""
+    swapped = 0
+    for name, module in model.named_modules():
+        cls = type(module)
+        if isinstance(module, (LeanRMSNorm, LeanSwiGLUMLP)):
+            continue
+        if same_forward(cls, LlamaRMSNorm) and hasattr(module, "variance_epsilon"):
+            module.__class__ = lean_class(cls, LeanRMSNorm)
+            module.output_in_autocast_dtype = name.rsplit(".", 1)[-1] in LINEAR_INPUT_NORMS
+        elif same_forward(cls, LlamaMLP) and isinstance(getattr(module, "act_fn", None), (nn.SiLU, SiLUActivation)):
+            module.__class__ = lean_class(cls, LeanSwiGLUMLP)
+        else:
+            continue
+        swapped += 1
+    return swapped
