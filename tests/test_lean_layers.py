@@ -34,7 +34,7 @@ def test_rms_norm_function_matches_llama_rms_norm(dtype):
 
     want, (want_dx,) = grads_of(norm, x, grad_out=grad)
     weight = norm.weight.detach().clone().requires_grad_()
-    got, (got_dx,) = grads_of(lambda x: RMSNormFunction.apply(x, weight, 1e-6, None), x, grad_out=grad)
+    got, (got_dx,) = grads_of(lambda x: RMSNormFunction.apply(x, weight, 1e-6), x, grad_out=grad)
     tol = {} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
     torch.testing.assert_close(got, want, **tol)
     torch.testing.assert_close(got_dx, want_dx, **tol)
@@ -93,7 +93,7 @@ def test_lean_model_trains_like_the_original_on_less_memory(tiny_model_factory, 
 
     bf16_bytes, bf16_loss, bf16_grads = saved_bytes_loss_grads(load(False), ids, autocast=True)
     lean_bf16_bytes, lean_bf16_loss, lean_bf16_grads = saved_bytes_loss_grads(load(True), ids, autocast=True)
-    assert lean_bf16_bytes < 0.8 * bf16_bytes
+    assert lean_bf16_bytes < 0.85 * bf16_bytes
     assert lean_bf16_loss == pytest.approx(bf16_loss, abs=1e-3)
     # Summing the linears' bf16 gradients in bf16 moves the gradients less than bf16 itself moves them from float32.
     assert relative(lean_bf16_grads, bf16_grads) < relative(bf16_grads, fp32_grads)
@@ -108,8 +108,7 @@ def test_only_llama_formula_modules_are_swapped_and_the_state_dict_is_unchanged(
     assert use_lean_layers(model) == 7
     assert use_lean_layers(model) == 0  # idempotent
     layer = model.model.layers[0]
-    assert type(layer.input_layernorm).__name__ == "LeanLlamaRMSNorm" and layer.input_layernorm.output_in_autocast_dtype
-    assert not model.model.norm.output_in_autocast_dtype  # the final norm's readers may not be linears
+    assert type(layer.input_layernorm).__name__ == "LeanLlamaRMSNorm"
     assert type(layer.mlp).__name__ == "LeanLlamaMLP"
     state = model.state_dict()
     assert state.keys() == keys.keys() and all(torch.equal(state[k], keys[k]) for k in keys)

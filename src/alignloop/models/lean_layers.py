@@ -6,10 +6,8 @@ linears it feeds (q, k, v; gate, up) then casts that float32 output to bf16 on i
 copy. The SwiGLU MLP keeps the gate, silu(gate), up and their product. Here:
 
 - ``RMSNormFunction`` keeps the input and one number per row (its reciprocal RMS) and recomputes the
-  normalised row in the backward. A decoder layer's two norms (``input_layernorm``,
-  ``post_attention_layernorm``), whose only readers are linears, return their output already in the
-  autocast's dtype, so the linears share one copy; the gradients those linears return are then summed in
-  that dtype before the norm's backward (float32 in transformers' order), as bf16 training does throughout.
+  normalised row in the backward. Its output keeps transformers' dtype, so under an autocast each linear
+  still casts it itself and the gradients they return are summed in float32, as transformers sums them.
 - ``SwiGLUFunction`` keeps the gate and up projections and recomputes silu(gate) in the backward.
 
 What this saves is measured in bench/README.md. ``use_lean_layers`` swaps the class of every module whose
@@ -29,21 +27,17 @@ from torch import nn
 from transformers.activations import SiLUActivation
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
-# Norms that only feed linears: their output may be in the autocast's dtype, which the linears cast to anyway.
-LINEAR_INPUT_NORMS = ("input_layernorm", "post_attention_layernorm")
-
 
 class RMSNormFunction(torch.autograd.Function):
     """``weight * (x / rms(x))`` as LlamaRMSNorm computes it (normalised in float32, cast back to x's dtype,
-    times the weight), optionally cast to ``out_dtype``; keeps x and the reciprocal RMS for the backward."""
+    times the weight); keeps x and the reciprocal RMS for the backward."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None):
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         xf = x.float()
         rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-        y = weight * (xf * rstd).to(x.dtype)
         ctx.save_for_backward(x, weight, rstd)
-        return y if out_dtype is None else y.to(out_dtype)
+        return weight * (xf * rstd).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
@@ -53,7 +47,7 @@ class RMSNormFunction(torch.autograd.Function):
         grad_weight = (grad_y * normed).reshape(-1, normed.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
         grad_normed = grad_y * weight.float()
         grad_x = rstd * (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True))
-        return grad_x.to(x.dtype), None if grad_weight is None else grad_weight.to(weight.dtype), None, None
+        return grad_x.to(x.dtype), None if grad_weight is None else grad_weight.to(weight.dtype), None
 
 
 class SwiGLUFunction(torch.autograd.Function):
@@ -76,16 +70,11 @@ class SwiGLUFunction(torch.autograd.Function):
 class LeanRMSNorm:
     """The forward of a Llama-formula RMSNorm through RMSNormFunction (mixed into the module's own class)."""
 
-    output_in_autocast_dtype = False
     weight: nn.Parameter
     variance_epsilon: float
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        device = hidden_states.device.type
-        out_dtype = None
-        if self.output_in_autocast_dtype and torch.is_autocast_enabled(device):
-            out_dtype = torch.get_autocast_dtype(device)
-        return RMSNormFunction.apply(hidden_states, self.weight, self.variance_epsilon, out_dtype)
+        return RMSNormFunction.apply(hidden_states, self.weight, self.variance_epsilon)
 
 
 class LeanSwiGLUMLP:
@@ -119,13 +108,12 @@ def use_lean_layers(model: nn.Module) -> int:
     """Swap every Llama-formula RMSNorm and SiLU MLP inside ``model`` to its lean forward, in place; returns how
     many modules were swapped. Idempotent."""
     swapped = 0
-    for name, module in model.named_modules():
+    for module in model.modules():
         cls = type(module)
         if isinstance(module, (LeanRMSNorm, LeanSwiGLUMLP)):
             continue
         if same_forward(cls, LlamaRMSNorm) and hasattr(module, "variance_epsilon"):
             module.__class__ = lean_class(cls, LeanRMSNorm)
-            module.output_in_autocast_dtype = name.rsplit(".", 1)[-1] in LINEAR_INPUT_NORMS
         elif same_forward(cls, LlamaMLP) and isinstance(getattr(module, "act_fn", None), (nn.SiLU, SiLUActivation)):
             module.__class__ = lean_class(cls, LeanSwiGLUMLP)
         else:
