@@ -95,7 +95,7 @@ def test_lean_model_trains_like_the_original_on_less_memory(tiny_model_factory, 
     lean_bf16_bytes, lean_bf16_loss, lean_bf16_grads = saved_bytes_loss_grads(load(True), ids, autocast=True)
     assert lean_bf16_bytes < 0.85 * bf16_bytes
     assert lean_bf16_loss == pytest.approx(bf16_loss, abs=1e-3)
-    # Summing the linears' bf16 gradients in bf16 moves the gradients less than bf16 itself moves them from float32.
+    # The lean backward's own rounding moves the gradients less than bf16 itself moves them from float32.
     assert relative(lean_bf16_grads, bf16_grads) < relative(bf16_grads, fp32_grads)
 
 

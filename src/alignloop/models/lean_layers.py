@@ -1,9 +1,8 @@
 """Llama-family RMSNorm and SwiGLU MLP forwards that keep fewer activations for the backward.
 
-Autograd keeps every intermediate a formula's backward might read. transformers' RMSNorm keeps its float32
-input, its float32 normalised output and the product with its weight; under a bf16 autocast each of the
-linears it feeds (q, k, v; gate, up) then casts that float32 output to bf16 on its own and keeps its own
-copy. The SwiGLU MLP keeps the gate, silu(gate), up and their product. Here:
+Autograd keeps every intermediate a formula's backward might read: transformers' RMSNorm keeps its float32
+input, its float32 normalised output and the product with its weight; the SwiGLU MLP keeps the gate,
+silu(gate), up and their product. Here:
 
 - ``RMSNormFunction`` keeps the input and one number per row (its reciprocal RMS) and recomputes the
   normalised row in the backward. Its output keeps transformers' dtype, so under an autocast each linear
@@ -114,9 +113,8 @@ def use_lean_layers(model: nn.Module) -> int:
             continue
         if same_forward(cls, LlamaRMSNorm) and hasattr(module, "variance_epsilon"):
             module.__class__ = lean_class(cls, LeanRMSNorm)
+            swapped += 1
         elif same_forward(cls, LlamaMLP) and isinstance(getattr(module, "act_fn", None), (nn.SiLU, SiLUActivation)):
             module.__class__ = lean_class(cls, LeanSwiGLUMLP)
-        else:
-            continue
-        swapped += 1
+            swapped += 1
     return swapped
