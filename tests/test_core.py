@@ -93,6 +93,32 @@ def test_the_untrained_model_is_never_the_best_checkpoint(tmp_path, caplog):
     assert "before training had a better eval_accuracy (0.9)" in caplog.text
 
 
+def test_optimizer_state_exists_before_the_first_step_and_trains_exactly_as_lazy_adamw():
+    torch.manual_seed(0)
+    start = [torch.randn(6, 4), torch.randn(6)]
+    ours_params = [nn.Parameter(t.clone()) for t in start]
+    lazy_params = [nn.Parameter(t.clone()) for t in start]
+    train = cfg(lr=0.1, weight_decay=0.1)
+    ours = build_optimizer(param_groups([("w", ours_params[0]), ("b", ours_params[1])], train.weight_decay), train)
+    lazy = torch.optim.AdamW(param_groups([("w", lazy_params[0]), ("b", lazy_params[1])], train.weight_decay),
+                             lr=train.lr, betas=train.adam_betas, eps=train.adam_eps, foreach=True)
+    # allocated up front, as the first step would leave it before its update; no weight moved, no gradient left
+    for p, t in zip(ours_params, start, strict=True):
+        state = ours.state[p]
+        assert state["step"].item() == 0 and not state["exp_avg"].any() and not state["exp_avg_sq"].any()
+        assert torch.equal(p, t) and p.grad is None
+    assert [g["lr"] for g in ours.param_groups] == [0.1, 0.1]
+    for _ in range(3):
+        grads = [torch.randn_like(t) for t in start]
+        for params, opt in ((ours_params, ours), (lazy_params, lazy)):
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g.clone()
+            opt.step()
+    for a, b in zip(ours_params, lazy_params, strict=True):
+        assert torch.equal(a, b)
+        assert all(torch.equal(ours.state[a][k], lazy.state[b][k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+
+
 def test_schedules_warm_up_and_decay():
     opt = build_optimizer(param_groups([("w", nn.Parameter(torch.zeros(2, 2)))], 0.0), cfg(lr=1.0))
     lin = build_scheduler(opt, cfg(lr=1.0, schedule="linear", warmup_steps=2), total_steps=10)

@@ -35,8 +35,32 @@ def param_groups(named: Iterable[tuple[str, nn.Parameter]], weight_decay: float,
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, foreach=True)
+def build_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over ``groups``, its moments already allocated (``allocate_state``)."""
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, foreach=True)
+    allocate_state(optimizer)
+    return optimizer
+
+
+def allocate_state(optimizer: torch.optim.AdamW) -> None:
+    """Give every parameter its AdamW state now, as the first step would (zero moments, step 0), by stepping
+    once at learning rate 0 on zero gradients, which changes no weight.
+
+    PyTorch allocates the moments lazily, in the first step, where they land in the holes that step's
+    activations left in the heap; glibc never hands those back, and moments scattered through them make
+    every later step's activations extend the heap instead (peak RSS, measured in bench/README.md). Made
+    before the first forward, they sit beside the weights."""
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+        for p in group["params"]:
+            p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    for state in optimizer.state.values():
+        state["step"].zero_()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
