@@ -15,6 +15,7 @@ from alignloop.config import ModelConfig, TrainConfig
 from alignloop.models.load import load_pretrained
 from alignloop.training.accelerator import make_accelerator
 from alignloop.training.distributed import (
+    close_process_group,
     full_parameters,
     full_state_dict,
     local_numel,
@@ -67,6 +68,7 @@ def main(model_dir: str, out: Path) -> None:
         result["weights_missing"] = sorted(set(plain.state_dict()) - set(weights) - {"lm_head.weight"})
         result["offload_difference"] = max((weights[k] - weights_offloaded[k]).abs().max().item() for k in weights)
     (out / f"rank-{rank}.json").write_text(json.dumps(result))
+    close_process_group()
 
 
 if __name__ == "__main__":

@@ -93,6 +93,9 @@ def run_training_command(args: argparse.Namespace, run: Callable[[], object]) ->
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         return launch_distributed(args.nproc)
     out = run()
+    if "LOCAL_RANK" in os.environ:
+        from alignloop.training.distributed import close_process_group  # torch: only under torchrun
+        close_process_group()
     if out is not None and int(os.environ.get("RANK", "0")) == 0:
         print(f"finished: {out}")
     return 0

@@ -145,6 +145,15 @@ def training_state_bytes(n_parameters: int, world: int, sharded: bool, cpu_offlo
     return {"device": 0 if on_cpu else held, "cpu": held if on_cpu else 0}
 
 
+def close_process_group() -> None:
+    """End a torchrun process's part in the run: wait for every process, then destroy the process group.
+    A process that exits with its gloo group alive while another still works can abort in the group's
+    teardown (std::terminate, SIGABRT), which torchrun reports as the whole run failing."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def mean_over_processes(values: torch.Tensor) -> torch.Tensor:
     """The mean of ``values`` over the elements every process holds (an all-reduce of their sum and count,
     in float64); ``values.mean()`` in one process."""
