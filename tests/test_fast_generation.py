@@ -5,7 +5,9 @@ prompts of different lengths, rows that stop mid-batch and leave it, KV cache); 
 fresh forward; the first sampled token's frequencies match the distribution transformers' own logits
 warpers define (temperature, top-k, top-p) by a chi-square test that a wrong filter fails; without
 stop_on_eos every row runs to max_new_tokens; the filter and the draw against hand-computed values;
-bench/generate.py prints both throughputs."""
+the oneDNN-packed linears decoding runs on equal the plain ones (bf16 and autocast bit for bit, float32 to
+rounding), pack only plain CPU linears without gradients, and leave the model as it was; bench/generate.py
+prints both throughputs."""
 
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 
 from alignloop.config import SamplingConfig
 from alignloop.data.batching import left_pad
-from alignloop.generation.decode import draw, filtered_probs, sample_tokens
+from alignloop.generation.decode import draw, filtered_probs, onednn_packed_linears, sample_tokens
 from alignloop.generation.rollout import response_logprobs
 from alignloop.generation.sampler import TransformersSampler
 from alignloop.models.forward import cached_forward_kwargs
@@ -220,6 +222,48 @@ def test_a_prefill_projects_only_the_last_position_of_every_row(tiny_model_facto
     assert kept.shape == (2, 1, full.shape[-1])
     assert head_inputs[-1].shape == (2, 1, model.config.hidden_size) and head_inputs[-1].is_contiguous()
     torch.testing.assert_close(kept[:, 0], full[:, -1], atol=1e-5, rtol=1e-5)
+
+
+def count_linears(model: torch.nn.Module) -> int:
+    return sum(type(m) is torch.nn.Linear for m in model.modules())
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16", "autocast"])
+def test_packed_linears_compute_what_the_plain_ones_do(tiny_model_factory, precision):
+    model = chaotic_model(tiny_model_factory("llama"))
+    if precision == "bfloat16":
+        model = model.to(torch.bfloat16)
+    ids, mask = left_pad(PROMPTS, PAD)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "autocast")
+    with torch.no_grad(), autocast:
+        plain = model(input_ids=ids, attention_mask=mask).logits
+        with onednn_packed_linears(model, rows=len(PROMPTS)) as n_packed:
+            packed = model(input_ids=ids, attention_mask=mask).logits
+    assert n_packed == count_linears(model) == 15  # q, k, v, o, gate, up, down in 2 layers, and the LM head
+    if precision == "float32":  # MKL's sgemm against oneDNN's: another summation order
+        torch.testing.assert_close(packed, plain, atol=1e-4, rtol=1e-5)
+    else:  # both oneDNN's bf16 matmul
+        assert packed.dtype == plain.dtype == torch.bfloat16 and torch.equal(packed, plain)
+    assert not any("forward" in m.__dict__ for m in model.modules())  # the model is as it was
+
+
+def test_packed_linears_leave_gradients_specialised_linears_and_errors_alone(tiny_model_factory):
+    model = chaotic_model(tiny_model_factory("llama"))
+    with onednn_packed_linears(model, rows=4) as n_packed:  # gradients on: the packed weights have no backward
+        assert n_packed == 0
+
+    class QuantisedLinear(torch.nn.Linear):
+        """Stands for a quantised linear (bitsandbytes' are nn.Linear subclasses): its forward is its own."""
+
+    head = model.lm_head
+    head.__class__ = QuantisedLinear
+    with torch.no_grad(), onednn_packed_linears(model, rows=4) as n_packed:
+        assert n_packed == count_linears(model) == 14  # every plain linear but the head
+        assert "forward" not in head.__dict__
+    with pytest.raises(RuntimeError, match="inside the block"), torch.no_grad():
+        with onednn_packed_linears(model, rows=4):
+            raise RuntimeError("inside the block")
+    assert not any("forward" in m.__dict__ for m in model.modules())
 
 
 def test_filtered_probs_temperature_top_k_then_renormalised_top_p():

@@ -13,8 +13,11 @@ The KV cache is preallocated for the whole generation (PreallocatedLayer): Dynam
 the whole cache anew every step, and transformers' StaticCache attends over its whole buffer and cannot
 drop rows. A model that computes in bf16 (or fp16) on CPU keeps its cache in float32 and attends in
 float32 (FLOAT32_ATTENTION): PyTorch's CPU attention kernel at decoding's shapes, one query a row, is
-several times slower in bf16 than in float32, while the projections around it keep bf16's speed. What was
-measured, including what did not pay (torch.compile of the decode step), is in bench/README.md.
+several times slower in bf16 than in float32, while the projections around it keep bf16's speed. On CPU
+every plain linear decodes through a copy of its weight that oneDNN has laid out for the batch's matmul
+(onednn_packed_linears), made once per call: decoding's matmuls have few rows, where the plain weight's
+layout leaves most of the CPU's matmul speed unused. What was measured, including what did not pay
+(torch.compile of the decode step), is in bench/README.md.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from alignloop.config import SamplingConfig
 from alignloop.data.batching import distinct_rows, position_ids
 from alignloop.generation.rollout import logprobs_from_logits
 from alignloop.models.forward import cached_forward_kwargs, full_attention_cache
+from alignloop.models.lean_layers import LeanLinear
 
 # Temperatures below this sample greedily: logits / T would overflow into inf and nan (as in vLLM).
 GREEDY_BELOW_TEMPERATURE = 1e-5
@@ -170,6 +174,54 @@ def float32_decoding(model: nn.Module) -> Iterator[bool]:
         inner.set_attn_implementation("sdpa")
 
 
+def packable_linear(module: nn.Module) -> bool:
+    """A plain linear (nn.Linear or its lean form; not a quantised or otherwise specialised subclass) whose
+    weight is an ordinary CPU tensor (not a DTensor shard) and has no forward of its own set on it."""
+    if not (type(module) is nn.Linear or isinstance(module, LeanLinear)) or "forward" in module.__dict__:
+        return False
+    tensors = [module.weight] if module.bias is None else [module.weight, module.bias]
+    return all(type(t) in (torch.Tensor, nn.Parameter) and t.device.type == "cpu" for t in tensors)
+
+
+def packed_compute_dtype(weight: torch.Tensor) -> torch.dtype | None:
+    """The dtype a linear computes in on CPU here (the CPU autocast's, else its weight's), where oneDNN
+    can run it from a packed weight: float32, or bfloat16 on a CPU oneDNN supports it on; else None."""
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else weight.dtype
+    if dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return dtype
+    return None
+
+
+@contextlib.contextmanager
+def onednn_packed_linears(model: nn.Module, rows: int) -> Iterator[int]:
+    """Within the block (no gradients: the packed weights are outside autograd), every packable linear of
+    ``model`` computes from a copy of its weight in the dtype it computes in (packed_compute_dtype), laid
+    out by oneDNN for matmuls of about ``rows`` rows; yields how many linears it packed. bf16 outputs equal
+    the plain forward's bit for bit (both are oneDNN's bf16 matmul); float32 ones differ by rounding (MKL's
+    sgemm against oneDNN's). The copies cost one extra copy of the linears' weights while the block runs and
+    are dropped after it, so they never go stale when a trainer changes the weights."""
+    packed: list[nn.Module] = []
+    if (not torch.is_grad_enabled() and torch.backends.mkldnn.is_available()
+            and next(model.parameters()).device.type == "cpu"):
+        for module in model.modules():
+            dtype = packed_compute_dtype(module.weight) if packable_linear(module) else None
+            if dtype is None:
+                continue
+            weight = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach().to(dtype), rows)
+            bias = None if module.bias is None else module.bias.detach().to(dtype)
+
+            def packed_forward(x: torch.Tensor, weight=weight, bias=bias, dtype=dtype) -> torch.Tensor:
+                return torch.ops.mkldnn._linear_pointwise(x.to(dtype), weight, bias, "none", [], "")
+
+            module.forward = packed_forward  # the instance's forward shadows its class's until the block ends
+            packed.append(module)
+    try:
+        yield len(packed)
+    finally:
+        for module in packed:
+            del module.forward
+
+
 def decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, s: SamplingConfig,
            stop_ids: Sequence[int], pad_id: int, keep_logprobs: bool = False,
            ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -177,7 +229,7 @@ def decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
     leaves the batch once it has sampled one, when ``s.stop_on_eos``), and with ``keep_logprobs`` the
     log-prob of every sampled token under logits / temperature (0 on padding). R is the number of steps
     the longest row ran: ``s.max_new_tokens`` unless every row stopped earlier (as model.generate)."""
-    with float32_decoding(model) as float32_cache:
+    with float32_decoding(model) as float32_cache, onednn_packed_linears(model, input_ids.shape[0]):
         return decode_with_cache(model, input_ids, attention_mask, s, stop_ids, pad_id, keep_logprobs,
                                  torch.float32 if float32_cache else None)
 
