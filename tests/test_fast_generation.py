@@ -239,6 +239,9 @@ def test_packed_linears_compute_what_the_plain_ones_do(tiny_model_factory, preci
         plain = model(input_ids=ids, attention_mask=mask).logits
         with onednn_packed_linears(model, rows=len(PROMPTS)) as n_packed:
             packed = model(input_ids=ids, attention_mask=mask).logits
+    if precision != "float32" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        assert n_packed == 0 and torch.equal(packed, plain)  # a CPU oneDNN has no bf16 matmul on: left alone
+        return
     assert n_packed == count_linears(model) == 15  # q, k, v, o, gate, up, down in 2 layers, and the LM head
     if precision == "float32":  # MKL's sgemm against oneDNN's: another summation order
         torch.testing.assert_close(packed, plain, atol=1e-4, rtol=1e-5)

@@ -23,6 +23,7 @@ layout leaves most of the CPU's matmul speed unused. What was measured, includin
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -183,6 +184,21 @@ def packable_linear(module: nn.Module) -> bool:
     return all(type(t) in (torch.Tensor, nn.Parameter) and t.device.type == "cpu" for t in tensors)
 
 
+@functools.cache
+def onednn_packing_works() -> bool:
+    """Whether this PyTorch build runs a linear from a oneDNN-packed weight on this CPU (x86 builds do; other
+    builds may lack the kernels): tried once on a small linear."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        with torch.no_grad():
+            weight = torch.ops.mkldnn._reorder_linear_weight(torch.ones(4, 8), 2)
+            out = torch.ops.mkldnn._linear_pointwise(torch.ones(2, 8), weight, None, "none", [], "")
+    except (AttributeError, RuntimeError, NotImplementedError):  # an op this build lacks, or its kernel
+        return False
+    return bool((out == 8).all())
+
+
 def packed_compute_dtype(weight: torch.Tensor) -> torch.dtype | None:
     """The dtype a linear computes in on CPU here (the CPU autocast's, else its weight's), where oneDNN
     can run it from a packed weight: float32, or bfloat16 on a CPU oneDNN supports it on; else None."""
@@ -201,8 +217,8 @@ def onednn_packed_linears(model: nn.Module, rows: int) -> Iterator[int]:
     sgemm against oneDNN's). The copies cost one extra copy of the linears' weights while the block runs and
     are dropped after it, so they never go stale when a trainer changes the weights."""
     packed: list[nn.Module] = []
-    if (not torch.is_grad_enabled() and torch.backends.mkldnn.is_available()
-            and next(model.parameters()).device.type == "cpu"):
+    if (not torch.is_grad_enabled() and next(model.parameters()).device.type == "cpu"
+            and onednn_packing_works()):
         for module in model.modules():
             dtype = packed_compute_dtype(module.weight) if packable_linear(module) else None
             if dtype is None:
