@@ -15,7 +15,7 @@ drop rows. A model that computes in bf16 (or fp16) on CPU keeps its cache in flo
 float32 (FLOAT32_ATTENTION): PyTorch's CPU attention kernel at decoding's shapes, one query a row, is
 several times slower in bf16 than in float32, while the projections around it keep bf16's speed. On CPU
 every plain linear decodes through a copy of its weight that oneDNN has laid out for the batch's matmul
-(onednn_packed_linears), made once per call: decoding's matmuls have few rows, where the plain weight's
+(onednn_packed_linears), made once per sampler call (TransformersSampler.generate): decoding's matmuls have few rows, where the plain weight's
 layout leaves most of the CPU's matmul speed unused. What was measured, including what did not pay
 (torch.compile of the decode step), is in bench/README.md.
 """
@@ -245,7 +245,7 @@ def decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
     leaves the batch once it has sampled one, when ``s.stop_on_eos``), and with ``keep_logprobs`` the
     log-prob of every sampled token under logits / temperature (0 on padding). R is the number of steps
     the longest row ran: ``s.max_new_tokens`` unless every row stopped earlier (as model.generate)."""
-    with float32_decoding(model) as float32_cache, onednn_packed_linears(model, input_ids.shape[0]):
+    with float32_decoding(model) as float32_cache:
         return decode_with_cache(model, input_ids, attention_mask, s, stop_ids, pad_id, keep_logprobs,
                                  torch.float32 if float32_cache else None)
 

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from alignloop.config import SamplingConfig
 from alignloop.data.batching import left_pad
-from alignloop.generation.decode import decode, sample_tokens
+from alignloop.generation.decode import decode, onednn_packed_linears, sample_tokens
 from alignloop.generation.rollout import Rollout, assemble_rollout
 from alignloop.generation.vllm import full_tensor
 from alignloop.models.precision import bound_onednn_kernel_caches
@@ -103,13 +103,15 @@ class TransformersSampler:
         # with a dtype of its own the sampler decodes in exactly that, whatever autocast the caller holds
         precision = contextlib.nullcontext() if self.dtype is None else torch.autocast(device.type, enabled=False)
         chunks, logps = [], []
-        for i in tqdm(range(0, len(rows), per_call), desc=desc, unit="batch", disable=desc is None, leave=False):
-            ids, mask = prompt_ids[i: i + per_call].to(device), prompt_mask[i: i + per_call].to(device)
-            with precision:
+        # the weights stay as they are for the whole call: one packed copy serves every batch of it
+        with precision, onednn_packed_linears(self.model, min(per_call, len(rows))):
+            for i in tqdm(range(0, len(rows), per_call), desc=desc, unit="batch", disable=desc is None,
+                          leave=False):
+                ids, mask = prompt_ids[i: i + per_call].to(device), prompt_mask[i: i + per_call].to(device)
                 new, logp = decode(self.model, ids, mask, sampling, self.stop_ids, self.pad_id, keep_logprobs)
-            chunks.append(new.cpu())
-            if logp is not None:
-                logps.append(logp.cpu())
+                chunks.append(new.cpu())
+                if logp is not None:
+                    logps.append(logp.cpu())
         return assemble_rollout(prompt_ids, prompt_mask, chunks, logps if keep_logprobs else None, self.pad_id,
                                 self.stop_ids)
 
