@@ -112,6 +112,33 @@ def test_gradient_checkpointing_trains_the_same_policy(toy):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (key, a[key], b[key])
 
 
+def test_the_policy_trains_with_float32_cpu_attention_under_bf16(toy, monkeypatch):
+    """The RL trainers switch the policy (and a separate critic) to models.attention.training_sdpa before
+    wrapping it: under a CPU bf16 autocast its attention trains in float32 (tests/test_training_attention.py)."""
+    from alignloop.models.attention import TRAINING_SDPA
+    from alignloop.train import ppo
+
+    wrapped = []
+
+    def spy(acc, model, cfg):
+        config = getattr(model, "config", None)
+        wrapped.append(None if config is None else config._attn_implementation)
+        return real(acc, model, cfg)
+
+    real = ppo.wrap_for_training
+    monkeypatch.setattr(ppo, "wrap_for_training", spy)
+    _, rows = run(toy, "ppo_bf16", ["ppo.steps=2", "train.lr=1e-2", "train.mixed_precision=bf16"])
+    assert wrapped == [TRAINING_SDPA, None]  # the policy; the value head on it has no attention of its own
+    # The first step against the same run with transformers' bf16 SDPA: the same rollout (decoding and the
+    # reference forward have no gradients, where nothing changes), the same losses to bf16 rounding.
+    monkeypatch.setattr(ppo, "use_training_sdpa", lambda model: 0)
+    _, bf16_rows = run(toy, "ppo_bf16_kernel", ["ppo.steps=2", "train.lr=1e-2", "train.mixed_precision=bf16"])
+    first, bf16_first = rows[0], bf16_rows[0]
+    assert first["kl"] == bf16_first["kl"] and first["score_mean"] == bf16_first["score_mean"]
+    for key in ("policy_loss", "value_loss", "approx_kl"):
+        assert first[key] == pytest.approx(bf16_first[key], rel=0.05), key
+
+
 def parameters_alive() -> dict[int, int]:
     gc.collect()
     with warnings.catch_warnings():  # isinstance on every live object touches deprecated torch attributes

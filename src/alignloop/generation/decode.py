@@ -36,6 +36,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from alignloop.config import SamplingConfig
 from alignloop.data.batching import distinct_rows, position_ids
 from alignloop.generation.rollout import logprobs_from_logits
+from alignloop.models.attention import SDPA_IMPLEMENTATIONS
 from alignloop.models.forward import cached_forward_kwargs, full_attention_cache
 from alignloop.models.lean_layers import LeanLinear
 
@@ -163,16 +164,17 @@ def float32_decoding(model: nn.Module) -> Iterator[bool]:
     SDPA attention (yields True: give it a float32 cache), as it was after; yields False elsewhere."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(inner, "config", None)
-    if (config is None or getattr(config, "_attn_implementation", None) != "sdpa"
+    if (config is None or getattr(config, "_attn_implementation", None) not in SDPA_IMPLEMENTATIONS
             or not hasattr(inner, "set_attn_implementation") or not computes_below_float32_on_cpu(model)
             or full_attention_cache(config) is None):
         yield False  # sliding-window layers keep transformers' own cache, in the model's dtype
         return
+    before = config._attn_implementation
     inner.set_attn_implementation(FLOAT32_ATTENTION)
     try:
         yield config._attn_implementation == FLOAT32_ATTENTION  # False where the model cannot switch
     finally:
-        inner.set_attn_implementation("sdpa")
+        inner.set_attn_implementation(before)
 
 
 def packable_linear(module: nn.Module) -> bool:

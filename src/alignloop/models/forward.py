@@ -20,6 +20,7 @@ from transformers.cache_utils import DynamicLayer
 from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
 
 from alignloop.data.batching import distinct_rows, position_ids
+from alignloop.models.attention import SDPA_IMPLEMENTATIONS
 
 IGNORE = -100
 
@@ -103,7 +104,7 @@ def body_and_score_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
 def shares_prompt(model: nn.Module) -> bool:
     """Whether a prompt's responses can share one row: SDPA attention takes the custom boolean mask as it is
     (eager attention adds the mask to its scores and needs an additive one; flash attention takes none)."""
-    return getattr(model.config, "_attn_implementation", None) == "sdpa"
+    return getattr(model.config, "_attn_implementation", None) in SDPA_IMPLEMENTATIONS
 
 
 def selected_next_token_logits(
@@ -191,7 +192,7 @@ def last_layer_runs_apart(body: nn.Module) -> bool:
     return (type(layer).__name__ in PLAIN_DECODER_LAYERS and attn is not None
             and getattr(attn, "sliding_window", None) is None and getattr(config, "sliding_window", None) is None
             and getattr(config, "num_hidden_layers", None) == len(layers)
-            and getattr(config, "_attn_implementation", None) in ("sdpa", "eager"))
+            and getattr(config, "_attn_implementation", None) in (*SDPA_IMPLEMENTATIONS, "eager"))
 
 
 class LastLayerAt(nn.Module):

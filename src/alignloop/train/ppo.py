@@ -52,6 +52,7 @@ from alignloop.generation.rollout import (
     scatter_response,
     sequence_inputs,
 )
+from alignloop.models.attention import use_training_sdpa
 from alignloop.models.forward import body_and_lm_head, causal_lm_loss_sum, is_parallel_wrapped
 from alignloop.models.load import (
     count_parameters,
@@ -298,6 +299,12 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
     # The modules the losses call: DDP-wrapped on several processes, or sharded in place (then `policy` and
     # `critic` are those sharded modules). Generation, the reference's disabled adapter, EMA and checkpoints
     # use `policy`; `critic` keeps its attributes. Wrapped before the optimizer: sharding replaces parameters.
+    # Micro-batches of a few short rows: there a CPU bf16 forward's attention trains faster computed in float32
+    # (models.attention; bench/README.md). SFT, reward and DPO training keep transformers' SDPA, where it cost
+    # peak memory for no measured gain.
+    use_training_sdpa(policy)
+    if critic is not None:
+        use_training_sdpa(critic)
     train_policy = wrap_for_training(acc, policy, tcfg)
     train_critic = None if critic is None else wrap_for_training(acc, critic, tcfg)
     # what checkpoints hold: every trained module, under one name each
