@@ -269,3 +269,65 @@ def test_cli_reports_bad_input_in_one_line(toy, capsys, tmp_path):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and f"{bad}:2" in err[0] and "'prompt' or 'messages'" in err[0]
     assert not (tmp_path / "run").exists()  # rejected before any model was loaded or folder written
+
+
+def toy_reward_model(toy) -> Path:
+    """A sequence classifier on the toy policy's tokenizer (random score head): a critic to start from."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    rm_dir = toy["root"] / "rm-critic"
+    if not (rm_dir / "alignloop.json").exists():
+        torch.manual_seed(5)
+        AutoModelForSequenceClassification.from_pretrained(toy["policy"], num_labels=1).save_pretrained(rm_dir)
+        AutoTokenizer.from_pretrained(toy["policy"]).save_pretrained(rm_dir)
+        (rm_dir / "alignloop.json").write_text(json.dumps({"stage": "rm"}))
+    return rm_dir
+
+
+def test_a_critic_updated_once_a_rollout_takes_its_values_from_that_update(toy, monkeypatch):
+    """One PPO epoch over one minibatch: the separate critic's values come from its training forward
+    (ppo.critic_update_giving_values), with no no-grad pass over the rollout first. The run is the one that
+    scores first: the same rollouts, losses and critic updates, step after step."""
+    from alignloop.train import ppo
+
+    updates = []
+    real = ppo.critic_update_giving_values
+    monkeypatch.setattr(ppo, "critic_update_giving_values", lambda *a: updates.append(1) or real(*a))
+    steps = ["ppo.steps=3", "train.lr=1e-2", "ppo.ppo_epochs=1", "ppo.mini_batch_size=32", "ppo.micro_batch_size=16",
+             "ppo.critic=reward_model", f"ppo.critic_model={toy_reward_model(toy)}"]
+    _, fused = run(toy, "ppo_critic_fused", steps)
+    assert len(updates) == 3
+    monkeypatch.setattr(ppo, "one_critic_update_per_rollout", lambda p, critic: False)
+    _, scored = run(toy, "ppo_critic_scored", steps)
+    assert len(updates) == 3
+    assert len(fused) == len(scored) == 3
+    for a, b in zip(scored, fused, strict=True):
+        for key in ("score_mean", "kl", "policy_loss", "value_loss", "vf_clip_frac", "approx_kl",
+                    "explained_variance"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key, a[key], b[key])
+    assert scored[0]["value_loss"] > 0 and scored[-1]["score_mean"] != scored[0]["score_mean"]
+
+
+def test_gradient_checkpointing_recomputes_a_separate_critics_layers(toy, monkeypatch):
+    """from_pretrained hands the critic over in eval mode, where transformers does not checkpoint: PPO
+    puts it in training mode, so with train.gradient_checkpointing its layers run again in the backward."""
+    from alignloop.train import ppo
+
+    def layer_calls(overrides: list[str]) -> int:
+        calls, real = [], ppo.wrap_for_training
+
+        def spy(acc, model, cfg):
+            wrapped = real(acc, model, cfg)
+            if isinstance(model, ppo.ValueModel):  # transformers checkpoints a layer's forward, inside its hooks
+                model.body.layers[0].self_attn.register_forward_hook(lambda *_: calls.append(1))
+            return wrapped
+
+        monkeypatch.setattr(ppo, "wrap_for_training", spy)
+        run(toy, "ppo_critic_ckpt", ["ppo.steps=1", "ppo.ppo_epochs=1", "ppo.mini_batch_size=16",
+                                     "ppo.micro_batch_size=16", "ppo.critic=reward_model",
+                                     f"ppo.critic_model={toy_reward_model(toy)}", *overrides])
+        return len(calls)
+
+    plain = layer_calls([])
+    # two training micro-batches, each run again in its backward
+    assert layer_calls(["train.gradient_checkpointing=true"]) == plain + 2

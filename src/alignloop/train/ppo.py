@@ -2,7 +2,9 @@
 
 Each step, top to bottom:
   rollout     sample responses from the policy (left-padded batch, KV cache, stop on EOS)
-  score       reward sources -> score per response; reference (and critic) forward on the responses
+  score       reward sources -> score per response; reference (and critic) forward on the responses;
+              with one PPO epoch over one minibatch, a separate critic's values come from its training
+              forward instead (its update is made then)
   rewards     per-token -KL penalty with the score on the last response token (PPO), or
               sequence scores turned into group / leave-one-out advantages (GRPO / RLOO)
   advantages  GAE over the critic's values, whitened
@@ -281,6 +283,9 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
     if p.algorithm == "ppo":
         critic = critic_from_reward_model(p.critic_model or cfg.reward.model, device, tok) if p.critic == "reward_model" \
             else policy_value_head(policy)
+        # from_pretrained hands its model over in eval mode, and transformers checkpoints a layer's
+        # activations (train.gradient_checkpointing) only in training mode; the critic has no dropout
+        critic.train()
     reward = build_reward(cfg.reward, device)
     train_prompts = tokenize_prompts(train_records, tok, cfg.data.max_prompt_len)
     eval_prompts = tokenize_prompts(eval_records, tok, cfg.data.max_prompt_len)
@@ -295,6 +300,7 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
     # size): on a CPU a small group's activations and logits stay in cache, and short prompts skip the long ones'
     # padding.
     scoring_batch = p.micro_batch_size
+    critic_trains_while_scoring = critic is not None and one_critic_update_per_rollout(p, critic)
 
     # The modules the losses call: DDP-wrapped on several processes, or sharded in place (then `policy` and
     # `critic` are those sharded modules). Generation, the reference's disabled adapter, EMA and checkpoints
@@ -412,7 +418,7 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
                 my_trainer_logp = score_in_length_groups(
                     mine, scoring_batch, lambda m: _logprobs(policy, m, g.temperature), p.samples_per_prompt)
         my_values = None
-        if critic is not None:
+        if critic is not None and not critic_trains_while_scoring:
             with torch.no_grad(), acc.autocast():
                 my_values = score_in_length_groups(mine, scoring_batch, lambda m: _values(policy, critic, m),
                                                    p.samples_per_prompt)
@@ -444,8 +450,17 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
         kl = pm.kl_estimate(old_logp, ref_logp, p.kl_estimator) * mask
         seq_kl = kl.sum(1)
         returns = None
+        # The same on every process (the RNG streams stay in step). A prompt's samples stay together: a
+        # micro-batch runs each of its prompts once (response_logits), and a minibatch of whole groups holds
+        # RLOO's and GRPO's group-relative advantages as they were computed.
+        first_perm = prompt_group_permutation(len(r), p.samples_per_prompt)
+        sums: dict[str, float] = defaultdict(float)
+        n_micro = p.mini_batch_size // p.micro_batch_size
         if p.algorithm == "ppo":
             rewards, _ = pm.kl_penalised_rewards(score, old_logp, ref_logp, mask, kl_ctl.coef, p.kl_estimator)
+            if critic_trains_while_scoring:
+                old_values = critic_update_giving_values(train_critic, r, first_perm, rewards, mask, p, acc,
+                                                         world, rank, divergence, state["step"] + 1, sums)
             advantages, returns = pm.gae(rewards, old_values, mask, p.gamma, p.lam)
             total_reward = rewards.sum(1)
         else:
@@ -461,15 +476,12 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
 
         # ---- PPO epochs over shuffled minibatches
         policy.train()
-        sums: dict[str, float] = defaultdict(float)
         n_updates, stopped_early = 0, False
-        n_micro = p.mini_batch_size // p.micro_batch_size
         head_on_policy = critic is not None and critic.body is None
-        for _epoch in range(p.ppo_epochs):
-            # The same on every process (the RNG streams stay in step). A prompt's samples stay together: a
-            # micro-batch runs each of its prompts once (response_logits), and a minibatch of whole groups holds
-            # RLOO's and GRPO's group-relative advantages as they were computed.
-            perm = prompt_group_permutation(len(r), p.samples_per_prompt)
+        # the critic's one update is made (its gradients accumulated) above
+        loss_critic = None if critic_trains_while_scoring else train_critic
+        for epoch in range(p.ppo_epochs):
+            perm = first_perm if epoch == 0 else prompt_group_permutation(len(r), p.samples_per_prompt)
             for start in range(0, len(r), p.mini_batch_size):
                 # This process's share of the global minibatch: every world-th micro-batch, its loss scaled
                 # so that DDP's average over processes is the minibatch mean (as fit.py's units).
@@ -484,7 +496,7 @@ def run_ppo(cfg: PPOConfig, overwrite: bool = False) -> Path:
                     m = r.select(idx)
                     m_mask = mask[idx]
                     with acc.autocast():
-                        loss, stats = micro_batch_loss(train_policy, train_critic, head_on_policy, m, m_mask,
+                        loss, stats = micro_batch_loss(train_policy, loss_critic, head_on_policy, m, m_mask,
                                                        old_logp[idx], ref_logp[idx], advantages[idx],
                                                        None if returns is None else returns[idx],
                                                        None if old_values is None else old_values[idx],
@@ -694,6 +706,47 @@ def _values(policy: nn.Module, critic: ValueModel, r: Rollout) -> torch.Tensor:
         return critic(r)
     _, hidden = response_logits_and_hidden(policy, r, True)
     return critic(r, hidden)
+
+
+def one_critic_update_per_rollout(p, critic: ValueModel) -> bool:
+    """One PPO epoch over one minibatch, and a critic with a body of its own: then the critic's only update
+    of a step reads the very values its no-grad scoring of the rollout would give (its weights have not
+    moved yet), so one forward with gradients serves both (critic_update_giving_values)."""
+    return critic.body is not None and p.ppo_epochs == 1 and p.mini_batch_size == p.rollout_size
+
+
+def critic_update_giving_values(critic: nn.Module, r: Rollout, perm: torch.Tensor, rewards: torch.Tensor,
+                                mask: torch.Tensor, p, acc, world: int, rank: int, divergence: DivergenceCheck,
+                                step: int, sums: dict[str, float]) -> torch.Tensor:
+    """A separate critic's one update of a step with one PPO epoch over one minibatch, run on the step's
+    micro-batches (``perm``, this process's share) before the policy's: each forward with gradients gives
+    the values the rollout's no-grad scoring would have given, so they serve as the old values, the
+    micro-batch's returns come from them by GAE (which runs within each response) and its value loss is
+    backpropagated at once (the optimizer steps with the policy's). Returns the old values [B, R] of every
+    row, gathered from every process; the value-loss statistics are added to ``sums`` as the policy's are."""
+    n_micro = p.mini_batch_size // p.micro_batch_size
+    mine, my_values = [], []
+    for j, m0 in enumerate(range(0, p.mini_batch_size, p.micro_batch_size)):
+        if j % world != rank:
+            continue
+        idx = perm[m0: m0 + p.micro_batch_size]
+        m_mask = mask[idx]
+        with acc.autocast():
+            values = critic(r.select(idx))
+            old_values = values.detach()
+            _, returns = pm.gae(rewards[idx], old_values, m_mask, p.gamma, p.lam)
+            vloss, vst = pm.value_loss(values, old_values, returns, m_mask, p.value_clip_range)
+            loss = p.vf_coef * vloss
+        divergence.check(loss, step, "the critic's loss")
+        acc.backward(loss / (n_micro / world))
+        sums["value_loss"] += vloss.item() / n_micro
+        sums["vf_clip_frac"] += vst["vf_clip_frac"].item() / n_micro
+        mine.append(idx)
+        my_values.append(old_values.cpu())
+    out = torch.zeros(mask.shape, dtype=torch.float32)
+    for idx, values in (pair for part in gather_object([list(zip(mine, my_values, strict=True))]) for pair in part):
+        out[idx] = values
+    return out.to(mask.device)
 
 
 def micro_batch_loss(policy, critic, head_on_policy: bool, m: Rollout, mask, old_logp, ref_logp, advantages,
