@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-from alignloop.generation.rollout import logprobs_from_logits
 from alignloop.rl import ppo_math as pm
 
 
@@ -114,16 +113,6 @@ def test_leave_one_out_baseline():
     assert close(adv, [1 - 4.0, 2 - 3.5, 6 - 1.5, 0, 0, 0])
     with pytest.raises(ValueError):
         pm.leave_one_out_advantages(scores, group_size=1)
-
-
-def test_entropy_and_temperature():
-    logits = torch.zeros(2, 4)
-    assert close(pm.entropy_from_logprobs(torch.log_softmax(logits, -1)), [math.log(4)] * 2)
-    skewed = torch.log(torch.tensor([[0.25, 0.75]]))
-    assert close(pm.entropy_from_logprobs(skewed), [0.25 * math.log(4) + 0.75 * math.log(4 / 3)])
-    logits = torch.tensor([[2.0, 0.0]])
-    lp = logprobs_from_logits(logits, torch.tensor([0]), temperature=2.0)
-    assert close(lp, [1.0 - math.log(math.exp(1.0) + 1.0)])
 
 
 def test_kl_controller_fixed_and_adaptive():

@@ -35,10 +35,10 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from alignloop.config import SamplingConfig
 from alignloop.data.batching import distinct_rows, position_ids
-from alignloop.generation.rollout import logprobs_from_logits
 from alignloop.models.attention import SDPA_IMPLEMENTATIONS
 from alignloop.models.forward import cached_forward_kwargs, full_attention_cache
 from alignloop.models.lean_layers import LeanLinear
+from alignloop.models.token_logprobs import token_logprobs
 
 # Temperatures below this sample greedily: logits / T would overflow into inf and nan (as in vLLM).
 GREEDY_BELOW_TEMPERATURE = 1e-5
@@ -278,7 +278,7 @@ def decode_with_cache(model: nn.Module, input_ids: torch.Tensor, attention_mask:
         token = sample_tokens(logits, s)
         tokens[rows, step] = token
         if logprobs is not None:
-            logprobs[rows, step] = logprobs_from_logits(logits, token, s.temperature)
+            logprobs[rows, step] = token_logprobs(logits, token, s.temperature)
         if step == s.max_new_tokens - 1:
             break
         stopped = torch.isin(token, stops) if stops.numel() else None

@@ -19,6 +19,7 @@ from torch import nn
 
 from alignloop.data.batching import position_ids
 from alignloop.models.forward import selected_next_token_logits, shared_prompt_next_token_logits
+from alignloop.models.token_logprobs import token_logprobs
 
 
 @dataclass
@@ -49,18 +50,6 @@ class Rollout:
     def lengths(self) -> list[int]:
         """Tokens per row, prompt and response, padding excluded."""
         return (self.prompt_mask.sum(1) + self.response_mask.sum(1)).tolist()
-
-
-def log_softmax_at(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log softmax(logits / temperature) over the vocabulary, in fp32: the distribution the sampler drew from."""
-    logits = logits.float()
-    # x / 1.0 == x exactly, so skipping it changes no number and saves a copy of the logits (and its backward)
-    return torch.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
-
-
-def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log p(token) under softmax(logits / temperature): the same distribution the sampler drew from."""
-    return log_softmax_at(logits, temperature).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 def mask_after_eos(tokens: torch.Tensor, stop_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,5 +111,5 @@ def response_logits(model: nn.Module, r: Rollout) -> torch.Tensor:
 
 def response_logprobs(model: nn.Module, r: Rollout, temperature: float) -> torch.Tensor:
     logits = response_logits(model, r)
-    return scatter_response(logprobs_from_logits(logits, r.response_ids[r.response_mask.bool()], temperature),
+    return scatter_response(token_logprobs(logits, r.response_ids[r.response_mask.bool()], temperature),
                             r.response_mask)

@@ -21,6 +21,7 @@ from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
 
 from alignloop.data.batching import distinct_rows, position_ids
 from alignloop.models.attention import SDPA_IMPLEMENTATIONS
+from alignloop.models.token_logprobs import token_logprobs
 
 IGNORE = -100
 
@@ -170,7 +171,10 @@ def causal_lm_loss_sum(model: nn.Module, batch: dict, label_smoothing: float = 0
     select = targets != IGNORE
     logits = selected_next_token_logits(model, batch["input_ids"], select, batch.get("attention_mask"),
                                         batch.get("position_ids"))
-    loss = F.cross_entropy(logits.float(), targets[select], reduction="sum", label_smoothing=label_smoothing)
+    if label_smoothing:
+        loss = F.cross_entropy(logits.float(), targets[select], reduction="sum", label_smoothing=label_smoothing)
+    else:  # the same sum, holding no float32 copy of the logits for the backward (models.token_logprobs)
+        loss = -token_logprobs(logits, targets[select]).sum()
     return loss, int(select.sum())
 
 

@@ -43,11 +43,6 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
     return out * mask
 
 
-def entropy_from_logprobs(logp: torch.Tensor) -> torch.Tensor:
-    """Entropy of each distribution given by its log-probabilities over the last dimension."""
-    return -(logp.exp() * logp).sum(-1)
-
-
 def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: KLEstimator = "k1") -> torch.Tensor:
     """Per-token estimate of KL(policy || reference) from tokens sampled by the policy.
 

@@ -35,7 +35,7 @@ from alignloop.data.io import Record
 from alignloop.data.splits import load_splits
 from alignloop.data.tokenize import encode_prompt, end_of_turn_id, ensure_chat_template
 from alignloop.errors import UserError
-from alignloop.generation.rollout import logprobs_from_logits, scatter_response
+from alignloop.generation.rollout import scatter_response
 from alignloop.models.forward import selected_next_token_logits, shares_prompt
 from alignloop.models.load import (
     count_parameters,
@@ -44,6 +44,7 @@ from alignloop.models.load import (
     prepare_for_training,
     save_model,
 )
+from alignloop.models.token_logprobs import token_logprobs
 from alignloop.runs import RunDir, atomic_write_json, read_metrics
 from alignloop.train import dpo_losses as dl
 from alignloop.train.reward import Group, to_group
@@ -238,7 +239,7 @@ def sequence_logprobs(model: nn.Module, rows: Rows) -> tuple[torch.Tensor, torch
     select, response_mask = rows["select"], rows["response_mask"]
     logits = selected_next_token_logits(model, rows["input_ids"], select, rows["attention_mask"],
                                         rows["position_ids"])
-    logp = logprobs_from_logits(logits, rows["input_ids"][:, 1:][select])
+    logp = token_logprobs(logits, rows["input_ids"][:, 1:][select])
     return scatter_response(logp, response_mask).sum(1), response_mask.sum(1).to(torch.float32)
 
 

@@ -48,8 +48,6 @@ from alignloop.generation.backends import make_sampler
 from alignloop.generation.calls import rollout_seed, seeded
 from alignloop.generation.rollout import (
     Rollout,
-    log_softmax_at,
-    logprobs_from_logits,
     response_logits,
     scatter_response,
     sequence_inputs,
@@ -65,6 +63,7 @@ from alignloop.models.load import (
     save_model,
 )
 from alignloop.models.reward import combine_criteria
+from alignloop.models.token_logprobs import token_logprobs, token_logprobs_and_entropy
 from alignloop.rl import ppo_math as pm
 from alignloop.rl.rewards import build_reward, reward_model_dir
 from alignloop.runs import MetricsLog, RunDir
@@ -698,7 +697,7 @@ def response_logits_and_hidden(policy: nn.Module, r: Rollout,
 def _logprobs(model: nn.Module, r: Rollout, temperature: float) -> torch.Tensor:
     logits, _ = response_logits_and_hidden(model, r, False)
     ids = r.response_ids[r.response_mask.bool()]
-    return scatter_response(logprobs_from_logits(logits, ids, temperature), r.response_mask)
+    return scatter_response(token_logprobs(logits, ids, temperature), r.response_mask)
 
 
 def _values(policy: nn.Module, critic: ValueModel, r: Rollout) -> torch.Tensor:
@@ -759,12 +758,12 @@ def micro_batch_loss(policy, critic, head_on_policy: bool, m: Rollout, mask, old
     is a value head on the policy's hidden states."""
     logits, hidden = response_logits_and_hidden(policy, m, head_on_policy)
     ids = m.response_ids[m.response_mask.bool()]
-    # one log-softmax over the vocabulary serves the sampled tokens' log-probs and the entropy
-    log_probs = log_softmax_at(logits, temperature)
-    logp = scatter_response(log_probs.gather(-1, ids.unsqueeze(-1)).squeeze(-1), m.response_mask)
+    # one pass over the vocabulary gives the sampled tokens' log-probs and the entropy (a loss term only with
+    # entropy_coef; its backward costs nothing where it is not)
+    token_logp, token_entropy = token_logprobs_and_entropy(logits, ids, temperature)
+    logp = scatter_response(token_logp, m.response_mask)
     loss, st = pm.policy_loss(logp, old_logp, advantages, mask, p.clip_range, is_weights)
-    with contextlib.nullcontext() if p.entropy_coef else torch.no_grad():  # logged only, unless it is a loss term
-        entropy = pm.entropy_from_logprobs(log_probs).mean()
+    entropy = token_entropy.mean()
     stats = {"policy_loss": loss.item(), "clip_frac": st["clip_frac"].item(), "approx_kl": st["approx_kl"].item(),
              "entropy": entropy.item()}
     if p.entropy_coef:
