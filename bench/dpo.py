@@ -81,6 +81,7 @@ def main() -> None:
         "params": int(timer.params),
         "variant": "precompute_ref" if a.precompute_ref else "ref_model_each_step",
         "precision": a.precision,
+        "set": a.set,
         "bf16": peer.ran_mixed_precision() == "bf16",
         "gradient_checkpointing": a.gradient_checkpointing,
         "batch_size_pairs": a.batch_size,

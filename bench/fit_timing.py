@@ -1,7 +1,7 @@
 """Steady-state timing of a stage built on ``training.fit``, shared by the reward-model and DPO benchmarks.
 
 The stage module's ``fit`` is wrapped so that every step records when it starts collating and what its
-batch holds; a step ends when the next one starts, so a window covers collation, forward, backward,
+micro-batches hold; a step ends when the next one starts, so a window covers collation, forward, backward,
 clipping, the optimizer and all per-step bookkeeping.
 """
 
@@ -14,7 +14,10 @@ from types import ModuleType
 
 
 class FitTimer:
-    """Wraps ``stage.fit``; ``describe(batch)`` gives the batch's {"pairs", "tokens", "padded_tokens"}."""
+    """Wraps ``stage.fit``; ``describe(batch)`` gives a micro-batch's {"pairs", "tokens", "padded_tokens"}.
+
+    A step starts when ``training.fit.micro_batches`` collates it (every micro-batch of the step at once), so
+    a batch cut into pieces by ``train.micro_batch_tokens`` still counts as one step."""
 
     def __init__(self, stage: ModuleType, describe: Callable[[dict], dict], common: ModuleType):
         self.starts: list[float] = []
@@ -22,19 +25,28 @@ class FitTimer:
         self.snaps: list[tuple] = []
         self.fit_start = self.fit_end = 0.0
         self.params = 0
+        # imported here, not at the top: bench scripts import this module before common sets torch's threads
+        import alignloop.training.fit as fit_module
+
         real_fit = stage.fit
+        real_micro_batches = fit_module.micro_batches
 
-        def timed_fit(model, items, collate, *args, **kwargs):
-            def counting_collate(group):
-                self.snaps.append(common.cpu_snapshot())
-                self.starts.append(self.snaps[-1][0])
-                batch = collate(group)
-                self.batches.append(describe(batch))
-                return batch
+        def counting_micro_batches(*args, **kwargs):
+            self.snaps.append(common.cpu_snapshot())
+            self.starts.append(self.snaps[-1][0])
+            pieces = real_micro_batches(*args, **kwargs)
+            described = [describe(b) for b in pieces]
+            self.batches.append({k: sum(d[k] for d in described) for k in described[0]})
+            return pieces
 
+        def timed_fit(model, *args, **kwargs):
             self.fit_start = time.perf_counter()
             self.params = sum(p.numel() for p in model.parameters())
-            out = real_fit(model, items, counting_collate, *args, **kwargs)
+            fit_module.micro_batches = counting_micro_batches
+            try:
+                out = real_fit(model, *args, **kwargs)
+            finally:
+                fit_module.micro_batches = real_micro_batches
             self.fit_end = time.perf_counter()
             return out
 

@@ -40,6 +40,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="run the peer's script with --trl-defaults (TRL's bf16=True and gradient checkpointing)")
     ap.add_argument("--gradient-checkpointing", action="store_true",
                     help="our train.gradient_checkpointing (what --peer-trl-defaults turns on for the peer)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="one more override of our stage's config (repeatable; recorded as \"set\"), e.g. "
+                         "--set train.micro_batch_tokens=2048")
 
 
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "auto": "auto"}
@@ -53,7 +56,7 @@ def training_overrides(a: argparse.Namespace, generation: bool = False) -> list[
            f"train.gradient_checkpointing={str(a.gradient_checkpointing).lower()}"]
     if generation and a.precision != "auto":
         out.append(f"generation.precision={a.precision}")
-    return out
+    return out + a.set
 
 
 def ran_mixed_precision() -> str | None:

@@ -153,6 +153,7 @@ def main() -> None:
         "distributed": a.distributed if a.nproc > 1 else None,
         "generation_backend": a.generation_backend,
         "precision": a.precision,
+        "set": a.set,
         "bf16": peer.ran_mixed_precision() == "bf16",
         "gradient_checkpointing": a.gradient_checkpointing,
         "params": json.loads((work / "run" / "eval.json").read_text())["parameters"]["total"],

@@ -80,6 +80,7 @@ def main() -> None:
         "params": int(timer.params),
         "variant": "grouped_by_length" if not a.no_group_by_length else "shuffled",
         "precision": a.precision,
+        "set": a.set,
         "bf16": peer.ran_mixed_precision() == "bf16",
         "gradient_checkpointing": a.gradient_checkpointing,
         "batch_size_pairs": a.batch_size,

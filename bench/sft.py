@@ -62,6 +62,7 @@ def main() -> None:
     common.setup_torch()
     common.quiet_logs()
     import alignloop.train.sft as stage
+    import alignloop.training.fit as fit_module
     from alignloop.config import SFTConfig, build_config
     from alignloop.models.load import count_parameters
 
@@ -88,6 +89,7 @@ def main() -> None:
     step_loss = {"sum": 0.0, "units": 0}
     info: dict = {}
     real_fit = stage.fit
+    real_micro_batches = fit_module.micro_batches
 
     def timed_fit(model, items, collate, loss_fn, *args, **kwargs):
         info["params"] = count_parameters(model)["total"]
@@ -98,12 +100,14 @@ def main() -> None:
             step_loss["units"] += units
             return loss_sum, units, extras
 
-        def counting_collate(group):
-            batch = collate(group)
-            batches.append({"examples": sum(len(r) for r in group) if packing else len(group),
-                            "tokens": batch["tokens"], "padded_tokens": int(batch["input_ids"].numel()),
-                            "loss_tokens": batch["loss_units"]})
-            return batch
+        def counting_micro_batches(groups, *mb_args, **mb_kwargs):
+            # one record a step: a batch cut into pieces (train.micro_batch_tokens) is collated piece by piece
+            pieces = real_micro_batches(groups, *mb_args, **mb_kwargs)
+            batches.append({"examples": sum(sum(len(r) for r in g) if packing else len(g) for g in groups),
+                            "tokens": sum(b["tokens"] for b in pieces),
+                            "padded_tokens": sum(int(b["input_ids"].numel()) for b in pieces),
+                            "loss_tokens": sum(b["loss_units"] for b in pieces)})
+            return pieces
 
         def on_step(state):
             snaps.append(common.cpu_snapshot())
@@ -112,7 +116,11 @@ def main() -> None:
             step_loss.update(sum=0.0, units=0)
 
         t0 = time.perf_counter()
-        result = real_fit(model, items, counting_collate, recording_loss, *args, on_step=on_step, **kwargs)
+        fit_module.micro_batches = counting_micro_batches
+        try:
+            result = real_fit(model, items, collate, recording_loss, *args, on_step=on_step, **kwargs)
+        finally:
+            fit_module.micro_batches = real_micro_batches
         info["train_wall_seconds"] = round(time.perf_counter() - t0, 2)
         return result
 
@@ -136,6 +144,7 @@ def main() -> None:
         "params": info["params"],
         "variant": a.variant + ("+no_group" if a.no_group_by_length else ""),
         "precision": a.precision,
+        "set": a.set,
         "bf16": peer.ran_mixed_precision() == "bf16",
         "gradient_checkpointing": a.gradient_checkpointing,
         "group_by_length": not a.no_group_by_length,

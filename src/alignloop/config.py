@@ -119,6 +119,9 @@ class TrainConfig(DistributedSettings):
     # CPUs with native bf16 (models/precision.py); fp32 elsewhere.
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     gradient_checkpointing: bool = False
+    # Forward and backward a batch in pieces of about this many padded tokens (rows x longest row): less memory
+    # held at once, the same loss and optimizer step. None: the whole batch at once.
+    micro_batch_tokens: int | None = Field(None, gt=0)
 
     @field_validator("mixed_precision", mode="before")
     @classmethod

@@ -175,7 +175,8 @@ def fit(
             state.epoch, state.micro_in_epoch = state.epoch + 1, 0
             continue
         step_batches = plan[state.micro_in_epoch : state.micro_in_epoch + group]
-        mine = [collate([items[i] for i in b]) for j, b in enumerate(step_batches) if j % world == rank]
+        mine = micro_batches([[items[i] for i in b] for j, b in enumerate(step_batches) if j % world == rank],
+                             collate, cfg.micro_batch_tokens, world, acc.device)
         units = torch.tensor(float(sum(b["loss_units"] for b in mine)), device=acc.device)
         if world > 1:
             units = acc.reduce(units, reduction="sum")
@@ -254,6 +255,35 @@ def fit(
             log.info("loaded the best checkpoint (step %s, %s=%s)", best["step"], cfg.metric, best.get(cfg.metric))
     acc.wait_for_everyone()
     return FitResult(state=state, last_eval=last_eval, best=best)
+
+
+def micro_batches(batches: list[list[Any]], collate: Callable[[list[Any]], dict], token_budget: int | None,
+                  world: int = 1, device: torch.device | str = "cpu") -> list[dict]:
+    """Collated micro-batches of this process's batches, each batch cut into contiguous runs of its items
+    whose padded size (``input_ids.numel()``) comes to about ``token_budget`` (None: one micro-batch a
+    batch). Grouped batches hold their items longest first, so a run's rows are near one length.
+
+    Cutting changes neither the loss nor the step, which average over every unit of the step, only how
+    much the forward and backward hold at once. With several processes every batch is cut into the same
+    number of runs on all of them (the most any needs, at most the fewest items any batch holds):
+    DDP and FSDP run collectives in every forward and backward, so they must run as many."""
+    collated = [collate(b) for b in batches]
+    if token_budget is None:
+        return collated
+    cuts = [min(len(b), math.ceil(c["input_ids"].numel() / token_budget)) for b, c in zip(batches, collated, strict=True)]
+    if world > 1:
+        # one collective: the most cuts any batch needs and (negated) the fewest items any batch holds
+        agreed = torch.tensor([max(cuts), -min(len(b) for b in batches)], device=device)
+        torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX)
+        cuts = [min(int(agreed[0]), -int(agreed[1]))] * len(batches)
+    out: list[dict] = []
+    for b, c, k in zip(batches, collated, cuts, strict=True):
+        if k <= 1:
+            out.append(c)
+            continue
+        bounds = [round(i * len(b) / k) for i in range(k + 1)]
+        out.extend(collate(b[lo:hi]) for lo, hi in zip(bounds, bounds[1:], strict=False))
+    return out
 
 
 def _new_window() -> dict:

@@ -34,7 +34,7 @@ OUTPUT_KEYS = frozenset({"output_dir", "train.report_to", "train.log_steps", "tr
 SUPERVISED_MUTABLE = OUTPUT_KEYS | frozenset({
     "train.lr", "train.epochs", "train.max_steps", "train.eval_steps", "train.eval_batch_size",
     "train.early_stopping_patience", "train.load_best_at_end", "train.max_grad_norm",
-    "train.gradient_checkpointing"})
+    "train.gradient_checkpointing", "train.micro_batch_tokens"})
 
 
 _MISSING = object()  # a key absent from one of two configs differs from every value, None included
