@@ -106,9 +106,9 @@ def test_peer_trl_defaults_reach_a_peer_script_that_takes_them_and_are_refused_b
 
 
 def test_training_overrides_keep_the_peers_fp32_and_no_checkpointing_unless_asked():
-    def overrides(precision, generation=False, checkpointing=False):
-        return peer.training_overrides(Namespace(precision=precision, gradient_checkpointing=checkpointing),
-                                       generation)
+    def overrides(precision, generation=False, checkpointing=False, extra=()):
+        return peer.training_overrides(Namespace(precision=precision, gradient_checkpointing=checkpointing,
+                                                 set=list(extra)), generation)
 
     off = "train.gradient_checkpointing=false"
     assert overrides("fp32") == ['train.mixed_precision="no"', off]
@@ -117,6 +117,9 @@ def test_training_overrides_keep_the_peers_fp32_and_no_checkpointing_unless_aske
     # auto: alignloop's own choice for both (the sampler then decodes under the trainer's autocast)
     assert overrides("auto", generation=True) == ['train.mixed_precision="auto"', off]
     assert overrides("auto", checkpointing=True) == ['train.mixed_precision="auto"', "train.gradient_checkpointing=true"]
+    # --set: passed on after the bench's own, in order
+    assert overrides("fp32", extra=["train.micro_batch_tokens=1024"]) == [
+        'train.mixed_precision="no"', off, "train.micro_batch_tokens=1024"]
 
 
 def test_host_names_the_cpu_and_measures_its_matmuls():
@@ -194,3 +197,16 @@ def test_the_table_names_a_missing_peer_venv_and_how_to_build_it(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert "nowhere" in out.stderr and "make peer-venvs PEER_VENVS=" in out.stderr
+
+
+def test_reward_bench_counts_a_cut_batch_as_one_step(peer_bench_fixtures):
+    # --set reaches our config; a batch cut by train.micro_batch_tokens is still one step of 8 pairs (the
+    # timing once counted every collated piece as a step and so doubled the pairs per second)
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "reward.py"), "--model", "tiny", "--fixtures",
+                          str(peer_bench_fixtures), "--n-pairs", "48", "--max-steps", "6",
+                          "--set", "train.micro_batch_tokens=64"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(next(ln for ln in out.stdout.splitlines() if ln.startswith("BENCH_JSON ")).removeprefix("BENCH_JSON "))
+    assert res["set"] == ["train.micro_batch_tokens=64"]
+    assert res["steps"] == 6 and res["timed_steps"] == 2
+    assert res["pairs"] == 8 * res["timed_steps"]
