@@ -90,8 +90,8 @@ def test_reward_model_cut_into_pieces_trains_to_the_same_weights(tmp_path, monke
 
 @pytest.mark.slow(seconds=30)
 def test_two_processes_cutting_batches_match_one_process(tiny_model, sft_data, tmp_path):
-    # Both processes must forward as many pieces (DDP synchronises buffers in every forward): the agreed count
-    # is the most any batch needs, so a process whose batch is short still runs its share without hanging.
+    # Both processes must forward as many pieces (DDP synchronises buffers in every forward), so they agree on
+    # the count in one collective; a disagreement would hang here, a wrong split would move the weights.
     common = ("train.max_steps=4", "train.group_by_length=false")
     single = alignloop(*sft_args(tiny_model, sft_data, tmp_path / "one", *common, "train.grad_accum=2"))
     assert single.wait(timeout=300) == 0, single.stdout.read()
